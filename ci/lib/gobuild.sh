@@ -1,0 +1,94 @@
+# Builds the test bed's Go tools into a cache keyed by version. Sourced by ci/setup.
+# Each tool lands in $JOBTIDE_CACHE/bin/<tool>-<version>/ and is linked into
+# $JOBTIDE_CACHE/bin/current/, so a second run with the same versions builds nothing.
+
+KUBE_STAGING_MODULES="api apiextensions-apiserver apimachinery apiserver cli-runtime client-go
+cloud-provider cluster-bootstrap code-generator component-base component-helpers
+controller-manager cri-api cri-client csi-translation-lib dynamic-resource-allocation
+endpointslice externaljwt kms kube-aggregator kube-controller-manager kube-proxy
+kube-scheduler kubectl kubelet metrics mount-utils pod-security-admission sample-apiserver
+sample-cli-plugin sample-controller"
+
+KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
+
+# go_tool_dir NAME VERSION -> the folder that holds that build
+go_tool_dir() { printf '%s/bin/%s-%s' "$JOBTIDE_CACHE" "$1" "$2"; }
+
+# link_current DIR: expose every binary of DIR in the bin/current folder on PATH.
+link_current() {
+  mkdir -p "$JOBTIDE_CACHE/bin/current"
+  for f in "$1"/*; do ln -sfn "$f" "$JOBTIDE_CACHE/bin/current/$(basename "$f")"; done
+}
+
+# go_install NAME VERSION PACKAGE: plain `go install` for modules without replaces.
+go_install() {
+  local name=$1 version=$2 pkg=$3 dir
+  dir=$(go_tool_dir "$name" "$version")
+  if [ ! -f "$dir/.done" ]; then
+    echo "setup: building $name $version"
+    mkdir -p "$dir"
+    GOBIN="$dir" CGO_ENABLED=0 go install ${4:+-ldflags "$4"} "$pkg@$version"
+    touch "$dir/.done"
+  fi
+  link_current "$dir"
+}
+
+# build_kubernetes: the control plane and node binaries from k8s.io/kubernetes, through a
+# wrapper module that pins every staging module (k8s.io/kubernetes's own go.mod points them
+# at ./staging, which a module download does not have).
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION dir mod staging minor ldflags pkgs="" m c
+  dir=$(go_tool_dir kubernetes "$v")
+  if [ ! -f "$dir/.done" ]; then
+    echo "setup: building Kubernetes $v (cold: 10-20 minutes on 2 cores)"
+    staging="v0.${v#v1.}"
+    minor=$(echo "$v" | cut -d. -f2)
+    mod="$JOBTIDE_CACHE/gomod/kubernetes-$v"
+    mkdir -p "$mod" "$dir"
+    {
+      echo "module jobtide.local/testbed/kubernetes"
+      echo
+      echo "go 1.24"
+      echo
+      echo "require k8s.io/kubernetes $v"
+      echo
+      for m in $KUBE_STAGING_MODULES; do echo "replace k8s.io/$m => k8s.io/$m $staging"; done
+    } >"$mod/go.mod"
+    {
+      echo "//go:build tools"
+      echo
+      echo "package tools"
+      echo
+      echo "import ("
+      for c in $KUBE_COMMANDS; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
+      echo ")"
+    } >"$mod/tools.go"
+    ldflags="-s -w"
+    for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ldflags="$ldflags -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+      ldflags="$ldflags -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+    done
+    for c in $KUBE_COMMANDS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$c"; done
+    (cd "$mod" && go mod tidy -e >/dev/null 2>&1 || go mod tidy)
+    # shellcheck disable=SC2086
+    (cd "$mod" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$dir/" $pkgs)
+    touch "$dir/.done"
+  fi
+  link_current "$dir"
+}
+
+# build_etcd: etcd's server module has replaces too, so build it from a wrapper module.
+build_etcd() {
+  local v=$ETCD_VERSION dir mod
+  dir=$(go_tool_dir etcd "$v")
+  if [ ! -f "$dir/.done" ]; then
+    echo "setup: building etcd $v"
+    mod="$JOBTIDE_CACHE/gomod/etcd-$v"
+    mkdir -p "$mod" "$dir"
+    printf 'module jobtide.local/testbed/etcd\n\ngo 1.24\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$v" >"$mod/go.mod"
+    printf '//go:build tools\n\npackage tools\n\nimport _ "go.etcd.io/etcd/server/v3"\n' >"$mod/tools.go"
+    (cd "$mod" && go mod tidy && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$dir/etcd" go.etcd.io/etcd/server/v3)
+    touch "$dir/.done"
+  fi
+  link_current "$dir"
+}

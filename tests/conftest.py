@@ -1,0 +1,65 @@
+"""Fixtures of the test bed. Every service is started once per session on free loopback
+ports and stopped at the end; component logs are printed when a test that used them fails."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.rabbitmq import RabbitMQ
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Log files of the components started in this session, printed under failed tests.
+_component_logs: list[Path] = []
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    """One RabbitMQ node shared by the session. Tests use their own queue names; tests that
+    restart or reconfigure a broker take a private one from `rabbitmq_factory`."""
+    node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"), name="shared")
+    _component_logs.append(node.log_path)
+    try:
+        yield node.start()
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def rabbitmq_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., RabbitMQ]]:
+    """Start private RabbitMQ nodes (keyword arguments as for RabbitMQ); stopped after the
+    test."""
+    nodes: list[RabbitMQ] = []
+
+    def make(**kwargs: object) -> RabbitMQ:
+        node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq-private"), **kwargs)  # type: ignore[arg-type]
+        nodes.append(node)
+        _component_logs.append(node.log_path)
+        return node.start()
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            node.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
+    report = yield
+    uses_testbed = any(item.get_closest_marker(m) for m in ("integration", "e2e", "bench"))
+    if report.failed and uses_testbed:
+        for path in dict.fromkeys(_component_logs):
+            try:
+                tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+            except FileNotFoundError:
+                continue
+            report.sections.append((f"log tail: {path}", tail))
+    return report

@@ -1,0 +1,217 @@
+"""An isolated RabbitMQ node (Debian's rabbitmq-server) with the management API.
+
+Everything is private to the node: ports picked free on 127.0.0.1, its own epmd on its own
+port, its own HOME (Erlang cookie), data and log folders under `root`. Data survive
+`stop()`/`start()`, so tests can restart the broker mid-stream.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from testbed.process import Process, free_port, port_open, run, wait_for
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the unwrapped scripts: no `su rabbitmq`
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    ready: int
+    unacked: int
+    consumers: int
+
+
+class RabbitMQ:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        name: str = "rabbit",
+        consumer_timeout_ms: int | None = None,
+        stats_interval_ms: int = 1000,
+    ) -> None:
+        self.root = root
+        self.nodename = f"jt-{name}-{secrets.token_hex(3)}@localhost"
+        self.host = "127.0.0.1"
+        self.amqp_port = free_port()
+        self.management_port = free_port()
+        self.dist_port = free_port()
+        self.epmd_port = free_port()
+        self.username = "jobtide"
+        self.password = secrets.token_urlsafe(16)
+        self.vhost = "/"
+        self.consumer_timeout_ms = consumer_timeout_ms
+        self.stats_interval_ms = stats_interval_ms
+        self._epmd = Process(
+            f"{name}-epmd",
+            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            root / "logs",
+        )
+        self._server = Process(
+            name, [str(RABBITMQ_BIN / "rabbitmq-server")], root / "logs", env=self._env()
+        )
+        self._write_config()
+
+    # -- addresses ----------------------------------------------------------------------
+    @property
+    def amqp_url(self) -> str:
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        return f"amqp://{self.username}:{self.password}@{self.host}:{self.amqp_port}/{vhost}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, timeout: float = 90) -> RabbitMQ:
+        if not self._epmd.running():
+            self._epmd.start()
+            wait_for(lambda: port_open(self.epmd_port), timeout=10, what="epmd")
+        self._server.start()
+
+        def ready() -> bool:
+            self._server.check_alive()
+            return (
+                self.ctl("await_startup", "--timeout", "5", check=False).returncode == 0
+                and port_open(self.amqp_port)
+                and self._management_up()
+            )
+
+        wait_for(ready, timeout=timeout, what=f"RabbitMQ {self.nodename}", interval=0.5)
+        return self
+
+    def stop(self) -> None:
+        """Stop the node cleanly (SIGTERM makes RabbitMQ shut down in order; data kept).
+        The node's epmd keeps running for the next start."""
+        self._server.stop(timeout=60)
+
+    def kill(self) -> None:
+        """Kill the node at once, like a crashed pod (data kept)."""
+        self._server.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop everything, epmd included."""
+        self.stop()
+        self._epmd.stop()
+
+    def running(self) -> bool:
+        return self._server.running()
+
+    # -- administration -----------------------------------------------------------------
+    def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> Any:
+        return run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            env=self._env(),
+            timeout=timeout,
+            check=check,
+        )
+
+    def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """A call to the management API as the admin user."""
+        return requests.request(
+            method,
+            f"{self.management_url}/api/{path.lstrip('/')}",
+            auth=(self.username, self.password),
+            timeout=10,
+            **kwargs,
+        )
+
+    def queue_counts(self, queue: str) -> QueueCounts:
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        r = self.api("GET", f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}")
+        r.raise_for_status()
+        q = r.json()
+        return QueueCounts(
+            ready=int(q.get("messages_ready", 0)),
+            unacked=int(q.get("messages_unacknowledged", 0)),
+            consumers=int(q.get("consumers", 0)),
+        )
+
+    def delete_queue(self, queue: str) -> None:
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        self.api("DELETE", f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}")
+
+    # -- internals ----------------------------------------------------------------------
+    def _management_up(self) -> bool:
+        try:
+            return self.api("GET", "overview").status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        env.update(
+            HOME=str(self.root / "home"),
+            ERL_EPMD_PORT=str(self.epmd_port),
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_NODE_PORT=str(self.amqp_port),
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_CONFIG_FILE=str(self.root / "rabbitmq.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.root / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(self.root / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.root / "log"),
+            RABBITMQ_LOGS="-",
+            RABBITMQ_PID_FILE=str(self.root / "rabbit.pid"),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+        )
+        return env
+
+    def _write_config(self) -> None:
+        (self.root / "home").mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listeners.tcp.default = {self.amqp_port}",
+            "management.tcp.ip = 127.0.0.1",
+            f"management.tcp.port = {self.management_port}",
+            f"collect_statistics_interval = {self.stats_interval_ms}",
+            f"default_user = {self.username}",
+            f"default_pass = {self.password}",
+            "default_user_tags.administrator = true",
+            "loopback_users = none",
+        ]
+        if self.consumer_timeout_ms is not None:
+            lines.append(f"consumer_timeout = {self.consumer_timeout_ms}")
+        (self.root / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+        (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n")
+
+    def wipe(self) -> None:
+        """Remove the node's data (it must be stopped)."""
+        shutil.rmtree(self.root / "mnesia", ignore_errors=True)
+
+
+def wait_counts(
+    broker: RabbitMQ, queue: str, *, timeout: float = 30, **expected: int
+) -> QueueCounts:
+    """Poll the management API until the queue's counts match `expected` (its statistics
+    lag the broker by up to the stats interval)."""
+    seen: list[QueueCounts] = []
+
+    def matches() -> bool:
+        c = broker.queue_counts(queue)
+        seen.append(c)
+        return all(getattr(c, k) == v for k, v in expected.items())
+
+    try:
+        wait_for(matches, timeout=timeout, what=f"queue {queue} counts {expected}")
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; last seen {seen[-1:] or 'nothing'}") from None
+    return seen[-1]
