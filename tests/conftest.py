@@ -3,11 +3,13 @@ ports and stopped at the end; component logs are printed when a test that used t
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from testbed.kube import KubeCluster
 from testbed.rabbitmq import RabbitMQ
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +49,35 @@ def rabbitmq_factory(
     finally:
         for node in nodes:
             node.close()
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
+    """A real control plane (RBAC on) with one kwok fake node, `kwok-node-0`, on which Job
+    pods run and succeed (tests/testbed/kwok/stages.yaml)."""
+    cluster = KubeCluster(tmp_path_factory.mktemp("kube"))
+    _component_logs.extend(p.log_path for p in (
+        cluster.etcd, cluster.apiserver, cluster.controller_manager, cluster.scheduler))
+    try:
+        cluster.start()
+        assert cluster.kwok is not None
+        _component_logs.append(cluster.kwok.log_path)
+        cluster.add_fake_node("kwok-node-0")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def namespace(kube: KubeCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting)."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
+    name = name.rstrip("-") + "-" + secrets.token_hex(3)
+    kube.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -71,6 +71,10 @@ class RabbitMQ:
         return f"http://{self.host}:{self.management_port}"
 
     @property
+    def processes(self) -> list[Process]:
+        return [self._epmd, self._server]
+
+    @property
     def log_path(self) -> Path:
         return self._server.log_path
 

@@ -1,0 +1,112 @@
+"""`ci/testbed up|down|status`: the test bed by hand, for debugging and for the demo.
+
+`up` starts RabbitMQ and the control plane (with a kwok fake node) in the background and
+prints how to reach them; `down` stops everything it started; `status` says what runs.
+State lives in $JOBTIDE_TESTBED_DIR (default ~/.cache/jobtide/testbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from testbed.kube import CACHE, KubeCluster
+from testbed.process import Process, stop_group
+from testbed.rabbitmq import RabbitMQ
+
+STATE_DIR = Path(os.environ.get("JOBTIDE_TESTBED_DIR", CACHE / "testbed"))
+STATE_FILE = STATE_DIR / "state.json"
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def up(args: argparse.Namespace) -> int:
+    if STATE_FILE.exists():
+        print(f"test bed already up (state in {STATE_FILE}); run `ci/testbed down` first")
+        return 1
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    STATE_DIR.mkdir(parents=True)
+    broker = RabbitMQ(STATE_DIR / "rabbitmq", name="testbed")
+    cluster = KubeCluster(STATE_DIR / "kube")
+    started: list[Process] = []
+    try:
+        broker.start()
+        started += broker.processes
+        cluster.start()
+        started += cluster.processes
+        cluster.add_fake_node("kwok-node-0")
+    except BaseException:
+        for p in reversed(started):
+            p.stop()
+        raise
+    state = {
+        "pgids": [p.pid for p in started],
+        "kubeconfig": str(cluster.kubeconfig),
+        "server": cluster.server,
+        "amqp_url": broker.amqp_url,
+        "management_url": broker.management_url,
+        "logs": [str(p.log_path) for p in started],
+    }
+    STATE_FILE.write_text(json.dumps(state, indent=2))
+    STATE_FILE.chmod(0o600)
+    _print(state)
+    return 0
+
+
+def down(args: argparse.Namespace) -> int:
+    if not STATE_FILE.exists():
+        print("test bed is not up")
+        return 0
+    state = json.loads(STATE_FILE.read_text())
+    for pgid in reversed(state["pgids"]):
+        stop_group(pgid, timeout=20, sig=signal.SIGTERM)
+    STATE_FILE.unlink()
+    print("test bed stopped")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    if not STATE_FILE.exists():
+        print("test bed is not up")
+        return 1
+    state = json.loads(STATE_FILE.read_text())
+    _print(state)
+    dead = [log for pgid, log in zip(state["pgids"], state["logs"], strict=True)
+            if not _alive(pgid)]
+    for log in dead:
+        print(f"NOT RUNNING: {Path(log).stem} (log: {log})")
+    return 1 if dead else 0
+
+
+def _print(state: dict[str, object]) -> None:
+    print(f"export KUBECONFIG={state['kubeconfig']}")
+    print(f"# apiserver:  {state['server']}")
+    print(f"# AMQP:       {state['amqp_url']}")
+    print(f"# management: {state['management_url']}")
+    print(f"# logs:       {STATE_DIR}/*/logs/")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ci/testbed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start RabbitMQ and the control plane").set_defaults(func=up)
+    sub.add_parser("down", help="stop what `up` started").set_defaults(func=down)
+    sub.add_parser("status", help="show addresses and what runs").set_defaults(func=status)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
