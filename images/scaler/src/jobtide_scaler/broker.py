@@ -1,0 +1,171 @@
+"""Queue counts from RabbitMQ.
+
+The management API gives ready, unacked and consumer counts of every queue of the vhost in one
+request, but its figures are as old as the broker's `collect_statistics_interval` (5 s by
+default). A passive queue declare over AMQP answers with the live ready and consumer counts,
+so when AMQP is reachable those replace the management API's; unacked comes only from the
+management API. A queue's reading carries the time of its oldest part, so the loop can tell
+fresh data from stale."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import pika  # type: ignore[import-untyped]
+import pika.exceptions  # type: ignore[import-untyped]
+import requests
+
+from jobtide_scaler.config import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+MANAGEMENT_TIMEOUT = (2.0, 5.0)
+AMQP_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    ready: int
+    unacked: int
+    consumers: int
+    read_at: float  # monotonic seconds of the oldest figure in it
+
+
+@dataclass(frozen=True)
+class _Live:
+    ready: int
+    consumers: int
+    read_at: float
+
+
+class Broker:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        use_amqp: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[str], None] = lambda kind: None,
+    ) -> None:
+        self.settings = settings
+        self.use_amqp = use_amqp
+        self.clock = clock
+        self._on_error = on_error
+        self._session = requests.Session()
+        self._session.auth = (settings.username, settings.password)
+        self._management: dict[str, QueueReading] = {}
+        self._live: dict[str, _Live] = {}
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+
+    def close(self) -> None:
+        self._session.close()
+        self._close_amqp()
+
+    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
+        """The latest reading of each queue that was ever read; absent queues are missing."""
+        wanted = list(dict.fromkeys(queues))
+        self._read_management()
+        if self.use_amqp:
+            self._read_amqp(wanted)
+        readings = {}
+        for queue in wanted:
+            managed = self._management.get(queue)
+            if managed is None:
+                continue
+            live = self._live.get(queue)
+            if live is not None and live.read_at >= managed.read_at:
+                readings[queue] = QueueReading(
+                    live.ready,
+                    managed.unacked,
+                    live.consumers,
+                    min(live.read_at, managed.read_at),
+                )
+            else:
+                readings[queue] = managed
+        return readings
+
+    def _read_management(self) -> None:
+        vhost = quote(self.settings.vhost, safe="")
+        url = f"{self.settings.management_url}/api/queues/{vhost}"
+        try:
+            response = self._session.get(
+                url,
+                params={"columns": "name,messages_ready,messages_unacknowledged,consumers"},
+                timeout=MANAGEMENT_TIMEOUT,
+            )
+            response.raise_for_status()
+            queues = response.json()
+        except (requests.RequestException, ValueError) as e:
+            self._on_error("broker_management")
+            log.warning("broker management API: %s", e)
+            return
+        now = self.clock()
+        # Queues that disappeared are forgotten, so their pipelines count as missing.
+        self._management = {
+            q["name"]: QueueReading(
+                int(q.get("messages_ready") or 0),
+                int(q.get("messages_unacknowledged") or 0),
+                int(q.get("consumers") or 0),
+                now,
+            )
+            for q in queues
+        }
+
+    def _open_amqp(self) -> pika.adapters.blocking_connection.BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        if self._connection is None or not self._connection.is_open:
+            s = self.settings
+            parameters = pika.ConnectionParameters(
+                host=s.host,
+                port=s.port,
+                virtual_host=s.vhost,
+                credentials=pika.PlainCredentials(s.username, s.password),
+                # Used only briefly each cycle, possibly minutes apart: a dead connection
+                # shows on the next declare and is opened again.
+                heartbeat=0,
+                socket_timeout=AMQP_TIMEOUT,
+                blocked_connection_timeout=AMQP_TIMEOUT,
+                connection_attempts=1,
+                ssl_options=pika.SSLOptions(ssl.create_default_context(), s.host)
+                if s.tls
+                else None,
+            )
+            self._connection = pika.BlockingConnection(parameters)
+        self._channel = self._connection.channel()
+        return self._channel
+
+    def _close_amqp(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+        self._connection = None
+        self._channel = None
+
+    def _read_amqp(self, queues: list[str]) -> None:
+        for queue in queues:
+            try:
+                channel = self._open_amqp()
+                ok = channel.queue_declare(queue, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as e:
+                # 404: the queue does not exist (yet). Only this channel closed.
+                self._live.pop(queue, None)
+                if e.reply_code != 404:
+                    self._on_error("broker_amqp")
+                    log.warning("broker AMQP: declaring %s: %s", queue, e)
+                continue
+            except (pika.exceptions.AMQPError, OSError) as e:
+                self._on_error("broker_amqp")
+                log.warning("broker AMQP: %r; using the management API's counts", e)
+                self._close_amqp()
+                return
+            self._live[queue] = _Live(
+                ok.method.message_count, ok.method.consumer_count, self.clock()
+            )

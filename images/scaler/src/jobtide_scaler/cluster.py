@@ -1,0 +1,386 @@
+"""The Kubernetes side: a watch-backed cache of the release's worker Jobs (one list and one
+watch for all pipelines, never a list per pipeline per cycle), Job creation and the trimming of
+old failed Jobs.
+
+Pending accounting reads the Job's own status, not its pods: an unfinished Job with no Ready
+pod (`status.ready == 0`: no pod yet, pod Pending or unschedulable, containers starting) is
+pending. That costs no pod watch and no pod list; it needs Kubernetes 1.29+ (Job
+`status.ready`). Worker containers have no readiness probe, so Ready means running.
+
+Objects are kept as small records parsed from the raw JSON: the client's model objects for
+1,000 Jobs would cost tens of MiB and much CPU per watch event."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
+
+log = logging.getLogger(__name__)
+
+# Seconds: the create call's own deadline; a slower answer counts as an unknown outcome.
+CREATE_TIMEOUT = (3.0, 10.0)
+LIST_TIMEOUT = (3.0, 30.0)
+# The server ends a watch after this many seconds; the client gives up on a silent one later.
+WATCH_SECONDS = 240
+WATCH_READ_TIMEOUT = WATCH_SECONDS + 30
+# How long create ids seen in any watch event are remembered (see loop.CreateLedger).
+SEEN_CREATE_IDS_SECONDS = 900.0
+
+
+class JobState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    uid: str
+    pipeline: str
+    create_id: str
+    state: JobState
+    # When it failed (the Failed condition's transition time, RFC 3339); "" otherwise.
+    failed_at: str
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    active: int = 0  # not finished, pending ones included
+    pending: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+def _condition_true(status: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") in types and condition.get("status") == "True":
+            return condition  # type: ignore[no-any-return]
+    return None
+
+
+def classify(job: Mapping[str, Any]) -> JobState:
+    """The state of a Job from its status alone. SuccessCriteriaMet and FailureTarget are the
+    early forms of Complete and Failed (Kubernetes 1.31+): the pod is done either way."""
+    status = job.get("status") or {}
+    if _condition_true(status, "Failed", "FailureTarget"):
+        return JobState.FAILED
+    if _condition_true(status, "Complete", "SuccessCriteriaMet"):
+        return JobState.SUCCEEDED
+    if (status.get("ready") or 0) > 0:
+        return JobState.RUNNING
+    return JobState.PENDING
+
+
+def record_of(job: Mapping[str, Any]) -> JobRecord:
+    metadata = job.get("metadata") or {}
+    state = classify(job)
+    failed_at = ""
+    if state is JobState.FAILED:
+        condition = _condition_true(job.get("status") or {}, "Failed", "FailureTarget") or {}
+        failed_at = condition.get("lastTransitionTime") or metadata.get("creationTimestamp", "")
+    return JobRecord(
+        name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        pipeline=(metadata.get("labels") or {}).get(LABEL_PIPELINE, ""),
+        create_id=(metadata.get("annotations") or {}).get(ANNOTATION_CREATE_ID, ""),
+        state=state,
+        failed_at=failed_at,
+    )
+
+
+def count_jobs(records: Iterator[JobRecord] | list[JobRecord]) -> dict[str, JobCounts]:
+    totals: dict[str, dict[str, int]] = {}
+    for record in records:
+        t = totals.setdefault(
+            record.pipeline, {"active": 0, "pending": 0, "succeeded": 0, "failed": 0}
+        )
+        if record.state is JobState.SUCCEEDED:
+            t["succeeded"] += 1
+        elif record.state is JobState.FAILED:
+            t["failed"] += 1
+        else:
+            t["active"] += 1
+            if record.state is JobState.PENDING:
+                t["pending"] += 1
+    return {pipeline: JobCounts(**t) for pipeline, t in totals.items()}
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    synced: bool
+    counts: dict[str, JobCounts]
+    # Create ids of Jobs seen in any event recently, including Jobs deleted since.
+    seen_create_ids: frozenset[str]
+    failed: dict[str, list[JobRecord]]
+
+
+class CreateOutcome(enum.Enum):
+    CREATED = "created"
+    REJECTED = "rejected"  # the apiserver answered: nothing was created
+    UNKNOWN = "unknown"  # no clear answer: the Job may or may not exist
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    outcome: CreateOutcome
+    name: str = ""
+    reason: str = ""
+
+
+def load_api_client() -> k8s.ApiClient:
+    """In a pod: its ServiceAccount. Elsewhere (tests, development): KUBECONFIG."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # No transparent retries: the outcome of every create must be known to the ledger, and
+    # the loop does its own back-off.
+    configuration.retries = False
+    return k8s.ApiClient(configuration)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    reason = getattr(error, "reason", None)
+    return reason if isinstance(reason, BaseException) else error
+
+
+def create_outcome_of(error: BaseException) -> CreateOutcome:
+    """Whether a failed create call could have created the Job anyway."""
+    if isinstance(error, k8s.ApiException):
+        # An answer below 500 is a definite refusal (429 included). A 5xx may come after the
+        # object was stored (a 504 from the apiserver's own timeout, an etcd error after the
+        # write): unknown.
+        if error.status and 0 < error.status < 500:
+            return CreateOutcome.REJECTED
+        return CreateOutcome.UNKNOWN
+    cause = _unwrap(error)
+    # The connection was never made, so the request was never sent.
+    if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
+        return CreateOutcome.REJECTED
+    if isinstance(cause, urllib3.exceptions.ConnectTimeoutError):
+        return CreateOutcome.REJECTED
+    return CreateOutcome.UNKNOWN
+
+
+class Cluster:
+    """Everything the scaler asks of the apiserver about worker Jobs."""
+
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        namespace: str,
+        selector: str,
+        *,
+        on_request: Callable[[str], None] = lambda verb: None,
+        on_error: Callable[[str], None] = lambda kind: None,
+        create_timeout: tuple[float, float] = CREATE_TIMEOUT,
+    ) -> None:
+        self.batch = k8s.BatchV1Api(api_client)
+        self.create_timeout = create_timeout
+        self.namespace = namespace
+        self.selector = selector
+        self._on_request = on_request
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._records: dict[str, JobRecord] = {}
+        self._seen: dict[str, float] = {}
+        self._synced = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._response: Any = None
+
+    # --- the cache ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="job-cache", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.shutdown()
+                response.release_conn()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def wait_synced(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.synced:
+                return True
+            time.sleep(0.05)
+        return self.synced
+
+    @property
+    def synced(self) -> bool:
+        with self._lock:
+            return self._synced
+
+    def snapshot(self) -> CacheSnapshot:
+        with self._lock:
+            self._prune_seen(time.monotonic())
+            records = list(self._records.values())
+            synced = self._synced
+            seen = frozenset(self._seen)
+        failed: dict[str, list[JobRecord]] = {}
+        for record in records:
+            if record.state is JobState.FAILED:
+                failed.setdefault(record.pipeline, []).append(record)
+        return CacheSnapshot(synced, count_jobs(records), seen, failed)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                version: str | None = self._list()
+                backoff = 0.5
+                while version is not None and not self._stop.is_set():
+                    # None: the server says our version is too old, so list again.
+                    version = self._watch(version)
+            except Exception as e:
+                if self._stop.is_set():
+                    return
+                self._on_error("kubernetes_watch")
+                log.warning("Job cache: %s; listing again in %.1f s", _describe(e), backoff)
+            with self._lock:
+                self._synced = False
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def _list(self) -> str:
+        self._on_request("list")
+        # Raw JSON (_preload_content=False): see the module's note on memory.
+        response: Any = self.batch.list_namespaced_job(
+            self.namespace,
+            label_selector=self.selector,
+            _preload_content=False,
+            _request_timeout=LIST_TIMEOUT,
+        )
+        body = json.loads(response.data)
+        records = {}
+        now = time.monotonic()
+        for item in body.get("items") or []:
+            record = record_of(item)
+            records[record.uid] = record
+        with self._lock:
+            self._records = records
+            for record in records.values():
+                if record.create_id:
+                    self._seen[record.create_id] = now
+            self._prune_seen(now)
+            self._synced = True
+        resource_version: str = body["metadata"]["resourceVersion"]
+        return resource_version
+
+    def _watch(self, resource_version: str) -> str | None:
+        """Follow changes until the server ends the watch. The next version to watch from,
+        or None if the cache must list again."""
+        self._on_request("watch")
+        response: Any = self.batch.list_namespaced_job(
+            self.namespace,
+            label_selector=self.selector,
+            watch=True,
+            allow_watch_bookmarks=True,
+            resource_version=resource_version,
+            timeout_seconds=WATCH_SECONDS,
+            _preload_content=False,
+            _request_timeout=(LIST_TIMEOUT[0], WATCH_READ_TIMEOUT),
+        )
+        self._response = response
+        try:
+            for line in response:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        return None
+                    raise RuntimeError(f"watch error: {obj.get('message')}")
+                resource_version = (obj.get("metadata") or {}).get(
+                    "resourceVersion", resource_version
+                )
+                if kind == "BOOKMARK":
+                    continue
+                self._apply(kind, obj)
+        finally:
+            self._response = None
+            response.release_conn()
+        return resource_version
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        record = record_of(obj)
+        now = time.monotonic()
+        with self._lock:
+            if record.create_id:
+                self._seen[record.create_id] = now
+            if kind == "DELETED":
+                self._records.pop(record.uid, None)
+            else:
+                self._records[record.uid] = record
+
+    def _prune_seen(self, now: float) -> None:
+        for create_id, seen_at in list(self._seen.items()):
+            if now - seen_at > SEEN_CREATE_IDS_SECONDS:
+                del self._seen[create_id]
+
+    # --- writes ------------------------------------------------------------------------
+
+    def create_job(self, manifest: Mapping[str, Any]) -> CreateResult:
+        self._on_request("create")
+        try:
+            response: Any = self.batch.create_namespaced_job(
+                self.namespace,
+                # A plain dict is a valid body; the client's annotation says V1Job.
+                manifest,  # type: ignore[arg-type]
+                _preload_content=False,
+                _request_timeout=self.create_timeout,
+            )
+        except Exception as e:
+            return CreateResult(create_outcome_of(e), reason=_describe(e))
+        created = json.loads(response.data)
+        return CreateResult(CreateOutcome.CREATED, name=created["metadata"]["name"])
+
+    def delete_failed_job(self, record: JobRecord) -> None:
+        """Delete one failed Job and its pods; the uid precondition guarantees that it is
+        the very Job the cache saw failed, never a newer one of the same name."""
+        self._on_request("delete")
+        try:
+            self.batch.delete_namespaced_job(
+                record.name,
+                self.namespace,
+                body=k8s.V1DeleteOptions(
+                    propagation_policy="Background",
+                    preconditions=k8s.V1Preconditions(uid=record.uid),
+                ),
+                _request_timeout=CREATE_TIMEOUT,
+            )
+        except k8s.ApiException as e:
+            # Already gone (its TTL, or our delete of the last cycle not yet in the cache).
+            if e.status != 404:
+                raise
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, k8s.ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    cause = _unwrap(error)
+    return f"{type(cause).__name__}: {cause}"

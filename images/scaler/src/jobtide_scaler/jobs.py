@@ -1,0 +1,91 @@
+"""The worker Job manifest: the pipeline's jobTemplate, owned by the user, with what jobtide
+needs merged in (docs/architecture.md, "Scaler configuration file" and "Labels"). Pure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jobtide_scaler.config import PipelineSettings
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PIPELINE = "jobtide.io/pipeline"
+# Unique per create call: lets the scaler recognise, in its Job cache, a Job whose create
+# call had an unknown outcome (see loop.CreateLedger).
+ANNOTATION_CREATE_ID = "jobtide.io/create-id"
+WORKER_CONTAINER = "worker"
+
+
+def job_labels(release: str, pipeline: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "jobtide",
+        LABEL_INSTANCE: release,
+        LABEL_COMPONENT: "worker",
+        LABEL_MANAGED_BY: "jobtide-scaler",
+        LABEL_PIPELINE: pipeline,
+    }
+
+
+def cache_selector(release: str) -> str:
+    """The label selector of the scaler's Job cache: every pipeline of the release."""
+    return f"{LABEL_INSTANCE}={release},{LABEL_COMPONENT}=worker"
+
+
+def worker_env(pipeline: PipelineSettings) -> list[dict[str, str]]:
+    return [
+        {"name": "JOBTIDE_PIPELINE", "value": pipeline.name},
+        {"name": "JOBTIDE_QUEUE", "value": pipeline.queue},
+        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": _number(pipeline.idle_timeout_seconds)},
+        {"name": "JOBTIDE_MAX_ATTEMPTS", "value": str(pipeline.max_attempts)},
+        {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": _number(pipeline.max_task_seconds)},
+    ]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _merge_env(container: dict[str, Any], ours: list[dict[str, str]]) -> None:
+    """Our variables replace the template's of the same name; the template's others stay in
+    their order, ahead of ours, so `$(VAR)` references among them keep working."""
+    names = {item["name"] for item in ours}
+    kept = [item for item in container.get("env") or [] if item.get("name") not in names]
+    container["env"] = kept + ours
+
+
+def build_job(pipeline: PipelineSettings, release: str, create_id: str) -> dict[str, Any]:
+    """The Job to POST for one new worker of `pipeline`."""
+    job: dict[str, Any] = json.loads(pipeline.job_template_json)
+    labels = job_labels(release, pipeline.name)
+
+    metadata = job.setdefault("metadata", {}) or {}
+    job["metadata"] = metadata
+    for key in ("name", "namespace", "resourceVersion", "uid"):
+        metadata.pop(key, None)
+    metadata["generateName"] = f"{release}-{pipeline.name}-"
+    metadata["labels"] = {**(metadata.get("labels") or {}), **labels}
+    metadata["annotations"] = {
+        **(metadata.get("annotations") or {}),
+        ANNOTATION_CREATE_ID: create_id,
+    }
+    job["apiVersion"] = "batch/v1"
+    job["kind"] = "Job"
+    job.pop("status", None)
+
+    spec = job["spec"]
+    spec["backoffLimit"] = pipeline.backoff_limit
+    spec["ttlSecondsAfterFinished"] = pipeline.ttl_seconds_after_finished
+    template = spec["template"]
+    pod_metadata = template.setdefault("metadata", {}) or {}
+    template["metadata"] = pod_metadata
+    pod_metadata["labels"] = {**(pod_metadata.get("labels") or {}), **labels}
+    pod_spec = template["spec"]
+    pod_spec["restartPolicy"] = "Never"
+
+    containers = pod_spec["containers"]
+    worker = next((c for c in containers if c.get("name") == WORKER_CONTAINER), containers[0])
+    _merge_env(worker, worker_env(pipeline))
+    return job

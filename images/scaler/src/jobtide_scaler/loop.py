@@ -1,0 +1,273 @@
+"""One scaling cycle: read the queue counts and the Job cache, ask the policy, create Jobs.
+
+Duplicates after an unknown outcome: every create call carries a fresh create id (annotation
+`jobtide.io/create-id`). When a call ends without a clear answer (read timeout, connection
+lost after sending, a 5xx), the Job may exist or not. The pipeline then stays "in doubt" and
+creates nothing until either the cache sees a Job with that create id (it landed, and is
+counted like any other) or the cache has been synced while `doubt_seconds` passed since the
+call (by then the apiserver has answered or given up on it: it did not land). Jobs that were
+created for sure but are not in the cache yet count as active and pending, so a slow watch
+event cannot cause a second Job either."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jobtide_scaler.broker import QueueReading
+from jobtide_scaler.cluster import (
+    CacheSnapshot,
+    CreateOutcome,
+    CreateResult,
+    JobCounts,
+    JobRecord,
+)
+from jobtide_scaler.config import PipelineSettings, ScalerConfig
+from jobtide_scaler.jobs import build_job
+from jobtide_scaler.metrics import Metrics
+from jobtide_scaler.policy import Observation, jobs_to_create
+
+log = logging.getLogger(__name__)
+
+# The apiserver's default request timeout: a create still unanswered after this is gone.
+DEFAULT_DOUBT_SECONDS = 60.0
+
+
+class BrokerReader(Protocol):
+    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]: ...
+
+
+class JobStore(Protocol):
+    def snapshot(self) -> CacheSnapshot: ...
+
+    def create_job(self, manifest: dict[str, Any]) -> CreateResult: ...
+
+    def delete_failed_job(self, record: JobRecord) -> None: ...
+
+
+class Leadership(Protocol):
+    def is_leader(self) -> bool: ...
+
+
+class AlwaysLeader:
+    """Leader election disabled: this replica is the only one."""
+
+    def is_leader(self) -> bool:
+        return True
+
+
+@dataclass
+class CreateLedger:
+    """Create calls whose Job the cache has not shown yet, per pipeline."""
+
+    doubt_seconds: float = DEFAULT_DOUBT_SECONDS
+    unobserved: dict[str, dict[str, float]] = field(default_factory=dict)
+    in_doubt: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def created(self, pipeline: str, create_id: str, at: float) -> None:
+        self.unobserved.setdefault(pipeline, {})[create_id] = at
+
+    def unknown(self, pipeline: str, create_id: str, at: float) -> None:
+        self.in_doubt.setdefault(pipeline, {})[create_id] = at
+
+    def reconcile(self, snapshot: CacheSnapshot, now: float) -> None:
+        for book in (self.unobserved, self.in_doubt):
+            for pipeline, ids in list(book.items()):
+                for create_id, at in list(ids.items()):
+                    expired = snapshot.synced and now - at >= self.doubt_seconds
+                    if create_id in snapshot.seen_create_ids or expired:
+                        del ids[create_id]
+                if not ids:
+                    del book[pipeline]
+
+    def uncounted(self, pipeline: str) -> int:
+        """Jobs that may exist but are not in the cache yet."""
+        return len(self.unobserved.get(pipeline, ())) + len(self.in_doubt.get(pipeline, ()))
+
+    def is_in_doubt(self, pipeline: str) -> bool:
+        return bool(self.in_doubt.get(pipeline))
+
+
+@dataclass(frozen=True)
+class PipelineDecision:
+    pipeline: str
+    observation: Observation
+    wanted: int
+    result: str  # the `result` label of jobtide_decisions_total
+    created: int
+
+
+class Scaler:
+    def __init__(
+        self,
+        config: ScalerConfig,
+        broker: BrokerReader,
+        jobs: JobStore,
+        metrics: Metrics,
+        *,
+        leadership: Leadership | None = None,
+        ledger: CreateLedger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12],
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.jobs = jobs
+        self.metrics = metrics
+        self.leadership = leadership or AlwaysLeader()
+        self.ledger = ledger or CreateLedger()
+        self.clock = clock
+        self.new_id = new_id
+
+    def run_cycle(self) -> list[PipelineDecision]:
+        started = self.clock()
+        try:
+            return self._cycle()
+        finally:
+            self.metrics.cycle_duration.observe(self.clock() - started)
+
+    def _observe(self, snapshot: CacheSnapshot) -> dict[str, Observation]:
+        pipelines = self.config.pipelines
+        readings = self.broker.read(p.queue for p in pipelines)
+        now = self.clock()
+        self.ledger.reconcile(snapshot, now)
+        observations = {}
+        for p in pipelines:
+            reading = readings.get(p.queue)
+            counts = snapshot.counts.get(p.name, JobCounts())
+            uncounted = self.ledger.uncounted(p.name)
+            fresh = reading is not None and (
+                now - reading.read_at <= self.config.broker_stale_after_seconds
+            )
+            observations[p.name] = Observation(
+                ready=reading.ready if reading else 0,
+                unacked=reading.unacked if reading else 0,
+                active_jobs=counts.active + uncounted,
+                pending_jobs=counts.pending + uncounted,
+                broker_fresh=fresh,
+            )
+            m = self.metrics
+            m.jobs_active.labels(p.name).set(counts.active)
+            m.jobs_pending.labels(p.name).set(counts.pending)
+            if reading is not None:
+                m.queue_ready.labels(p.name).set(reading.ready)
+                m.queue_unacked.labels(p.name).set(reading.unacked)
+                m.queue_consumers.labels(p.name).set(reading.consumers)
+                m.broker_data_age.labels(p.name).set(now - reading.read_at)
+        return observations
+
+    def _cycle(self) -> list[PipelineDecision]:
+        snapshot = self.jobs.snapshot()
+        observations = self._observe(snapshot)
+        wanted = jobs_to_create(
+            {p.name: (p.policy, observations[p.name]) for p in self.config.pipelines},
+            self.config.max_total_workers,
+        )
+        leading = self.leadership.is_leader()
+        decisions = []
+        for p in self.config.pipelines:
+            observation = observations[p.name]
+            count = wanted.get(p.name, 0)
+            result, created = self._act(p, observation, count, snapshot.synced, leading)
+            self.metrics.decisions.labels(p.name, result).inc()
+            decisions.append(PipelineDecision(p.name, observation, count, result, created))
+        if leading and snapshot.synced and not self.config.dry_run:
+            self._trim_failed(snapshot)
+        return decisions
+
+    def _act(
+        self,
+        p: PipelineSettings,
+        observation: Observation,
+        count: int,
+        synced: bool,
+        leading: bool,
+    ) -> tuple[str, int]:
+        if not synced:
+            return "cache_unsynced", 0
+        if not observation.broker_fresh:
+            return "stale", 0
+        if self.ledger.is_in_doubt(p.name):
+            return "in_doubt", 0
+        if count == 0:
+            return "none", 0
+        if self.config.dry_run:
+            log.info(
+                "dry run: would create %d Job(s) for pipeline %s (%s)",
+                count,
+                p.name,
+                _describe(observation),
+            )
+            return "dry_run", 0
+        if not leading:
+            return "not_leader", 0
+        created = self._create(p, count)
+        log.info(
+            "created %d of %d Job(s) for pipeline %s (%s)",
+            created,
+            count,
+            p.name,
+            _describe(observation),
+        )
+        return "create", created
+
+    def _create(self, p: PipelineSettings, count: int) -> int:
+        cycle_id = self.new_id()
+        created = 0
+        for index in range(count):
+            if not self.leadership.is_leader():
+                break  # lost the Lease mid-cycle: the new leader decides from here
+            create_id = f"{cycle_id}-{index}"
+            result = self.jobs.create_job(build_job(p, self.config.release, create_id))
+            if result.outcome is CreateOutcome.CREATED:
+                self.ledger.created(p.name, create_id, self.clock())
+                self.metrics.jobs_created.labels(p.name).inc()
+                created += 1
+                continue
+            if result.outcome is CreateOutcome.UNKNOWN:
+                self.ledger.unknown(p.name, create_id, self.clock())
+                self.metrics.error("kubernetes_create_unknown")
+                log.warning(
+                    "creating a Job for %s: outcome unknown (%s); creating nothing "
+                    "more for it until the Job cache shows whether it exists",
+                    p.name,
+                    result.reason,
+                )
+            else:
+                self.metrics.error("kubernetes_create")
+                log.warning("creating a Job for %s was refused: %s", p.name, result.reason)
+            break
+        return created
+
+    def _trim_failed(self, snapshot: CacheSnapshot) -> None:
+        for p in self.config.pipelines:
+            failed = snapshot.failed.get(p.name, [])
+            excess = len(failed) - p.failed_jobs_history_limit
+            if excess <= 0:
+                continue
+            for record in oldest_first(failed)[:excess]:
+                try:
+                    self.jobs.delete_failed_job(record)
+                except Exception as e:
+                    self.metrics.error("kubernetes_delete")
+                    log.warning("deleting failed Job %s: %s", record.name, e)
+                    return
+                self.metrics.failed_jobs_deleted.labels(p.name).inc()
+                log.info(
+                    "deleted failed Job %s (beyond failedJobsHistoryLimit %d)",
+                    record.name,
+                    p.failed_jobs_history_limit,
+                )
+
+
+def oldest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
+    # RFC 3339 UTC timestamps of one apiserver sort as text.
+    return sorted(records, key=lambda r: (r.failed_at, r.name))
+
+
+def _describe(o: Observation) -> str:
+    return f"ready={o.ready} unacked={o.unacked} active={o.active_jobs} pending={o.pending_jobs}"

@@ -1,0 +1,323 @@
+"""The scaling cycle with fakes around it: the only way to inject create calls whose outcome
+is unknown, stale broker data and lost leadership on demand. The real adapters are tested
+against the test bed in test_scaler_integration.py."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import pytest
+from helpers import BROKER_ENV, config_document, pipeline_document
+from jobtide_scaler.broker import QueueReading
+from jobtide_scaler.cluster import (
+    CacheSnapshot,
+    CreateOutcome,
+    CreateResult,
+    JobRecord,
+    JobState,
+    count_jobs,
+)
+from jobtide_scaler.config import ScalerConfig, build_config
+from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
+from jobtide_scaler.loop import CreateLedger, Scaler
+from jobtide_scaler.metrics import Metrics
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeBroker:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.counts: dict[str, tuple[int, int]] = {}
+        self.read_at: float | None = None
+
+    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
+        at = self.clock() if self.read_at is None else self.read_at
+        wanted = set(queues)
+        return {q: QueueReading(r, u, 0, at) for q, (r, u) in self.counts.items() if q in wanted}
+
+
+class FakeJobs:
+    """The apiserver as the scaler sees it. `outcomes` scripts the next create calls; a Job
+    "lands" (exists in the apiserver) for CREATED and for UNKNOWN outcomes listed in
+    `landing_unknowns`; `visible` controls whether the cache has caught up."""
+
+    def __init__(self) -> None:
+        self.records: list[JobRecord] = []
+        self.pending_visibility: list[JobRecord] = []
+        self.outcomes: list[CreateOutcome] = []
+        self.unknown_lands = False
+        self.synced = True
+        self.created_manifests: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+        self.seen: set[str] = set()
+
+    def snapshot(self) -> CacheSnapshot:
+        failed: dict[str, list[JobRecord]] = {}
+        for r in self.records:
+            if r.state is JobState.FAILED:
+                failed.setdefault(r.pipeline, []).append(r)
+        return CacheSnapshot(self.synced, count_jobs(self.records), frozenset(self.seen), failed)
+
+    def catch_up(self) -> None:
+        """The watch delivers what landed."""
+        for r in self.pending_visibility:
+            self.records.append(r)
+            self.seen.add(r.create_id)
+        self.pending_visibility.clear()
+
+    def create_job(self, manifest: dict[str, Any]) -> CreateResult:
+        outcome = self.outcomes.pop(0) if self.outcomes else CreateOutcome.CREATED
+        name = f"job-{len(self.created_manifests)}"
+        landed = outcome is CreateOutcome.CREATED or (
+            outcome is CreateOutcome.UNKNOWN and self.unknown_lands
+        )
+        if landed:
+            self.created_manifests.append(manifest)
+            meta = manifest["metadata"]
+            self.pending_visibility.append(
+                JobRecord(
+                    name,
+                    f"uid-{name}",
+                    meta["labels"][LABEL_PIPELINE],
+                    meta["annotations"][ANNOTATION_CREATE_ID],
+                    JobState.PENDING,
+                    "",
+                )
+            )
+        if outcome is CreateOutcome.CREATED:
+            return CreateResult(outcome, name=name)
+        return CreateResult(outcome, reason="injected")
+
+    def delete_failed_job(self, record: JobRecord) -> None:
+        self.deleted.append(record.name)
+        self.records.remove(record)
+
+    def jobs_of(self, pipeline: str) -> int:
+        return sum(
+            m["metadata"]["labels"][LABEL_PIPELINE] == pipeline for m in self.created_manifests
+        )
+
+
+class Leader:
+    def __init__(self) -> None:
+        self.leading = True
+        self.lose_after_checks: int | None = None
+
+    def is_leader(self) -> bool:
+        if self.lose_after_checks is not None:
+            if self.lose_after_checks == 0:
+                self.leading = False
+            self.lose_after_checks -= 1
+        return self.leading
+
+
+class World:
+    def __init__(self, config: ScalerConfig) -> None:
+        self.clock = Clock()
+        self.broker = FakeBroker(self.clock)
+        self.jobs = FakeJobs()
+        self.leader = Leader()
+        self.metrics = Metrics()
+        self.ledger = CreateLedger(doubt_seconds=60)
+        self.scaler = Scaler(
+            config,
+            self.broker,
+            self.jobs,
+            self.metrics,
+            leadership=self.leader,
+            ledger=self.ledger,
+            clock=self.clock,
+        )
+
+    def cycle(self, advance: float = 1.0) -> dict[str, str]:
+        self.clock.now += advance
+        return {d.pipeline: d.result for d in self.scaler.run_cycle()}
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def world(**overrides: Any) -> World:
+    return World(build_config(config_document(**overrides), BROKER_ENV))
+
+
+def test_backlog_creates_jobs_and_unobserved_creations_count_until_the_cache_sees_them() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (3, 0)
+    assert w.cycle() == {"resize": "create"}
+    assert w.jobs.jobs_of("resize") == 3
+    # The watch has not delivered the Jobs yet: the ledger still counts them.
+    assert w.cycle() == {"resize": "none"}
+    w.jobs.catch_up()
+    assert w.cycle() == {"resize": "none"}
+    assert w.ledger.uncounted("resize") == 0
+    assert w.jobs.jobs_of("resize") == 3
+    assert w.metric("jobtide_jobs_created_total", pipeline="resize") == 3
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["ambiguous-create-landed", "did-not-land"])
+def test_unknown_create_outcome_never_duplicates(lands: bool) -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (1, 0)
+    w.jobs.outcomes = [CreateOutcome.UNKNOWN]
+    w.jobs.unknown_lands = lands
+    assert w.cycle() == {"resize": "create"}
+    assert w.metric("jobtide_errors_total", kind="kubernetes_create_unknown") == 1
+    # However long the cache takes, the pipeline creates nothing while in doubt.
+    for _ in range(10):
+        assert w.cycle() == {"resize": "in_doubt"}
+    w.jobs.catch_up()
+    if lands:
+        # The cache shows the Job with the create id: it counts, and no second one is made.
+        assert w.cycle() == {"resize": "none"}
+        assert w.cycle(advance=120) == {"resize": "none"}
+        assert w.jobs.jobs_of("resize") == 1
+    else:
+        assert w.cycle() == {"resize": "in_doubt"}
+        # The doubt window passed with the cache synced and the Job never showed: retry.
+        assert w.cycle(advance=60) == {"resize": "create"}
+        assert w.jobs.jobs_of("resize") == 1
+
+
+def test_doubt_does_not_expire_while_the_cache_is_unsynced() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (1, 0)
+    w.jobs.outcomes = [CreateOutcome.UNKNOWN]
+    w.jobs.unknown_lands = True
+    w.cycle()
+    w.jobs.synced = False
+    assert w.cycle(advance=300) == {"resize": "cache_unsynced"}
+    w.jobs.catch_up()
+    w.jobs.synced = True
+    assert w.cycle() == {"resize": "none"}
+    assert w.jobs.jobs_of("resize") == 1
+
+
+def test_refused_create_stops_the_pipeline_for_this_cycle_only() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (3, 0)
+    w.jobs.outcomes = [CreateOutcome.CREATED, CreateOutcome.REJECTED]
+    w.cycle()
+    assert w.jobs.jobs_of("resize") == 1
+    assert w.metric("jobtide_errors_total", kind="kubernetes_create") == 1
+    assert not w.ledger.is_in_doubt("resize")
+    w.jobs.catch_up()
+    assert w.cycle() == {"resize": "create"}
+    assert w.jobs.jobs_of("resize") == 3
+
+
+def test_stale_or_missing_broker_data_creates_nothing() -> None:
+    w = world(pipelines={"a": pipeline_document("qa"), "b": pipeline_document("qb")})
+    w.broker.counts["qa"] = (5, 0)
+    w.broker.read_at = w.clock.now - 100  # older than brokerStaleAfterSeconds (30)
+    assert w.cycle() == {"a": "stale", "b": "stale"}  # b's queue is missing altogether
+    assert w.jobs.created_manifests == []
+    w.broker.read_at = None
+    assert w.cycle() == {"a": "create", "b": "stale"}
+
+
+def test_unsynced_cache_creates_nothing() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (5, 0)
+    w.jobs.synced = False
+    assert w.cycle() == {"resize": "cache_unsynced"}
+    assert w.jobs.created_manifests == []
+
+
+def test_dry_run_decides_logs_and_creates_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    config = build_config(config_document(), BROKER_ENV, dry_run=True)
+    w = World(config)
+    w.broker.counts["resize-q"] = (4, 0)
+    with caplog.at_level(logging.INFO, logger="jobtide_scaler.loop"):
+        assert w.cycle() == {"resize": "dry_run"}
+    assert w.jobs.created_manifests == []
+    assert "would create 4 Job(s) for pipeline resize" in caplog.text
+
+
+def test_only_the_leader_creates_and_losing_the_lease_stops_mid_cycle() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (5, 0)
+    w.leader.leading = False
+    assert w.cycle() == {"resize": "not_leader"}
+    assert w.jobs.created_manifests == []
+    w.leader.leading = True
+    w.leader.lose_after_checks = 3  # the cycle's check, then two creates
+    w.cycle()
+    assert w.jobs.jobs_of("resize") == 2
+
+
+def test_caps_per_pipeline_and_global_reach_the_creates() -> None:
+    w = world(
+        maxTotalWorkers=5,
+        pipelines={
+            "a": pipeline_document("qa", maxWorkers=4, maxNewPerCycle=10),
+            "b": pipeline_document("qb", maxWorkers=10, maxNewPerCycle=2),
+        },
+    )
+    w.broker.counts.update(qa=(50, 0), qb=(50, 0))
+    w.cycle()
+    # Room for 5: the fair split gives a 3 and b 2 (its per-cycle limit).
+    assert (w.jobs.jobs_of("a"), w.jobs.jobs_of("b")) == (3, 2)
+    w.jobs.catch_up()
+    w.cycle()
+    w.jobs.catch_up()
+    w.cycle()
+    assert (w.jobs.jobs_of("a"), w.jobs.jobs_of("b")) == (3, 2)
+
+
+def test_failed_jobs_beyond_the_history_limit_are_deleted_oldest_first() -> None:
+    w = world(pipelines={"resize": pipeline_document("resize-q", failedJobsHistoryLimit=2)})
+    for i, at in enumerate(
+        [
+            "2026-01-01T00:00:03Z",
+            "2026-01-01T00:00:01Z",
+            "2026-01-01T00:00:04Z",
+            "2026-01-01T00:00:02Z",
+        ]
+    ):
+        w.jobs.records.append(JobRecord(f"f{i}", f"u{i}", "resize", "", JobState.FAILED, at))
+    w.jobs.records.append(JobRecord("run", "u-run", "resize", "", JobState.RUNNING, ""))
+    w.broker.counts["resize-q"] = (0, 0)
+    w.cycle()
+    assert w.jobs.deleted == ["f1", "f3"]
+    w.cycle()
+    assert w.jobs.deleted == ["f1", "f3"]
+    assert w.metric("jobtide_failed_jobs_deleted_total", pipeline="resize") == 2
+
+
+def test_metrics_names() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (2, 1)
+    w.cycle()
+    names = {m.name for m in w.metrics.registry.collect()}
+    assert {
+        "jobtide_queue_messages_ready",
+        "jobtide_queue_messages_unacked",
+        "jobtide_queue_consumers",
+        "jobtide_broker_data_age_seconds",
+        "jobtide_jobs_active",
+        "jobtide_jobs_pending",
+        "jobtide_jobs_created",
+        "jobtide_decisions",
+        "jobtide_errors",
+        "jobtide_kubernetes_requests",
+        "jobtide_cycle_duration_seconds",
+        "jobtide_leader",
+        "jobtide_failed_jobs_deleted",
+    } <= names
+    assert w.metric("jobtide_queue_messages_ready", pipeline="resize") == 2
+    assert w.metric("jobtide_queue_messages_unacked", pipeline="resize") == 1
+    assert w.metric("jobtide_decisions_total", pipeline="resize", result="create") == 1
+    assert w.metric("jobtide_cycle_duration_seconds_count") == 1
