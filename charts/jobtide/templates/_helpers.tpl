@@ -125,6 +125,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- range $name, $p := (include "jobtide.pipelines" . | fromYaml) }}
 {{- $longest = max $longest (int64 $p.maxTaskSeconds) }}
 {{- end }}
-{{- mul (max 1800 (add $longest 300)) 1000 }}
+{{- /* Same rule as jobtide_worker.topology.broker_consumer_timeout_ms: 60 s margin, never below 30 min. */}}
+{{- max 1800000 (mul (add $longest 60) 1000) }}
 {{- end }}
 {{- end }}

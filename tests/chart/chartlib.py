@@ -1,0 +1,139 @@
+"""Render the chart with the real helm binaries and pick objects out of the output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "jobtide"
+EXAMPLE_VALUES = REPO / "values.example.yaml"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+CACHE = Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
+BIN = CACHE / "bin" / "current"
+KUBE_SCHEMAS = CACHE / "kube-schemas"
+# Helm's offline default Kubernetes version is older than the chart's kubeVersion.
+KUBE_VERSION = "1.34.0"
+VALIDATED_KUBE_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0")
+# Every values file a user might start from: defaults (None), the example, each scenario.
+VALUES_CASES: list[Path | None] = [None, EXAMPLE_VALUES, *SCENARIOS]
+
+
+def case_id(values: Path | None) -> str:
+    return "defaults" if values is None else values.name
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        raise AssertionError(f"{path} is missing: run ci/setup to build the test bed's tools")
+    return str(path)
+
+
+def run_helm(
+    args: Iterable[str], *, helm: str = "helm", check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [tool(helm), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+def template_args(
+    values: Iterable[Path | None] = (),
+    set_values: Iterable[str] = (),
+    release: str = "jobs",
+    namespace: str = "pipelines",
+) -> list[str]:
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    args += ["--kube-version", KUBE_VERSION]
+    for path in values:
+        if path is not None:
+            args += ["-f", str(path)]
+    for item in set_values:
+        args += ["--set", item]
+    return args
+
+
+def render_text(
+    values: Iterable[Path | None] = (),
+    set_values: Iterable[str] = (),
+    release: str = "jobs",
+    namespace: str = "pipelines",
+    extra: Iterable[str] = (),
+) -> str:
+    args = template_args(values, set_values, release, namespace) + list(extra)
+    return run_helm(args).stdout
+
+
+def render(
+    values: Iterable[Path | None] = (),
+    set_values: Iterable[str] = (),
+    release: str = "jobs",
+    namespace: str = "pipelines",
+    extra: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    text = render_text(values, set_values, release, namespace, extra)
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def find(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    assert len(matches) == 1, f"expected one {kind} named *{name_suffix}, found {len(matches)}"
+    return matches[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def scaler_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    config_map = find(docs, "ConfigMap", "-scaler")
+    config: dict[str, Any] = yaml.safe_load(config_map["data"]["config.yaml"])
+    return config
+
+
+def worker_pod_spec(docs: list[dict[str, Any]], pipeline: str) -> dict[str, Any]:
+    spec: dict[str, Any] = scaler_config(docs)["pipelines"][pipeline]["jobTemplate"]["spec"]
+    return spec["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def worker_container(docs: list[dict[str, Any]], pipeline: str) -> dict[str, Any]:
+    containers = worker_pod_spec(docs, pipeline)["containers"]
+    worker: dict[str, Any] = next(c for c in containers if c["name"] == "worker")
+    return worker
+
+
+def scaler_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The scaler container's environment, with stand-ins for the values read from Secrets."""
+    pod = find(docs, "Deployment", "-scaler")["spec"]["template"]["spec"]
+    env: dict[str, str] = {}
+    for variable in pod["containers"][0]["env"]:
+        if "value" in variable:
+            env[variable["name"]] = variable["value"]
+        else:
+            key = variable["valueFrom"]["secretKeyRef"]["key"]
+            env[variable["name"]] = f"stand-in-{key}"
+    return env
+
+
+def scaler_settings(docs: list[dict[str, Any]]) -> Any:
+    """The rendered configuration file and environment, loaded by the scaler's own code."""
+    from jobtide_scaler.config import build_config
+
+    return build_config(scaler_config(docs), scaler_env(docs))
+
+
+def scaler_jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Job the scaler would create for each pipeline (its own build_job)."""
+    from jobtide_scaler.jobs import build_job
+
+    settings = scaler_settings(docs)
+    return [build_job(p, settings.release, "chart-test") for p in settings.pipelines]

@@ -1,0 +1,521 @@
+"""Fields of the rendered chart (helm template), asserted one concern at a time."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from chartlib import (
+    CHART,
+    EXAMPLE_VALUES,
+    REPO,
+    SCENARIOS,
+    VALUES_CASES,
+    case_id,
+    find,
+    render,
+    scaler_config,
+    scaler_jobs,
+    scaler_settings,
+    worker_container,
+    worker_pod_spec,
+)
+from jobtide_worker import topology
+
+pytestmark = pytest.mark.unit
+
+SCENARIO = {path.name.removesuffix("-values.yaml"): path for path in SCENARIOS}
+SCALER_CONFIG_SCHEMA = REPO / "images/scaler/src/jobtide_scaler/config.schema.json"
+ONE_PIPELINE = ["pipelines.resize.queue=resize"]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod the chart runs or makes the scaler run, by a readable name."""
+    pods = {
+        f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
+    pods.update({f"Pod/{d['metadata']['name']}": d["spec"] for d in docs if d["kind"] == "Pod"})
+    for name in scaler_config(docs)["pipelines"]:
+        pods[f"worker/{name}"] = worker_pod_spec(docs, name)
+    return pods
+
+
+# -- security ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_every_pod_and_container_runs_locked_down(values: Path | None) -> None:
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    pods = pod_specs(docs)
+    assert len(pods) >= 3
+    for name, pod in pods.items():
+        security = pod["securityContext"]
+        assert security["runAsNonRoot"] is True, name
+        assert security["runAsUser"] > 0, name
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            context = container["securityContext"]
+            where = f"{name}/{container['name']}"
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+
+
+def test_service_account_tokens_reach_only_the_scaler() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    for name, pod in pod_specs(docs).items():
+        expected = name.startswith("Deployment/") and name.endswith("-scaler")
+        assert pod["automountServiceAccountToken"] is expected, name
+    assert find(docs, "ServiceAccount", "-scaler")["automountServiceAccountToken"] is False
+
+
+def test_worker_pods_have_the_secure_defaults() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    pod = worker_pod_spec(docs, "resize")
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert pod["securityContext"]["runAsGroup"] == 10001
+    assert pod["restartPolicy"] == "Never"
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in worker_container(docs, "resize")["volumeMounts"]
+
+
+def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    rules = find(docs, "Role", "-scaler")["rules"]
+    assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
+        (["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
+        ([""], ["pods"], ["get", "list", "watch"]),
+        (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
+        (["", "events.k8s.io"], ["events"], ["create", "patch"]),
+    ]
+    assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in rules)
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    binding = find(docs, "RoleBinding", "-scaler")
+    assert binding["roleRef"]["name"] == find(docs, "Role", "-scaler")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "jobs-jobtide-scaler", "namespace": "pipelines"}
+    ]
+    deployment = find(docs, "Deployment", "-scaler")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "jobs-jobtide-scaler"
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_no_credentials_in_any_config_map(values: Path | None) -> None:
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    secrets = [d for d in docs if d["kind"] == "Secret"]
+    secret_values = [base64.b64decode(v).decode() for s in secrets for v in s["data"].values()]
+    config_text = json.dumps([d for d in docs if d["kind"] == "ConfigMap"])
+    for value in secret_values:
+        assert len(value) >= 7
+        if value != "jobtide":  # the user name is not a credential
+            assert value not in config_text
+    # Every broker credential reaches a container through a Secret reference only.
+    containers = [c for pod in pod_specs(docs).values() for c in pod["containers"]]
+    for container in containers:
+        for variable in container.get("env", []):
+            if variable["name"].startswith("JOBTIDE_BROKER_") and variable["name"].endswith(
+                ("_USERNAME", "_PASSWORD")
+            ):
+                assert "value" not in variable, variable
+                assert set(variable["valueFrom"]) == {"secretKeyRef"}
+
+
+def test_generated_secret_holds_random_credentials() -> None:
+    first = find(render(set_values=ONE_PIPELINE), "Secret", "-rabbitmq")
+    second = find(render(set_values=ONE_PIPELINE), "Secret", "-rabbitmq")
+    decoded = {k: base64.b64decode(v).decode() for k, v in first["data"].items()}
+    assert decoded["username"] == "jobtide"
+    assert len(decoded["password"]) == 32
+    assert decoded["password"].isalnum()
+    assert len(decoded["erlang-cookie"]) == 48
+    # No lookup offline, so two renders generate two passwords (upgrades reuse the live one).
+    assert first["data"]["password"] != second["data"]["password"]
+
+
+def test_existing_secret_replaces_the_generated_one() -> None:
+    docs = render([SCENARIO["existing-secrets"]])
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    statefulset = find(docs, "StatefulSet", "-rabbitmq")
+    volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["credentials"]["secret"]["secretName"] == "jobtide-rabbitmq-credentials"
+    env = {e["name"]: e for e in worker_container(docs, "resize")["env"]}
+    ref = env["JOBTIDE_BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "jobtide-rabbitmq-credentials", "key": "password"}
+    assert env["STORAGE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "storage-token"
+    assert worker_pod_spec(docs, "resize")["imagePullSecrets"] == [{"name": "registry-credentials"}]
+
+
+# -- labels and names -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_standard_labels_on_every_object(values: Path | None) -> None:
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        assert labels["app.kubernetes.io/name"] == "jobtide", where
+        assert labels["app.kubernetes.io/instance"] == "jobs", where
+        assert labels["app.kubernetes.io/version"] == "0.1.0", where
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", where
+        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "test"), where
+        assert labels["helm.sh/chart"] == "jobtide-0.1.0", where
+        assert doc["metadata"]["namespace"] == "pipelines", where
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            pod_labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= pod_labels.items()
+            assert "app.kubernetes.io/version" not in selector  # selectors are immutable
+
+
+def test_worker_jobs_carry_the_labels_the_scaler_selects_on() -> None:
+    docs = render([SCENARIO["two-pipelines"]], ["commonLabels.team=data"])
+    for name, pipeline in scaler_config(docs)["pipelines"].items():
+        for metadata in (
+            pipeline["jobTemplate"]["metadata"],
+            pipeline["jobTemplate"]["spec"]["template"]["metadata"],
+        ):
+            assert metadata["labels"] == {
+                "app.kubernetes.io/name": "jobtide",
+                "app.kubernetes.io/instance": "jobs",
+                "app.kubernetes.io/component": "worker",
+                "app.kubernetes.io/managed-by": "jobtide-scaler",
+                "jobtide.io/pipeline": name,
+                "team": "data",
+            }
+
+
+def test_two_releases_share_no_object_name() -> None:
+    first = render([SCENARIO["two-pipelines"]], release="alpha")
+    second = render([SCENARIO["two-pipelines"]], release="beta")
+    names = {(d["kind"], d["metadata"]["name"]) for d in first}
+    assert not names & {(d["kind"], d["metadata"]["name"]) for d in second}
+    assert scaler_config(first)["leaderElection"]["leaseName"] == "alpha-jobtide-scaler"
+    assert scaler_config(second)["release"] == "beta"
+
+
+# -- the scaler's configuration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_scaler_config_validates_against_the_scalers_schema(values: Path | None) -> None:
+    assert SCALER_CONFIG_SCHEMA.exists(), f"{SCALER_CONFIG_SCHEMA} is missing"
+    schema = json.loads(SCALER_CONFIG_SCHEMA.read_text())
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    jsonschema.Draft202012Validator(schema).validate(scaler_config(docs))
+    # And the scaler's own loader accepts file and environment together.
+    settings = scaler_settings(docs)
+    assert settings.release == "jobs"
+    assert settings.namespace == "pipelines"
+    assert {p.name for p in settings.pipelines} == set(scaler_config(docs)["pipelines"])
+
+
+def test_scaler_config_carries_every_setting() -> None:
+    docs = render([EXAMPLE_VALUES])
+    config = scaler_config(docs)
+    assert config["maxTotalWorkers"] == 40
+    assert config["leaderElection"] == {
+        "enabled": True,
+        "leaseName": "jobs-jobtide-scaler",
+        "leaseDurationSeconds": 15,
+        "renewDeadlineSeconds": 10,
+        "retryPeriodSeconds": 2,
+    }
+    train = config["pipelines"]["train-models"]
+    assert {k: v for k, v in train.items() if k != "jobTemplate"} == {
+        "queue": "train-models",
+        "messagesPerWorker": 1,
+        "minWorkers": 0,
+        "maxWorkers": 8,
+        "maxNewPerCycle": 2,
+        "activationMessages": 0,
+        "idleTimeoutSeconds": 300,
+        "maxAttempts": 3,
+        "maxTaskSeconds": 14400,
+        "backoffLimit": 0,
+        "ttlSecondsAfterFinished": 300,
+        "failedJobsHistoryLimit": 5,
+    }
+    container = worker_container(docs, "train-models")
+    assert container["image"] == "registry.example.com/acme/train-models:0.9.0"
+    assert container["resources"] == {
+        "requests": {"cpu": "2", "memory": "8Gi"},
+        "limits": {"memory": "8Gi"},
+    }
+    assert {"name": "scratch", "mountPath": "/scratch"} in container["volumeMounts"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["JOBTIDE_HANDLER"] == "train:run"
+    assert env["JOBTIDE_BROKER_HOST"] == "jobs-jobtide-rabbitmq.pipelines.svc"
+    assert env["JOBTIDE_BROKER_PORT"] == "5672"
+
+
+def test_explicit_zero_in_a_pipeline_wins_over_a_nonzero_default() -> None:
+    docs = render(
+        set_values=[
+            "pipelineDefaults.minWorkers=2",
+            "pipelineDefaults.activationMessages=5",
+            "pipelines.a.queue=a",
+            "pipelines.a.minWorkers=0",
+            "pipelines.a.activationMessages=0",
+            "pipelines.b.queue=b",
+        ]
+    )
+    pipelines = scaler_config(docs)["pipelines"]
+    assert (pipelines["a"]["minWorkers"], pipelines["a"]["activationMessages"]) == (0, 0)
+    assert (pipelines["b"]["minWorkers"], pipelines["b"]["activationMessages"]) == (2, 5)
+
+
+def test_scaler_gets_its_config_and_broker_address() -> None:
+    docs = render([SCENARIO["external-broker"]])
+    container = find(docs, "Deployment", "-scaler")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["--config", "/etc/jobtide/scaler/config.yaml"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["JOBTIDE_BROKER_HOST"] == "rabbitmq.messaging.svc"
+    assert env["JOBTIDE_BROKER_PORT"] == "5671"
+    assert env["JOBTIDE_BROKER_MANAGEMENT_PORT"] == "15671"
+    assert env["JOBTIDE_BROKER_VHOST"] == "jobs"
+    assert env["JOBTIDE_BROKER_TLS"] == "true"
+    probes = (container["livenessProbe"]["httpGet"], container["readinessProbe"]["httpGet"])
+    assert probes == (
+        {"path": "/healthz", "port": "metrics"},
+        {"path": "/readyz", "port": "metrics"},
+    )
+    assert container["ports"] == [{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}]
+
+
+def test_external_broker_renders_no_rabbitmq() -> None:
+    docs = render([SCENARIO["external-broker"]])
+    assert not [
+        d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] == "rabbitmq"
+    ]
+    env = {e["name"]: e for e in worker_container(docs, "resize")["env"]}
+    assert env["JOBTIDE_BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "jobtide-broker"
+
+
+def test_config_checksum_follows_the_config_and_nothing_else() -> None:
+    def checksum(*set_values: str) -> str:
+        deployment = find(render(set_values=[*ONE_PIPELINE, *set_values]), "Deployment", "-scaler")
+        value: str = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return value
+
+    base = checksum()
+    assert len(base) == 64
+    assert checksum() == base
+    assert checksum("scaler.resources.limits.memory=512Mi") == base
+    assert checksum("pipelines.resize.maxWorkers=3") != base
+    assert checksum("nodePool.nodeSelector.pool=jobs") != base
+    assert checksum("scaler.pollIntervalSeconds=7") != base
+
+
+def test_rabbitmq_checksum_follows_its_config() -> None:
+    def checksum(*set_values: str) -> str:
+        statefulset = find(render(set_values=[*ONE_PIPELINE, *set_values]), "StatefulSet", "")
+        value: str = statefulset["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return value
+
+    assert checksum() == checksum()
+    assert checksum("pipelines.resize.maxAttempts=7") != checksum()
+
+
+# -- node pool and pass-through pod template -------------------------------------------
+
+
+def test_node_pool_settings_reach_every_worker_job() -> None:
+    docs = render([SCENARIO["node-pool"]])
+    resize = worker_pod_spec(docs, "resize")
+    assert resize["nodeSelector"] == {"cloud.google.com/gke-nodepool": "jobs"}
+    assert resize["tolerations"] == [
+        {"key": "jobtide.io/pool", "operator": "Equal", "value": "jobs", "effect": "NoSchedule"}
+    ]
+    assert resize["priorityClassName"] == "batch-low"
+    terms = resize["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert terms[0]["preference"]["matchExpressions"][0]["key"] == "cloud.google.com/gke-spot"
+    # The Jobs the scaler builds keep them.
+    built = {j["metadata"]["labels"]["jobtide.io/pipeline"]: j for j in scaler_jobs(docs)}
+    assert built["resize"]["spec"]["template"]["spec"]["nodeSelector"] == resize["nodeSelector"]
+
+
+def test_pipeline_pod_template_overrides_the_node_pool_key_by_key() -> None:
+    docs = render([SCENARIO["node-pool"]])
+    gpu = worker_pod_spec(docs, "gpu")
+    assert gpu["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert gpu["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert gpu["priorityClassName"] == "batch-low"  # not overridden: the pool's default
+    metadata = scaler_config(docs)["pipelines"]["gpu"]["jobTemplate"]["spec"]["template"][
+        "metadata"
+    ]
+    assert metadata["annotations"] == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        "example.com/cost-center": "research",
+    }
+    assert worker_container(docs, "gpu")["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_worker_pods_ask_the_cluster_autoscaler_not_to_evict_them() -> None:
+    docs = render([EXAMPLE_VALUES])
+    for name in ("resize-images", "train-models"):
+        template = scaler_config(docs)["pipelines"][name]["jobTemplate"]["spec"]["template"]
+        assert template["metadata"]["annotations"] == {
+            "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"
+        }
+        assert template["spec"]["nodeSelector"]["jobtide.io/pool"] == "jobs"
+    train = worker_pod_spec(docs, "train-models")
+    assert train["terminationGracePeriodSeconds"] == 600
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}} in train["volumes"]
+
+
+# -- RabbitMQ ---------------------------------------------------------------------------
+
+
+def rabbitmq_files(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = find(docs, "ConfigMap", "-rabbitmq")["data"]
+    return data
+
+
+@pytest.mark.parametrize("values", [EXAMPLE_VALUES, SCENARIO["two-pipelines"]], ids=case_id)
+def test_definitions_match_the_worker_topology(values: Path) -> None:
+    docs = render([values])
+    definitions = json.loads(rabbitmq_files(docs)["definitions.json"])
+    pipelines = scaler_config(docs)["pipelines"].values()
+    expected = topology.definitions([(p["queue"], p["maxAttempts"]) for p in pipelines], "/")
+
+    def by_name(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return sorted(items, key=lambda i: json.dumps(i, sort_keys=True))
+
+    assert set(definitions) == {*expected, "vhosts"}
+    for key, items in expected.items():
+        assert by_name(definitions[key]) == by_name(items), key
+    assert definitions["vhosts"] == [{"name": "/"}]
+
+
+def test_consumer_timeout_covers_the_longest_task() -> None:
+    docs = render([EXAMPLE_VALUES])
+    conf = rabbitmq_files(docs)["rabbitmq.conf"]
+    settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line)
+    expected = topology.broker_consumer_timeout_ms([120, 14400])
+    assert int(settings["consumer_timeout"]) == expected == (14400 + 60) * 1000
+    assert settings["definitions.local.path"] == "/etc/jobtide/rabbitmq/definitions.json"
+    short = rabbitmq_files(render(set_values=[*ONE_PIPELINE, "pipelines.resize.maxTaskSeconds=5"]))
+    assert "consumer_timeout = 1800000\n" in short["rabbitmq.conf"]
+    fixed = rabbitmq_files(
+        render(set_values=[*ONE_PIPELINE, "rabbitmq.consumerTimeoutSeconds=7200"])
+    )
+    assert "consumer_timeout = 7200000\n" in fixed["rabbitmq.conf"]
+
+
+def test_rabbitmq_statefulset_persists_and_runs_any_image() -> None:
+    docs = render(
+        set_values=[
+            *ONE_PIPELINE,
+            "rabbitmq.image.repository=local/rabbitmq-debian",
+            "rabbitmq.image.tag=3.10",
+            "rabbitmq.command={/usr/lib/rabbitmq/bin/rabbitmq-server}",
+            "rabbitmq.persistence.storageClass=fast",
+            "rabbitmq.persistence.size=2Gi",
+        ]
+    )
+    statefulset = find(docs, "StatefulSet", "-rabbitmq")
+    spec = statefulset["spec"]
+    claim = spec["volumeClaimTemplates"][0]
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
+    pod = spec["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["image"] == "local/rabbitmq-debian:3.10"
+    assert server["command"] == ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["RABBITMQ_CONFIG_FILE"] == "/etc/jobtide/rabbitmq/rabbitmq.conf"
+    assert env["RABBITMQ_ENABLED_PLUGINS_FILE"] == "/etc/jobtide/rabbitmq/enabled_plugins"
+    mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    assert mounts == {
+        "/etc/jobtide/rabbitmq": "config",
+        "/var/lib/rabbitmq": "data",
+        "/var/log/rabbitmq": "logs",
+        "/tmp": "tmp",
+    }
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["emptyDir"]["medium"] == "Memory"
+    assert {"startupProbe", "livenessProbe", "readinessProbe"} <= server.keys()
+    assert server["resources"]["limits"]["memory"] == "1Gi"
+    no_pvc = find(
+        render(set_values=[*ONE_PIPELINE, "rabbitmq.persistence.enabled=false"]), "StatefulSet", ""
+    )
+    assert "volumeClaimTemplates" not in no_pvc["spec"]
+    data = [v for v in no_pvc["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert data == [{"name": "data", "emptyDir": {}}]
+
+
+def test_rabbitmq_services_pdb_and_network_policy() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    service = find(docs, "Service", "-rabbitmq")
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("amqp", 5672),
+        ("management", 15672),
+    ]
+    assert find(docs, "PodDisruptionBudget", "-rabbitmq")["spec"]["maxUnavailable"] == 1
+    policy = find(docs, "NetworkPolicy", "-rabbitmq")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "rabbitmq"
+    assert policy["policyTypes"] == ["Ingress"]
+    (source,) = policy["ingress"][0]["from"]
+    assert source["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "jobs"}
+    assert source["podSelector"]["matchExpressions"] == [
+        {
+            "key": "app.kubernetes.io/component",
+            "operator": "In",
+            "values": ["scaler", "worker", "test"],
+        }
+    ]
+    without = render(set_values=[*ONE_PIPELINE, "networkPolicy.enabled=false"])
+    assert not [d for d in without if d["kind"] == "NetworkPolicy"]
+
+
+# -- optional objects -------------------------------------------------------------------
+
+
+def test_scaler_pdb_and_service_monitor_only_when_asked() -> None:
+    single = render(set_values=ONE_PIPELINE)
+    assert [d["metadata"]["name"] for d in single if d["kind"] == "PodDisruptionBudget"] == [
+        "jobs-jobtide-rabbitmq"
+    ]
+    assert not [d for d in single if d["kind"] == "ServiceMonitor"]
+    docs = render([SCENARIO["replicas-2"]])
+    assert find(docs, "Deployment", "-scaler")["spec"]["replicas"] == 2
+    assert find(docs, "PodDisruptionBudget", "-scaler")["spec"]["minAvailable"] == 1
+    monitor = find(docs, "ServiceMonitor", "-scaler")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "30s"}
+    ]
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "scaler"
+
+
+def test_helm_test_checks_scaler_readiness_and_broker_port() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    pod = find(docs, "Pod", "-test")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    assert container["command"][:2] == ["python", "-c"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {
+        "SCALER_READYZ": "http://jobs-jobtide-scaler.pipelines.svc:8080/readyz",
+        "JOBTIDE_BROKER_HOST": "jobs-jobtide-rabbitmq.pipelines.svc",
+        "JOBTIDE_BROKER_PORT": "5672",
+    }
+    compile(container["command"][2], "helm-test", "exec")
+
+
+def test_values_example_and_scenarios_are_valid_yaml_maps() -> None:
+    for path in [EXAMPLE_VALUES, *SCENARIOS, CHART / "values.yaml"]:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path

@@ -1,0 +1,93 @@
+"""The chart lints with both helm majors, and every rendering validates strictly against the
+Kubernetes schemas of each supported minor version, including the worker Jobs the scaler
+builds from the rendered configuration."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chartlib import (
+    CHART,
+    KUBE_SCHEMAS,
+    KUBE_VERSION,
+    VALIDATED_KUBE_VERSIONS,
+    VALUES_CASES,
+    case_id,
+    render,
+    run_helm,
+    scaler_jobs,
+    tool,
+)
+
+pytestmark = pytest.mark.unit
+
+SCHEMA_LOCATION = (
+    "{{ .NormalizedKubernetesVersion }}-standalone{{ .StrictSuffix }}/"
+    "{{ .ResourceKind }}{{ .KindSuffix }}.json"
+)
+
+
+@pytest.mark.parametrize("helm", ["helm3", "helm4"])
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_helm_lint_strict(helm: str, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION]
+    if values is not None:
+        args += ["-f", str(values)]
+    result = run_helm(args, helm=helm, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@functools.cache
+def _rendered(values: Path | None) -> tuple[dict[str, Any], ...]:
+    return tuple(render([values]))
+
+
+@pytest.mark.parametrize("kube_version", VALIDATED_KUBE_VERSIONS)
+def test_kubeconform_strict(kube_version: str, tmp_path: Path) -> None:
+    """Defaults, values.example.yaml and every scenario, in one kubeconform run per version."""
+    schema_dir = KUBE_SCHEMAS / f"v{kube_version}-standalone-strict"
+    assert schema_dir.is_dir(), f"{schema_dir} missing: run ci/setup (ci/lib/kube_schemas.py)"
+    manifests, expected_valid, expected_skipped = [], 0, 0
+    for values in VALUES_CASES:
+        docs = _rendered(values)
+        jobs = scaler_jobs(list(docs))
+        manifest = tmp_path / f"{case_id(values)}.rendered.yaml"
+        manifest.write_text(yaml.safe_dump_all([*docs, *jobs]))
+        manifests.append(str(manifest))
+        skipped = sum(1 for d in docs if d["kind"] == "ServiceMonitor")
+        expected_skipped += skipped
+        expected_valid += len(docs) + len(jobs) - skipped
+    result = subprocess.run(
+        [
+            tool("kubeconform"),
+            "-strict",
+            "-summary",
+            "-output",
+            "json",
+            "-kubernetes-version",
+            kube_version,
+            "-schema-location",
+            f"{KUBE_SCHEMAS}/{SCHEMA_LOCATION}",
+            # No schema ships for the Prometheus Operator's CRD; its fields are asserted in
+            # the render tests instead.
+            "-skip",
+            "ServiceMonitor",
+            *manifests,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout)["summary"]
+    assert summary["invalid"] == summary["errors"] == 0
+    assert summary["skipped"] == expected_skipped
+    assert summary["valid"] == expected_valid
