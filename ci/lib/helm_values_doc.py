@@ -56,7 +56,7 @@ def parse(values_text: str) -> tuple[list[Documented], list[str]]:
         indent = len(key_line.group("indent"))
         while stack and stack[-1][0] >= indent:
             stack.pop()
-        path = tuple(k for _, k, _ in stack) + (key_line.group("key"),)
+        path = (*(k for _, k, _ in stack), key_line.group("key"))
         inside_raw_value = any(
             has_doc and not _has_documented_child(documented, path[: i + 1])
             for i, (_, _, has_doc) in enumerate(stack)
