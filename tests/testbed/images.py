@@ -80,16 +80,24 @@ class DockerDaemon:
             return run([DOCKER_CLI, *args], env=self.env(), timeout=timeout, check=check)
         with input_file.open("rb") as stdin:
             proc = subprocess.run(
-                [DOCKER_CLI, *args], env=self.env(), stdin=stdin, capture_output=True,
-                timeout=timeout, check=False,
+                [DOCKER_CLI, *args],
+                env=self.env(),
+                stdin=stdin,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
             )
         result = subprocess.CompletedProcess(
-            proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+            proc.args,
+            proc.returncode,
+            proc.stdout.decode(errors="replace"),
             proc.stderr.decode(errors="replace"),
         )
         if check and proc.returncode != 0:
-            raise RuntimeError(f"docker {' '.join(args)} exited {proc.returncode}\n"
-                               f"{result.stdout}\n{result.stderr}")
+            raise RuntimeError(
+                f"docker {' '.join(args)} exited {proc.returncode}\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def start(self, lock_timeout: float = 900) -> DockerDaemon:
@@ -112,14 +120,17 @@ class DockerDaemon:
                         "--ip6tables=false",
                         "--ip-masq=false",
                     ],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                     start_new_session=True,
                 )
 
             def ready() -> bool:
                 if self._popen is not None and self._popen.poll() is not None:
-                    raise RuntimeError(f"dockerd exited {self._popen.returncode}; see "
-                                       f"{self.log_path}")
+                    raise RuntimeError(
+                        f"dockerd exited {self._popen.returncode}; see {self.log_path}"
+                    )
                 return self.docker("version", timeout=10, check=False).returncode == 0
 
             wait_for(ready, timeout=self.start_timeout, what="dockerd", interval=0.3)
@@ -156,8 +167,11 @@ class DockerDaemon:
         if not any(arg == f"--pidfile={self.pidfile}".encode() for arg in cmdline):
             return
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=30,
-                 what=f"leftover dockerd {pid} to stop")
+        wait_for(
+            lambda: not Path(f"/proc/{pid}").exists(),
+            timeout=30,
+            what=f"leftover dockerd {pid} to stop",
+        )
 
     def __enter__(self) -> DockerDaemon:
         return self.start()
@@ -176,7 +190,7 @@ def _acquire_lock(path: Path, timeout: float) -> IO[str]:
         except BlockingIOError:
             if time.monotonic() > deadline:
                 lock.close()
-                raise TimeoutError(f"{path} held by another test session for {timeout:.0f} s")
+                raise TimeoutError(f"{path} held by another session for {timeout:.0f} s") from None
             time.sleep(1)
 
 
@@ -184,11 +198,11 @@ def debian_mirror(sources_dir: Path = Path("/etc/apt/sources.list.d")) -> str:
     """The Debian mirror apt uses on this machine (deb822 `.sources` or one-line `.list`)."""
     for path in sorted(sources_dir.glob("*.sources")):
         for stanza in path.read_text().split("\n\n"):
-            fields = dict(
-                (k.strip(), v.strip())
-                for k, _, v in (line.partition(":") for line in stanza.splitlines())
-                if not line.startswith("#") and v
-            )
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                key, _, value = line.partition(":")
+                if not line.startswith("#") and value:
+                    fields[key.strip()] = value.strip()
             if DEBIAN_SUITE in fields.get("Suites", "").split() and "URIs" in fields:
                 return fields["URIs"].split()[0]
     for path in [Path("/etc/apt/sources.list"), *sorted(sources_dir.glob("*.list"))]:
@@ -222,9 +236,14 @@ class ImageBuilder:
             with tempfile.TemporaryDirectory(dir=self.daemon.root) as tmp:
                 rootfs = Path(tmp) / "rootfs"
                 run(
-                    ["debootstrap", "--variant=minbase",
-                     "--include=python3,python3-venv,ca-certificates",
-                     DEBIAN_SUITE, str(rootfs), debian_mirror()],
+                    [
+                        "debootstrap",
+                        "--variant=minbase",
+                        "--include=python3,python3-venv,ca-certificates",
+                        DEBIAN_SUITE,
+                        str(rootfs),
+                        debian_mirror(),
+                    ],
                     timeout=1200,
                 )
                 # Package caches and lists are of no use in an image.
@@ -233,11 +252,18 @@ class ImageBuilder:
                         if entry.is_file():
                             entry.unlink()
                 tarball = Path(tmp) / "rootfs.tar"
-                run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."],
-                    timeout=600)
+                run(
+                    ["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(tarball), "."],
+                    timeout=600,
+                )
                 self.daemon.docker(
-                    "import", "--change", 'CMD ["/bin/bash"]', "-", tag,
-                    input_file=tarball, timeout=600,
+                    "import",
+                    "--change",
+                    'CMD ["/bin/bash"]',
+                    "-",
+                    tag,
+                    input_file=tarball,
+                    timeout=600,
                 )
         finally:
             lock.close()
@@ -254,8 +280,19 @@ class ImageBuilder:
         timeout: float = 1200,
     ) -> str:
         """`docker build` on the host network with the proxy's CA as secret `pip-ca`."""
-        argv = ["build", "--network", "host", "--file", str(dockerfile), "--tag", tag,
-                "--secret", f"id=pip-ca,src={self.ca_bundle}", "--progress", "plain"]
+        argv = [
+            "build",
+            "--network",
+            "host",
+            "--file",
+            str(dockerfile),
+            "--tag",
+            tag,
+            "--secret",
+            f"id=pip-ca,src={self.ca_bundle}",
+            "--progress",
+            "plain",
+        ]
         for name, value in (build_args or {}).items():
             argv += ["--build-arg", f"{name}={value}"]
         self.daemon.docker(*argv, *extra_args, str(context), timeout=timeout)

@@ -1,0 +1,134 @@
+"""The queue topology of docs/architecture.md ("Queue topology"), defined once.
+
+The worker and the publisher declare it over AMQP (`declare`); the chart renders the same
+objects as broker definitions, and its tests compare them with `definitions(...)`. Everything
+except `declare` is pure data, so the chart's tooling can import it without a broker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+DEAD_LETTER_EXCHANGE = "jobtide.dlx"
+
+# RabbitMQ before 3.12 closes any channel holding a delivery unacked longer than the broker-wide
+# `consumer_timeout` and ignores per-queue or per-consumer values (checked on 3.10.8). Newer
+# brokers honour the consumer argument. The margin covers the broker's periodic check and the
+# ack's trip back after a task that used its whole `maxTaskSeconds`.
+CONSUMER_TIMEOUT_MARGIN_SECONDS = 60.0
+# RabbitMQ's own default (30 min): never configure a broker below it.
+BROKER_DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def policy_name(queue: str) -> str:
+    return f"jobtide-{queue}"
+
+
+def queue_arguments(queue: str) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": queue,
+    }
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    return {"x-queue-type": "quorum"}
+
+
+def policy(queue: str, max_attempts: int) -> dict[str, Any]:
+    """The policy `jobtide-Q`: the broker dead-letters a message after `max_attempts`
+    deliveries even when no worker lives long enough to do it (crash loops)."""
+    return {
+        "name": policy_name(queue),
+        "pattern": f"^{_regex_escape(queue)}$",
+        "apply-to": "queues",
+        "priority": 0,
+        "definition": {"delivery-limit": max_attempts},
+    }
+
+
+def consumer_timeout_ms(max_task_seconds: float) -> int:
+    """`x-consumer-timeout` for a consumer whose tasks take up to `max_task_seconds`."""
+    return math.ceil((max_task_seconds + CONSUMER_TIMEOUT_MARGIN_SECONDS) * 1000)
+
+
+def broker_consumer_timeout_ms(max_task_seconds: Iterable[float]) -> int:
+    """The broker-wide `consumer_timeout` (rabbitmq.conf) that covers every pipeline: what a
+    3.10 broker needs, since it honours nothing finer."""
+    longest = max((consumer_timeout_ms(s) for s in max_task_seconds), default=0)
+    return max(longest, BROKER_DEFAULT_CONSUMER_TIMEOUT_MS)
+
+
+def definitions(pipelines: Iterable[tuple[str, int]], vhost: str = "/") -> dict[str, Any]:
+    """RabbitMQ definitions (the JSON of `rabbitmqctl import_definitions`) for pipelines given
+    as `(queue, max_attempts)` pairs: queues, the shared exchange, bindings and policies."""
+    queues: list[dict[str, Any]] = []
+    bindings: list[dict[str, Any]] = []
+    policies: list[dict[str, Any]] = []
+    for queue, max_attempts in sorted(set(pipelines)):
+        queues.append(_queue_definition(queue, vhost, queue_arguments(queue)))
+        queues.append(
+            _queue_definition(dead_letter_queue(queue), vhost, dead_letter_queue_arguments())
+        )
+        bindings.append(
+            {
+                "source": DEAD_LETTER_EXCHANGE,
+                "vhost": vhost,
+                "destination": dead_letter_queue(queue),
+                "destination_type": "queue",
+                "routing_key": queue,
+                "arguments": {},
+            }
+        )
+        policies.append({"vhost": vhost, **policy(queue, max_attempts)})
+    return {
+        "queues": queues,
+        "exchanges": [
+            {
+                "name": DEAD_LETTER_EXCHANGE,
+                "vhost": vhost,
+                "type": "direct",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
+        "bindings": bindings,
+        "policies": policies,
+    }
+
+
+def _queue_definition(name: str, vhost: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": vhost,
+        "durable": True,
+        "auto_delete": False,
+        "arguments": arguments,
+    }
+
+
+def _regex_escape(name: str) -> str:
+    # Queue names are plain text; escape what RabbitMQ's (PCRE) patterns treat specially.
+    return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in name)
+
+
+def declare(channel: Any, queue: str) -> None:
+    """Declare the pipeline's queue, the dead-letter exchange and queue, and their binding on a
+    pika BlockingChannel. Idempotent; a queue that exists with other arguments makes the broker
+    close the channel with PRECONDITION_FAILED, which is the check we want. The policy is not an
+    AMQP object: the chart's definitions create it."""
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "direct", durable=True)
+    channel.queue_declare(
+        dead_letter_queue(queue), durable=True, arguments=dead_letter_queue_arguments()
+    )
+    channel.queue_bind(dead_letter_queue(queue), DEAD_LETTER_EXCHANGE, queue)
+    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))

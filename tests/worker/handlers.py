@@ -1,0 +1,49 @@
+"""Handlers the worker tests run inside real worker processes (JOBTIDE_HANDLER=handlers:NAME).
+
+Each task is a JSON object with an `id`; `handle` records what happened to it as JSON lines
+in the file named by JOBTIDE_TEST_RECORD, so a test can tell which process did what."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from jobtide_worker import PermanentError, Task
+
+
+def _record(event: str, task: Task, **extra: Any) -> None:
+    line = json.dumps(
+        {
+            "event": event,
+            "id": task.json.get("id"),
+            "attempt": task.attempt,
+            "pid": os.getpid(),
+            "redelivered": task.redelivered,
+            **extra,
+        }
+    )
+    # One write of a whole line with O_APPEND: lines of concurrent workers never interleave.
+    fd = os.open(os.environ["JOBTIDE_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def handle(task: Task) -> None:
+    spec = task.json
+    _record("start", task)
+    time.sleep(float(spec.get("seconds", 0)))
+    if spec.get("permanent"):
+        raise PermanentError(f"task {spec['id']} can never work")
+    if spec.get("always_fail"):
+        raise ValueError(f"boom {spec['id']}")
+    if task.attempt < int(spec.get("fail_until_attempt", 0)):
+        raise RuntimeError(f"transient failure on attempt {task.attempt}")
+    _record("done", task)
+
+
+def trivial(task: Task) -> None:
+    """For the throughput benchmark: the runner's own cost only."""

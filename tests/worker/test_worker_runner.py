@@ -1,0 +1,242 @@
+"""The worker process against a real RabbitMQ node: acks, retries, dead letters, limits,
+signals, crashes and broker outages."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from testbed.rabbitmq import wait_counts
+from workerbed import WorkerBed
+
+pytestmark = pytest.mark.integration
+
+
+def test_tasks_published_by_the_cli_are_done_then_the_worker_exits_idle(bed: WorkerBed) -> None:
+    lines = "".join(json.dumps({"id": i}) + "\n" for i in range(5))
+    published = subprocess.run(
+        [sys.executable, "-m", "jobtide_worker", "publish", "--queue", bed.queue],
+        input=lines,
+        text=True,
+        capture_output=True,
+        env=bed.env(),
+        timeout=60,
+        check=False,
+    )
+    assert published.returncode == 0, published.stderr
+    wait_counts(bed.broker, bed.queue, ready=5, unacked=0)
+
+    worker = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="1.5", JOBTIDE_LOG_FORMAT="json")
+    assert worker.wait(60) == 0
+
+    assert sorted(r["id"] for r in bed.records("done")) == [0, 1, 2, 3, 4]
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+    entries = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    task_entries = [e for e in entries if e["message"] == "task"]
+    assert [e["outcome"] for e in task_entries] == ["done"] * 5
+    assert all(float(e["duration"]) >= 0 for e in task_entries)
+    assert entries[-1]["message"] == "worker exiting"
+    assert entries[-1]["reason"] == "idle"
+    assert bed.broker.password not in worker.log()
+
+
+def test_handler_failing_twice_succeeds_on_the_third_attempt(bed: WorkerBed) -> None:
+    bed.publish({"id": "flaky", "fail_until_attempt": 3})
+    worker = bed.start_worker()
+    assert worker.wait(60) == 0
+    assert [r["attempt"] for r in bed.records("start")] == [1, 2, 3]
+    assert [r["attempt"] for r in bed.records("done")] == [3]
+    assert bed.dead_letters() == []
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+
+
+def test_poison_message_reaches_the_dead_letter_queue_with_its_reason(bed: WorkerBed) -> None:
+    bed.publish({"id": "poison", "always_fail": True}, {"id": "fine"})
+    worker = bed.start_worker(JOBTIDE_WORKER_NAME="worker-a")
+    assert worker.wait(60) == 0
+
+    assert [r["attempt"] for r in bed.records("start") if r["id"] == "poison"] == [1, 2, 3]
+    assert [r["id"] for r in bed.records("done")] == ["fine"]
+    [(props, body)] = bed.dead_letters()
+    assert json.loads(body) == {"id": "poison", "always_fail": True}
+    headers = props.headers
+    assert headers["x-jobtide-reason"] == "max-attempts"
+    assert headers["x-jobtide-exception"] == "ValueError"
+    assert headers["x-jobtide-error"] == "boom poison"
+    assert headers["x-jobtide-attempts"] == 3
+    assert headers["x-jobtide-worker"] == "worker-a"
+    assert headers["x-jobtide-queue"] == bed.queue
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+
+
+def test_permanent_error_and_undecodable_body_are_dead_lettered_at_once(bed: WorkerBed) -> None:
+    bed.publish({"id": "hopeless", "permanent": True})
+    bed.publish_raw(b'{"id": "broken', "application/json")
+    worker = bed.start_worker()
+    assert worker.wait(60) == 0
+
+    assert [r["id"] for r in bed.records("start")] == ["hopeless"]  # the broken one never ran
+    reasons = {p.headers["x-jobtide-reason"]: (p.headers, body) for p, body in bed.dead_letters()}
+    assert set(reasons) == {"permanent-error", "undecodable"}
+    permanent, _ = reasons["permanent-error"]
+    assert permanent["x-jobtide-exception"] == "PermanentError"
+    assert permanent["x-jobtide-attempts"] == 1
+    undecodable, body = reasons["undecodable"]
+    assert body == b'{"id": "broken'
+    assert undecodable["x-jobtide-exception"] == "UndecodableBody"
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+
+
+def test_kill_9_mid_task_the_task_is_redone_by_another_worker(bed: WorkerBed) -> None:
+    bed.publish({"id": "crash", "seconds": 1})
+    first = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="30")
+    [started] = bed.wait_record("start")
+    first.kill()
+    assert bed.records("done") == []
+
+    second = bed.start_worker()
+    assert second.wait(60) == 0
+    [done] = bed.records("done")
+    assert done["pid"] == second.popen.pid
+    assert done["pid"] != started["pid"]
+    assert done["attempt"] == 2
+    assert done["redelivered"] is True
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+
+
+def test_sigterm_lets_the_running_task_finish_and_exits_0(bed: WorkerBed) -> None:
+    bed.publish({"id": "busy", "seconds": 2}, {"id": "next"})
+    worker = bed.start_worker(
+        JOBTIDE_IDLE_TIMEOUT_SECONDS="30", JOBTIDE_SHUTDOWN_GRACE_SECONDS="20"
+    )
+    bed.wait_record("start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert [r["id"] for r in bed.records("done")] == ["busy"]
+    assert [r["id"] for r in bed.records("start")] == ["busy"]  # took nothing new
+    wait_counts(bed.broker, bed.queue, ready=1, unacked=0, consumers=0)
+
+
+def test_sigterm_past_the_grace_requeues_the_running_task(bed: WorkerBed) -> None:
+    bed.publish({"id": "slow", "seconds": 60})
+    worker = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="30", JOBTIDE_SHUTDOWN_GRACE_SECONDS="1")
+    bed.wait_record("start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    assert bed.records("done") == []
+    wait_counts(bed.broker, bed.queue, ready=1, unacked=0, consumers=0)
+    assert "task still running at shutdown; requeued" in worker.log()
+
+
+def test_max_tasks_stops_after_that_many(bed: WorkerBed) -> None:
+    bed.publish({"id": 1}, {"id": 2}, {"id": 3})
+    worker = bed.start_worker(JOBTIDE_MAX_TASKS="2", JOBTIDE_IDLE_TIMEOUT_SECONDS="30")
+    assert worker.wait(30) == 0
+    assert [r["id"] for r in bed.records("done")] == [1, 2]
+    assert "reason=max-tasks" in worker.log()
+    wait_counts(bed.broker, bed.queue, ready=1, unacked=0, consumers=0)
+
+
+def test_max_lifetime_stops_a_busy_worker(bed: WorkerBed) -> None:
+    bed.publish(*({"id": i, "seconds": 0.5} for i in range(20)))
+    worker = bed.start_worker(
+        JOBTIDE_MAX_LIFETIME_SECONDS="2", JOBTIDE_IDLE_TIMEOUT_SECONDS="30", JOBTIDE_PREFETCH="5"
+    )
+    assert worker.wait(30) == 0
+    done = len(bed.records("done"))
+    assert 1 <= done < 20
+    assert "reason=max-lifetime" in worker.log()
+    wait_counts(bed.broker, bed.queue, ready=20 - done, unacked=0, consumers=0)
+
+
+def test_long_task_keeps_the_connection_alive_by_heartbeats(bed: WorkerBed) -> None:
+    # The broker drops a connection silent for two heartbeat intervals; the task lasts four.
+    bed.publish({"id": "long", "seconds": 4})
+    worker = bed.start_worker(JOBTIDE_HEARTBEAT_SECONDS="1")
+    assert worker.wait(60) == 0
+    assert [(r["id"], r["attempt"]) for r in bed.records("start")] == [("long", 1)]
+    assert [r["id"] for r in bed.records("done")] == ["long"]
+    assert "connection lost" not in worker.log()
+
+
+def test_task_longer_than_the_consumer_timeout_completes_once(
+    private_bed: Callable[..., WorkerBed],
+) -> None:
+    """RabbitMQ 3.10 ignores x-consumer-timeout (queue or consumer): the channel is closed and
+    the delivery requeued mid-task. The worker finishes the task, sees its ack is lost, and
+    acks the redelivery without running the task again."""
+    bed = private_bed(consumer_timeout_ms=1000)
+    # The broker checks the timeout on each channel tick (one minute by default): tick faster
+    # so the test takes seconds. The check itself is the broker's own.
+    bed.broker.ctl("eval", "application:set_env(rabbit, channel_tick_interval, 300).")
+    bed.publish({"id": "overdue", "seconds": 8})
+    worker = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="3")
+    assert worker.wait(120) == 0
+    assert [r["attempt"] for r in bed.records("start")] == [1]
+    assert [r["id"] for r in bed.records("done")] == ["overdue"]
+    log = worker.log()
+    assert "channel closed by the broker" in log
+    assert "outcome=ack-lost" in log
+    assert "outcome=duplicate" in log
+    # It did not consume while the task ran: one return, so the redelivery is attempt 2.
+    assert re.search(r"outcome=duplicate .* attempt=2 ", log)
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+    assert bed.dead_letters() == []
+
+
+def test_broker_restart_mid_stream_loses_nothing(private_bed: Callable[..., WorkerBed]) -> None:
+    bed = private_bed()
+    ids = list(range(30))
+    bed.publish(*({"id": i, "seconds": 0.1} for i in ids))
+    worker = bed.start_worker(JOBTIDE_RECONNECT_SECONDS="120", JOBTIDE_IDLE_TIMEOUT_SECONDS="3")
+    bed.wait_record("done", count=5)
+    bed.broker.restart()
+    assert worker.wait(180) == 0
+    assert sorted({r["id"] for r in bed.records("done")}) == ids
+    assert "connection lost" in worker.log()
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
+
+
+def test_broker_gone_past_the_budget_exits_4_and_the_task_survives(
+    private_bed: Callable[..., WorkerBed],
+) -> None:
+    bed = private_bed()
+    bed.publish({"id": "orphan", "seconds": 30})
+    worker = bed.start_worker(JOBTIDE_RECONNECT_SECONDS="3", JOBTIDE_IDLE_TIMEOUT_SECONDS="30")
+    bed.wait_record("start")
+    bed.broker.stop()
+    assert worker.wait(60) == 4
+    assert "broker unreachable, giving up" in worker.log()
+    bed.broker.start()
+    wait_counts(bed.broker, bed.queue, ready=1, unacked=0)
+
+
+def test_bad_configuration_exits_2_naming_the_variable(bed: WorkerBed) -> None:
+    worker = bed.start_worker(JOBTIDE_PREFETCH="many")
+    assert worker.wait(30) == 2
+    assert "JOBTIDE_PREFETCH" in worker.log()
+    assert bed.broker.password not in worker.log()
+
+    env = bed.env()
+    del env["JOBTIDE_QUEUE"]
+    missing = subprocess.run(
+        [sys.executable, "-m", "jobtide_worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "JOBTIDE_QUEUE" in missing.stderr
+
+
+def test_handler_that_cannot_be_loaded_exits_3(bed: WorkerBed) -> None:
+    worker = bed.start_worker(JOBTIDE_HANDLER="no_such_module:handle")
+    assert worker.wait(30) == 3
+    assert "no_such_module" in worker.log()
