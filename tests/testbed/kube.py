@@ -25,11 +25,12 @@ from testbed.process import Process, free_port, run, wait_for
 CACHE = Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
 BIN = CACHE / "bin" / "current"
 SERVICE_CIDR = "10.96.0.0/16"
-CONTROLLERS = (
-    "job", "garbagecollector", "ttl-after-finished", "serviceaccount", "serviceaccount-token",
-    "namespace", "root-ca-cert-publisher", "deployment", "replicaset", "statefulset",
-    "endpoint", "endpointslice", "podgc", "disruption",
-)
+CONTROLLERS = tuple(f"{c}-controller" for c in (
+    "job", "garbage-collector", "ttl-after-finished", "serviceaccount", "serviceaccount-token",
+    "namespace", "root-ca-certificate-publisher", "deployment", "replicaset", "statefulset",
+    "endpoints", "endpointslice", "pod-garbage-collector", "disruption",
+    "clusterrole-aggregation", "node-lifecycle",
+))
 KWOK_STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
