@@ -26,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobtide_scaler.simulate.cli import main as simulate_main
 
         return int(simulate_main(args[1:]) or 0)
+    if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        args = ["run", *args]  # `run` is the default command
     options = parse_args(args)
     logging.basicConfig(
         level=options.log_level,
