@@ -91,9 +91,7 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     rules = find(docs, "Role", "-scaler")["rules"]
     assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
         (["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
-        ([""], ["pods"], ["get", "list", "watch"]),
         (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
-        (["", "events.k8s.io"], ["events"], ["create", "patch"]),
     ]
     assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in rules)
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
