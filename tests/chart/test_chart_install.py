@@ -101,11 +101,24 @@ def test_apiserver_accepts_every_rendering(
     assert created.count("job.batch/") == len(jobs) > 0
 
 
+def assert_notes_explain_publishing(notes: str, namespace: str) -> None:
+    assert '"python","-m","jobtide_worker","publish","--queue","resize-images"' in notes
+    assert "--image=registry.example.com/acme/resize-images:2.4.1" in notes
+    assert "app.kubernetes.io/component=test" in notes  # admitted by the NetworkPolicy
+    watch = "get jobs -l app.kubernetes.io/instance=jobs,app.kubernetes.io/component=worker -w"
+    assert watch in notes
+    assert f"helm test jobs -n {namespace}" in notes
+    assert "{{" not in notes
+
+
 @pytest.mark.parametrize("binary", ["helm3", "helm4"])
 def test_install_upgrade_keeps_the_generated_secret(
     binary: str, kube: KubeCluster, namespace: str
 ) -> None:
-    helm(kube, namespace, "install", "jobs", str(CHART), "-f", str(EXAMPLE_VALUES), binary=binary)
+    installed = helm(
+        kube, namespace, "install", "jobs", str(CHART), "-f", str(EXAMPLE_VALUES), binary=binary
+    )
+    assert_notes_explain_publishing(installed.split("NOTES:", 1)[1], namespace)
     first = secret_data(kube, namespace, "jobs-jobtide-rabbitmq")
     assert len(first["password"]) == 32
     helm(
