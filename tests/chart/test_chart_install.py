@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART, EXAMPLE_VALUES, SCENARIOS, VALUES_CASES, case_id, render, scaler_jobs
+from chartlib import CHART, EXAMPLE_VALUES, VALUES_CASES, case_id, render, scaler_jobs
 from testbed.kube import KubeCluster, tool
 
 pytestmark = pytest.mark.integration
@@ -228,11 +228,3 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     kube.kubectl(
         "delete", "job", created_job["metadata"]["name"], "-n", namespace, kubeconfig=as_scaler
     )
-
-
-def test_scenarios_are_all_covered() -> None:
-    assert {p.name for p in SCENARIOS} == {
-        f"{n}-values.yaml"
-        for n in ("external-broker", "two-pipelines", "node-pool", "existing-secrets",
-                  "replicas-2", "minimal")
-    }  # fmt: skip

@@ -16,6 +16,7 @@ from chartlib import (
     CHART,
     KUBE_SCHEMAS,
     KUBE_VERSION,
+    SCENARIOS,
     VALIDATED_KUBE_VERSIONS,
     VALUES_CASES,
     case_id,
@@ -91,3 +92,33 @@ def test_kubeconform_strict(kube_version: str, tmp_path: Path) -> None:
     assert summary["invalid"] == summary["errors"] == 0
     assert summary["skipped"] == expected_skipped
     assert summary["valid"] == expected_valid
+
+
+def test_scenarios_cover_the_documented_cases() -> None:
+    assert {p.name for p in SCENARIOS} == {
+        f"{n}-values.yaml"
+        for n in ("external-broker", "two-pipelines", "node-pool", "existing-secrets",
+                  "replicas-2", "minimal")
+    }  # fmt: skip
+
+
+# Objects deliberately passed through to Kubernetes (their own API validates them).
+PASS_THROUGH = {"/definitions/podTemplate/properties/spec", "/definitions/envList/items"}
+
+
+def test_schema_closes_every_object_it_describes() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    open_objects = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node and node.get("additionalProperties") is not False:
+                open_objects.append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    walk(schema, "")
+    assert set(open_objects) == PASS_THROUGH
