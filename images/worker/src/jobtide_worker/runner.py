@@ -1,8 +1,10 @@
 """The consume loop: one handler, one task at a time, acked only after it succeeds.
 
 Threads: the main thread owns the pika connection (consumer callbacks, acks, publishes,
-heartbeats); one handler thread runs tasks in delivery order and hands each result back with
-`add_callback_threadsafe`, so a task of an hour never starves the heartbeats.
+heartbeats); one handler thread runs tasks in delivery order and puts each result on a queue.
+While a task runs, the main thread waits on that queue in short slices and services the
+connection between them, so a task of an hour never starves the heartbeats, and a quick task's
+result is acked without a trip through the connection's wake-up pipe.
 
 Every delivery belongs to a channel generation. When a channel or connection is lost, the
 broker requeues its unacked deliveries, so results of an older generation are never acked on
@@ -45,6 +47,8 @@ HANDLER_PATH = "/app"
 _ERROR_TEXT_LIMIT = 1000
 _REMEMBERED_DONE = 1000
 _TICK_SECONDS = 0.5
+# How long the main thread waits for a running task's result before servicing the connection.
+_RESULT_WAIT_SECONDS = 0.2
 _BACKOFF_FIRST_SECONDS = 0.5
 _BACKOFF_CAP_SECONDS = 8.0
 
@@ -102,7 +106,6 @@ def connection_parameters(broker: BrokerConfig, name: str) -> pika.ConnectionPar
 @dataclasses.dataclass(frozen=True)
 class _Delivery:
     generation: int
-    connection: Any
     tag: int
     body: bytes
     properties: Any
@@ -128,6 +131,9 @@ class Runner:
         self.config = config
         self.log = logger
         self._inbox: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
+        self._results: queue_module.SimpleQueue[tuple[_Delivery, _Outcome]] = (
+            queue_module.SimpleQueue()
+        )
         self._generation = 0
         self._connection: Any = None
         self._channel: Any = None
@@ -168,8 +174,9 @@ class Runner:
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since
                 remaining = self.config.reconnect_seconds - (now - lost_since)
-                if self._stop_reason is not None:
-                    return self._exit(EXIT_OK, self._stop_reason)
+                stop_reason = self._requested_stop()
+                if stop_reason is not None:
+                    return self._exit(EXIT_OK, stop_reason)
                 if remaining <= 0:
                     event(
                         self.log,
@@ -219,12 +226,20 @@ class Runner:
             return
         event(self.log, logging.INFO, "waiting for the running task before consuming again")
         deadline: float | None = None
-        while self._in_flight is not None:
-            if self._stop_reason is not None and deadline is None:
+        while self._task_running():
+            if self._requested_stop() is not None and deadline is None:
                 deadline = time.monotonic() + self.config.shutdown_grace_seconds
             if deadline is not None and time.monotonic() > deadline:
                 return
             time.sleep(0.1)
+        self._settle_ready_results()
+
+    # Both change behind mypy's back (signal handler, handler thread): never narrow them.
+    def _requested_stop(self) -> str | None:
+        return self._stop_reason
+
+    def _task_running(self) -> bool:
+        return self._in_flight is not None
 
     def _exit(self, code: int, reason: str) -> int:
         event(
@@ -259,6 +274,8 @@ class Runner:
                 self._dead_letter_channel = dead_letter_channel
                 self._unsettled = 0
                 self._ack_upto = 0
+            # Time spent reconnecting is not idleness: the queue may have filled meanwhile.
+            self._last_activity = time.monotonic()
             self._consumer_tag = channel.basic_consume(
                 self.config.queue,
                 self._on_message,
@@ -282,14 +299,34 @@ class Runner:
         """Process events until a reason to stop; raise when the channel or connection is
         lost."""
         while True:
-            self._connection.process_data_events(time_limit=self._tick())
-            self._flush_acks()
+            self._pump(self._tick())
             if self._channel.is_closed:
                 raise _ChannelLost(_closing_reason(self._channel))
             reason = self._stop_reason or self._limit_reached()
             if reason is not None:
                 self._stop_reason = reason
                 return self._drain(reason)
+
+    def _pump(self, max_wait: float) -> None:
+        """Wait up to `max_wait` for a task result or a broker event and handle what came."""
+        if self._unsettled > 0 or self._in_flight is not None:
+            with contextlib.suppress(queue_module.Empty):
+                self._settle(*self._results.get(timeout=min(max_wait, _RESULT_WAIT_SECONDS)))
+            self._settle_ready_results()
+            self._flush_acks()  # before the next read: the broker sends the next task sooner
+            self._connection.process_data_events(time_limit=0)
+        else:
+            self._connection.process_data_events(time_limit=max_wait)
+        self._settle_ready_results()
+        self._flush_acks()
+
+    def _settle_ready_results(self) -> None:
+        while True:
+            try:
+                delivery, outcome = self._results.get_nowait()
+            except queue_module.Empty:
+                return
+            self._settle(delivery, outcome)
 
     def _tick(self) -> float:
         if self._unsettled:
@@ -320,8 +357,7 @@ class Runner:
         else:
             # max-tasks: the tasks already taken (all within the limit) are done first.
             while self._unsettled > 0 and self._stop_reason != "sigterm":
-                self._connection.process_data_events(time_limit=0.1)
-                self._flush_acks()
+                self._pump(0.1)
             self._starting_tasks = False
         grace = (
             self.config.shutdown_grace_seconds
@@ -330,9 +366,8 @@ class Runner:
         )
         deadline = time.monotonic() + grace
         while self._in_flight is not None and time.monotonic() < deadline:
-            self._connection.process_data_events(time_limit=0.1)
-        self._connection.process_data_events(time_limit=0)
-        self._flush_acks()
+            self._pump(0.1)
+        self._pump(0)
         running = self._in_flight
         if running is not None:
             event(
@@ -376,7 +411,6 @@ class Runner:
         self._inbox.put(
             _Delivery(
                 self._generation,
-                self._connection,
                 method.delivery_tag,
                 body,
                 properties,
@@ -489,18 +523,10 @@ class Runner:
             outcome = (
                 self._execute(delivery) if self._in_flight is delivery else _Outcome("skipped")
             )
-            try:
-                delivery.connection.add_callback_threadsafe(
-                    lambda d=delivery, o=outcome: self._settle(d, o)
-                )
-            except Exception as e:  # connection already closed: the broker requeues it
-                if outcome.kind != "skipped":
-                    self._log_task(
-                        delivery,
-                        _Outcome("ack-lost", outcome.attempt, outcome.seconds, _describe(e)),
-                    )
-            finally:
-                self._in_flight = None
+            # Queued before the task stops counting as in flight, so a main thread that sees
+            # nothing in flight finds the result already waiting.
+            self._results.put((delivery, outcome))
+            self._in_flight = None
 
     def _execute(self, delivery: _Delivery) -> _Outcome:
         props = delivery.properties

@@ -1,0 +1,190 @@
+"""Pure parts of the worker: configuration, tasks, topology data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jobtide_worker import ConfigError, Task, WorkerConfig, topology
+from jobtide_worker.task import UndecodableBody, attempt_of
+
+pytestmark = pytest.mark.unit
+
+BASE = {
+    "JOBTIDE_BROKER_HOST": "rabbitmq",
+    "JOBTIDE_BROKER_USERNAME": "user",
+    "JOBTIDE_BROKER_PASSWORD": "hunter2-secret",
+    "JOBTIDE_QUEUE": "resize",
+}
+
+
+def test_defaults() -> None:
+    config = WorkerConfig.from_env(BASE)
+    assert config.queue == config.pipeline == "resize"
+    assert config.handler == "handler:handle"
+    assert (config.prefetch, config.max_attempts, config.max_tasks) == (1, 3, 0)
+    assert config.broker.port == 5672
+    assert config.broker.vhost == "/"
+    assert config.log_format == "text"
+
+
+def test_every_variable_is_read() -> None:
+    config = WorkerConfig.from_env(
+        {
+            **BASE,
+            "JOBTIDE_PIPELINE": "images",
+            "JOBTIDE_HANDLER": "mod.sub:run",
+            "JOBTIDE_IDLE_TIMEOUT_SECONDS": "7.5",
+            "JOBTIDE_MAX_ATTEMPTS": "5",
+            "JOBTIDE_MAX_TASK_SECONDS": "90",
+            "JOBTIDE_PREFETCH": "4",
+            "JOBTIDE_MAX_TASKS": "10",
+            "JOBTIDE_MAX_LIFETIME_SECONDS": "600",
+            "JOBTIDE_SHUTDOWN_GRACE_SECONDS": "3",
+            "JOBTIDE_RECONNECT_SECONDS": "9",
+            "JOBTIDE_LOG_FORMAT": "JSON",
+            "JOBTIDE_DECLARE_TOPOLOGY": "false",
+            "JOBTIDE_WORKER_NAME": "pod-1",
+            "JOBTIDE_BROKER_PORT": "5671",
+            "JOBTIDE_BROKER_VHOST": "jobs",
+            "JOBTIDE_BROKER_TLS": "yes",
+            "JOBTIDE_HEARTBEAT_SECONDS": "5",
+        }
+    )
+    assert config.pipeline == "images"
+    assert config.handler == "mod.sub:run"
+    assert config.idle_timeout_seconds == 7.5
+    assert (config.max_attempts, config.prefetch, config.max_tasks) == (5, 4, 10)
+    assert (config.max_task_seconds, config.max_lifetime_seconds) == (90, 600)
+    assert (config.shutdown_grace_seconds, config.reconnect_seconds) == (3, 9)
+    assert config.log_format == "json"
+    assert config.declare_topology is False
+    assert config.worker_name == "pod-1"
+    b = config.broker
+    assert (b.port, b.vhost, b.tls, b.heartbeat_seconds) == (5671, "jobs", True, 5)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("JOBTIDE_PREFETCH", "0"),
+        ("JOBTIDE_PREFETCH", "two"),
+        ("JOBTIDE_MAX_ATTEMPTS", "0"),
+        ("JOBTIDE_IDLE_TIMEOUT_SECONDS", "-1"),
+        ("JOBTIDE_IDLE_TIMEOUT_SECONDS", "nan"),
+        ("JOBTIDE_MAX_TASKS", "1.5"),
+        ("JOBTIDE_BROKER_PORT", "70000"),
+        ("JOBTIDE_BROKER_TLS", "maybe"),
+        ("JOBTIDE_LOG_FORMAT", "xml"),
+        ("JOBTIDE_HANDLER", "handler"),
+        ("JOBTIDE_HANDLER", "handler:not-a-name"),
+        ("JOBTIDE_QUEUE", ""),
+        ("JOBTIDE_BROKER_HOST", " "),
+    ],
+)
+def test_bad_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({**BASE, variable: value})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(f"{variable}:")
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_credentials_from_files_and_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("from-file-secret\n")
+    env = {**BASE, "JOBTIDE_BROKER_PASSWORD_FILE": str(tmp_path / "password")}
+    del env["JOBTIDE_BROKER_PASSWORD"]
+    config = WorkerConfig.from_env(env)
+    assert config.broker.password == (tmp_path / "password").read_text().strip()
+    assert "from-file-secret" not in repr(config)
+    assert "from-file-secret" not in str(config.summary())
+
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({**env, "JOBTIDE_BROKER_PASSWORD_FILE": str(tmp_path / "none")})
+    assert caught.value.variable == "JOBTIDE_BROKER_PASSWORD_FILE"
+
+    del env["JOBTIDE_BROKER_PASSWORD_FILE"]
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env(env)
+    assert caught.value.variable == "JOBTIDE_BROKER_PASSWORD"
+
+
+def test_config_is_frozen() -> None:
+    config = WorkerConfig.from_env(BASE)
+    with pytest.raises(AttributeError):
+        config.prefetch = 2  # type: ignore[misc]
+
+
+def decode(body: bytes, content_type: str | None, headers: dict[str, object] | None = None) -> Task:
+    return Task.decode(
+        body,
+        content_type=content_type,
+        headers=headers,
+        message_id="m",
+        redelivered=False,
+        queue="q",
+    )
+
+
+def test_task_parses_json_only_for_json_content_types() -> None:
+    assert decode(b'{"a": 1}', "application/json").json == {"a": 1}
+    assert decode(b'{"a": 1}', "application/json; charset=utf-8").json == {"a": 1}
+    assert decode(b"[1]", "application/vnd.api+json").json == [1]
+    plain = decode(b'{"a": 1}', "application/octet-stream")
+    assert plain.json is None
+    assert plain.body == b'{"a": 1}'
+    with pytest.raises(UndecodableBody):
+        decode(b'{"a": ', "application/json")
+    with pytest.raises(UndecodableBody):
+        decode(b"\xff\xfe", "application/json")
+
+
+@pytest.mark.parametrize(
+    ("headers", "attempt"),
+    [
+        ({}, 1),
+        ({"x-delivery-count": 0}, 1),
+        ({"x-delivery-count": 2}, 3),
+        ({"x-delivery-count": "junk"}, 1),
+        ({"x-delivery-count": -4}, 1),
+    ],
+)
+def test_attempt_counts_earlier_deliveries(headers: dict[str, object], attempt: int) -> None:
+    assert attempt_of(headers) == attempt
+    assert decode(b"", None, headers).attempt == attempt
+
+
+def test_topology_definitions_follow_the_contract() -> None:
+    defs = topology.definitions([("resize", 3), ("a.b", 5)], vhost="jobs")
+    queues = {q["name"]: q for q in defs["queues"]}
+    assert set(queues) == {"resize", "resize.dlq", "a.b", "a.b.dlq"}
+    assert queues["resize"]["arguments"] == {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "jobtide.dlx",
+        "x-dead-letter-routing-key": "resize",
+    }
+    assert queues["resize.dlq"]["arguments"] == {"x-queue-type": "quorum"}
+    assert all(q["durable"] and q["vhost"] == "jobs" for q in defs["queues"])
+    [exchange] = defs["exchanges"]
+    assert (exchange["name"], exchange["type"], exchange["durable"]) == (
+        "jobtide.dlx",
+        "direct",
+        True,
+    )
+    assert {(b["destination"], b["routing_key"]) for b in defs["bindings"]} == {
+        ("resize.dlq", "resize"),
+        ("a.b.dlq", "a.b"),
+    }
+    policies = {p["name"]: p for p in defs["policies"]}
+    assert policies["jobtide-resize"]["definition"] == {"delivery-limit": 3}
+    assert policies["jobtide-resize"]["pattern"] == "^resize$"
+    assert policies["jobtide-a.b"]["pattern"] == r"^a\.b$"
+    assert policies["jobtide-a.b"]["apply-to"] == "queues"
+
+
+def test_consumer_timeouts_cover_the_longest_task() -> None:
+    assert topology.consumer_timeout_ms(3600) == (3600 + 60) * 1000
+    assert topology.broker_consumer_timeout_ms([60, 7200, 10]) == (7200 + 60) * 1000
+    # Never below RabbitMQ's own default of 30 minutes.
+    assert topology.broker_consumer_timeout_ms([10]) == 1_800_000
+    assert topology.broker_consumer_timeout_ms([]) == 1_800_000
