@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from testbed.kube import KubeCluster
+from testbed.node import Node, start_cluster_with_node
 from testbed.rabbitmq import RabbitMQ
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +67,19 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """A second control plane, separate from `kube`, with one real node (testbed/node.py:
+    containerd, kubelet, kube-proxy, CoreDNS) that runs containers; its apiserver listens
+    on the node address so pods reach it. `kube_node.cluster` is its KubeCluster."""
+    node = start_cluster_with_node(tmp_path_factory.mktemp("kube-node"))
+    _component_logs.extend(p.log_path for p in node.cluster.processes + node.processes)
+    try:
+        yield node
+    finally:
+        node.shutdown()
 
 
 @pytest.fixture

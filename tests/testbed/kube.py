@@ -29,7 +29,8 @@ CONTROLLERS = tuple(f"{c}-controller" for c in (
     "job", "garbage-collector", "ttl-after-finished", "serviceaccount", "serviceaccount-token",
     "namespace", "root-ca-certificate-publisher", "deployment", "replicaset", "statefulset",
     "endpoints", "endpointslice", "pod-garbage-collector", "disruption",
-    "clusterrole-aggregation", "node-lifecycle",
+    "clusterrole-aggregation", "node-lifecycle", "persistentvolumeclaim-protection",
+    "persistentvolume-protection",
 ))
 KWOK_STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -52,7 +53,9 @@ class KubeCluster:
         self.etcd_port = free_port()
         self.etcd_peer_port = free_port()
         self.apiserver_port = free_port()
-        self.server = f"https://127.0.0.1:{self.apiserver_port}"
+        # The apiserver listens on its advertise address only: loopback by default, the
+        # real node's address when pods must reach it (testbed/node.py).
+        self.server = f"https://{advertise_address}:{self.apiserver_port}"
         self.pki = PKI(root / "pki")
         self.kubeconfig = root / "admin.kubeconfig"
         self._make_credentials()
@@ -187,7 +190,7 @@ class KubeCluster:
         return [
             tool("kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.apiserver_port}",
+            f"--bind-address={self.advertise_address}", f"--secure-port={self.apiserver_port}",
             f"--advertise-address={self.advertise_address}",
             f"--tls-cert-file={self.serving.cert}", f"--tls-private-key-file={self.serving.key}",
             f"--client-ca-file={p.ca.cert}",
@@ -199,6 +202,8 @@ class KubeCluster:
             f"--kubelet-client-certificate={self.kubelet_client.cert}",
             f"--kubelet-client-key={self.kubelet_client.key}",
             f"--kubelet-certificate-authority={p.ca.cert}",
+            # A real kubelet's node name does not resolve: reach it by its IP.
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             "--enable-priority-and-fairness=false",
             "--profiling=false",
