@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jobtide_worker.config import BrokerConfig
@@ -106,10 +107,10 @@ def test_worker_pod_drains_a_queue_through_a_service_name(
         )
         published = publish(queue, [{"seconds": 0.1} for _ in range(5)], broker=broker)
 
-        def secret(key: str) -> dict[str, object]:
+        def secret(key: str) -> dict[str, Any]:
             return {"secretKeyRef": {"name": "broker", "key": key}}
 
-        env = [
+        env: list[dict[str, Any]] = [
             # The short name resolves through the pod's DNS search path to the Service.
             {"name": "JOBTIDE_BROKER_HOST", "value": "rabbitmq"},
             {"name": "JOBTIDE_BROKER_PORT", "value": str(rabbitmq.amqp_port)},

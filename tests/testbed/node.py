@@ -115,6 +115,20 @@ class NodeHost:
         ip("link", "set", BRIDGE, "up")
         return self
 
+    def keep_lock_in_background(self) -> int:
+        """Hand the lock to a background process (for `ci/testbed up --node`, which exits
+        while the node runs); returns its process group. Stopping it frees the lock."""
+        assert self._lock is not None
+        holder = subprocess.Popen(
+            ["sleep", "infinity"],
+            pass_fds=[self._lock.fileno()],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return holder.pid
+
     def release(self) -> None:
         clean_host(self.root)
         if self._lock is not None:
@@ -159,6 +173,8 @@ class Node:
         self.coredns = Process(
             "coredns", [tool("coredns"), "-conf", str(self.root / "Corefile")], self.logs
         )
+        # Start-up times, for the benchmarks.
+        self.control_plane_seconds: float | None = None
         self.startup_seconds: float | None = None
 
     @property
@@ -514,8 +530,11 @@ def start_cluster_with_node(root: Path) -> Node:
     host = NodeHost(root).acquire()
     cluster = KubeCluster(root / "kube", advertise_address=NODE_IP)
     try:
+        began = time.monotonic()
         cluster.start(kwok=False)
-        return Node(cluster, host).start()
+        node = Node(cluster, host)
+        node.control_plane_seconds = time.monotonic() - began
+        return node.start()
     except BaseException:
         cluster.stop()
         host.release()
