@@ -1,7 +1,8 @@
 """`ci/testbed up|down|status`: the test bed by hand, for debugging and for the demo.
 
-`up` starts RabbitMQ and the control plane (with a kwok fake node) in the background and
-prints how to reach them; `down` stops everything it started; `status` says what runs.
+`up` starts RabbitMQ and the control plane in the background and prints how to reach them:
+with a kwok fake node, or with `--node` a real node that runs containers (testbed/node.py).
+`down` stops everything it started; `status` says what runs.
 State lives in $JOBTIDE_TESTBED_DIR (default ~/.cache/jobtide/testbed).
 """
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from testbed.kube import CACHE, KubeCluster
+from testbed.node import clean_host, kill_all_tasks, start_cluster_with_node
 from testbed.process import Process, stop_group
 from testbed.rabbitmq import RabbitMQ
 
@@ -38,19 +40,32 @@ def up(args: argparse.Namespace) -> int:
     shutil.rmtree(STATE_DIR, ignore_errors=True)
     STATE_DIR.mkdir(parents=True)
     broker = RabbitMQ(STATE_DIR / "rabbitmq", name="testbed")
-    cluster = KubeCluster(STATE_DIR / "kube")
     started: list[Process] = []
+    node_state: dict[str, object] = {}
     try:
         broker.start()
         started += broker.processes
-        cluster.start()
-        started += cluster.processes
-        cluster.add_fake_node("kwok-node-0")
+        if args.node:
+            node = start_cluster_with_node(STATE_DIR / "node")
+            cluster = node.cluster
+            started += cluster.processes + node.processes
+            # The node lock must outlive this command: a background holder keeps it.
+            node_state = {
+                "node_root": str(node.host.root),
+                "node_socket": str(node.socket),
+                "node_lock_pgid": node.host.keep_lock_in_background(),
+            }
+        else:
+            cluster = KubeCluster(STATE_DIR / "kube")
+            cluster.start()
+            started += cluster.processes
+            cluster.add_fake_node("kwok-node-0")
     except BaseException:
         for p in reversed(started):
             p.stop()
         raise
     state = {
+        **node_state,
         "pgids": [p.pid for p in started],
         "kubeconfig": str(cluster.kubeconfig),
         "server": cluster.server,
@@ -69,8 +84,13 @@ def down(args: argparse.Namespace) -> int:
         print("test bed is not up")
         return 0
     state = json.loads(STATE_FILE.read_text())
+    if "node_socket" in state:
+        kill_all_tasks(Path(state["node_socket"]))
     for pgid in reversed(state["pgids"]):
         stop_group(pgid, timeout=20, sig=signal.SIGTERM)
+    if "node_root" in state:
+        clean_host(Path(state["node_root"]))
+        stop_group(state["node_lock_pgid"], timeout=5, sig=signal.SIGTERM)
     STATE_FILE.unlink()
     print("test bed stopped")
     return 0
@@ -82,8 +102,9 @@ def status(args: argparse.Namespace) -> int:
         return 1
     state = json.loads(STATE_FILE.read_text())
     _print(state)
-    dead = [log for pgid, log in zip(state["pgids"], state["logs"], strict=True)
-            if not _alive(pgid)]
+    dead = [
+        log for pgid, log in zip(state["pgids"], state["logs"], strict=True) if not _alive(pgid)
+    ]
     for log in dead:
         print(f"NOT RUNNING: {Path(log).stem} (log: {log})")
     return 1 if dead else 0
@@ -95,13 +116,23 @@ def _print(state: dict[str, object]) -> None:
     print(f"# AMQP:       {state['amqp_url']}")
     print(f"# management: {state['management_url']}")
     print(f"# logs:       {STATE_DIR}/*/logs/")
+    if "node_socket" in state:
+        socket = state["node_socket"]
+        print(f"# images:     ctr --address {socket} -n k8s.io images import IMAGE.tar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ci/testbed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ci/testbed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start RabbitMQ and the control plane").set_defaults(func=up)
+    up_parser = sub.add_parser("up", help="start RabbitMQ and the control plane")
+    up_parser.add_argument(
+        "--node",
+        action="store_true",
+        help="a real node that runs containers (testbed/node.py) instead of a kwok node",
+    )
+    up_parser.set_defaults(func=up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=down)
     sub.add_parser("status", help="show addresses and what runs").set_defaults(func=status)
     args = parser.parse_args(argv)
