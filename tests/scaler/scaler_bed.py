@@ -56,11 +56,6 @@ def job_template(
 ) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {
         "containers": [{"name": "worker", "image": "example.invalid/jobtide-worker:test"}],
-        # The test bed runs no node lifecycle controller, so the fake node keeps the not-ready
-        # taint that admission puts on every new Node.
-        "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}
-        ],
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector

@@ -193,6 +193,8 @@ class Scaler:
             return "stale", 0
         if self.ledger.is_in_doubt(p.name):
             return "in_doubt", 0
+        if not leading:
+            return "not_leader", 0  # the leader decides; this replica only watches
         if count == 0:
             return "none", 0
         if self.config.dry_run:
@@ -203,8 +205,6 @@ class Scaler:
                 _describe(observation),
             )
             return "dry_run", 0
-        if not leading:
-            return "not_leader", 0
         created = self._create(p, count)
         log.info(
             "created %d of %d Job(s) for pipeline %s (%s)",
