@@ -6,18 +6,14 @@ containerd has its own config, root, state and socket; kubelet its own root dir,
 and cgroup root; the pod network is the bridge `jobtide0` (10.88.0.0/16) with the host at
 10.88.0.1. That address is the node's IP, the apiserver's advertise address (pods reach the
 `kubernetes` Service through it), the kubelet's serving address and the cluster DNS address,
-so no traffic ever leaves the machine. `stop()` puts the host back as it was found: pods
-killed, mounts undone, bridge, iptables chains and cgroups removed, sysctls restored.
+so no traffic ever leaves the machine. On the way out the machine is given back as it was
+found: containers killed, mounts undone, bridge, iptables chains and cgroups removed,
+sysctls and the fixed host paths kubelet writes restored.
 
 One node may run on a machine at a time (the bridge, subnet and kube-proxy's chains are
 machine-wide): `NodeHost` holds a lock for the node's lifetime and clears what a crashed
-run left behind. Order matters because the apiserver binds the node address:
-
-    host = NodeHost(root).acquire()          # lock, leftovers, bridge with 10.88.0.1
-    cluster = KubeCluster(root / "kube", advertise_address=NODE_IP).start(kwok=False)
-    node = Node(cluster, host).start()
-    ...
-    node.stop(); cluster.stop(); host.release()
+run left behind. The bridge comes first because the apiserver binds the node address;
+`start_cluster_with_node(root)` does it all in order, `node.shutdown()` undoes it.
 """
 
 from __future__ import annotations
@@ -225,9 +221,6 @@ class Node:
     def load_image(self, tar: Path) -> None:
         """Import a `docker save` tar into the node's containerd (where kubelet finds it)."""
         self.ctr("images", "import", "--no-unpack=false", str(tar))
-
-    def images(self) -> list[str]:
-        return self.ctr("images", "list", "--quiet").stdout.split()
 
     # -- host services for pods ---------------------------------------------------------
     def expose_host_port(
