@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from testbed.kube import KubeCluster
 from testbed.node import Node, start_cluster_with_node
 from testbed.rabbitmq import RabbitMQ
@@ -57,8 +56,10 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     """A real control plane (RBAC on) with one kwok fake node, `kwok-node-0`, on which Job
     pods run and succeed (tests/testbed/kwok/stages.yaml)."""
     cluster = KubeCluster(tmp_path_factory.mktemp("kube"))
-    _component_logs.extend(p.log_path for p in (
-        cluster.etcd, cluster.apiserver, cluster.controller_manager, cluster.scheduler))
+    _component_logs.extend(
+        p.log_path
+        for p in (cluster.etcd, cluster.apiserver, cluster.controller_manager, cluster.scheduler)
+    )
     try:
         cluster.start()
         assert cluster.kwok is not None
@@ -95,9 +96,7 @@ def namespace(kube: KubeCluster, request: pytest.FixtureRequest) -> Iterator[str
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report = yield
     uses_testbed = any(item.get_closest_marker(m) for m in ("integration", "e2e", "bench"))
     if report.failed and uses_testbed:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from testbed.kube import KubeCluster, tool
 from testbed.process import run
 
@@ -26,12 +25,14 @@ def test_helm_installs_and_uninstalls_a_chart(
     base = [tool(helm), "--kubeconfig", str(kube.kubeconfig), "-n", namespace]
 
     run([*base, "install", "smoke", str(chart), "--set", "greeting=hello", "--wait"])
-    got = kube.kubectl("get", "configmap", "smoke-cm", "-n", namespace,
-                       "-o", "jsonpath={.data.greeting}").stdout
+    got = kube.kubectl(
+        "get", "configmap", "smoke-cm", "-n", namespace, "-o", "jsonpath={.data.greeting}"
+    ).stdout
     assert got == "hello"
     assert "smoke" in run([*base, "list", "-q"]).stdout.split()
 
     run([*base, "uninstall", "smoke", "--wait"])
     gone = kube.kubectl("get", "configmap", "smoke-cm", "-n", namespace, check=False)
-    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    assert gone.returncode != 0
+    assert "NotFound" in gone.stderr
     assert run([*base, "list", "-q"]).stdout.split() == []

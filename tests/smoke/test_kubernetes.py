@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-
 from testbed.kube import KubeCluster
 from testbed.process import wait_for
 
@@ -18,8 +17,12 @@ pytestmark = pytest.mark.integration
 def job_manifest(name: str, ttl: int | None = None) -> dict[str, object]:
     spec: dict[str, object] = {
         "backoffLimit": 0,
-        "template": {"spec": {"restartPolicy": "Never",
-                              "containers": [{"name": "main", "image": "example.invalid/x"}]}},
+        "template": {
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "example.invalid/x"}],
+            }
+        },
     }
     if ttl is not None:
         spec["ttlSecondsAfterFinished"] = ttl
@@ -29,19 +32,36 @@ def job_manifest(name: str, ttl: int | None = None) -> dict[str, object]:
 def test_rbac_is_enforced_for_service_account_tokens(
     kube: KubeCluster, namespace: str, tmp_path: Path
 ) -> None:
-    kube.apply([
-        {"apiVersion": "v1", "kind": "ServiceAccount",
-         "metadata": {"name": "jobs-only", "namespace": namespace}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "jobs-only", "namespace": namespace},
-         "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "list"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "jobs-only", "namespace": namespace},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                     "name": "jobs-only"},
-         "subjects": [{"kind": "ServiceAccount", "name": "jobs-only",
-                       "namespace": namespace}]},
-    ])
+    kube.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {"name": "jobs-only", "namespace": namespace},
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "jobs-only", "namespace": namespace},
+                "rules": [
+                    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "list"]}
+                ],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "jobs-only", "namespace": namespace},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "jobs-only",
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": "jobs-only", "namespace": namespace}
+                ],
+            },
+        ]
+    )
     token = kube.service_account_token(namespace, "jobs-only")
     as_sa = kube.api_client(kube.kubeconfig_for_token(token, tmp_path / "sa.kubeconfig"))
     batch, core = client.BatchV1Api(as_sa), client.CoreV1Api(as_sa)
@@ -50,8 +70,12 @@ def test_rbac_is_enforced_for_service_account_tokens(
     assert created.metadata.name == "allowed"
     assert [j.metadata.name for j in batch.list_namespaced_job(namespace).items] == ["allowed"]
 
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "denied"},
-           "spec": {"containers": [{"name": "c", "image": "example.invalid/x"}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "denied"},
+        "spec": {"containers": [{"name": "c", "image": "example.invalid/x"}]},
+    }
     with pytest.raises(ApiException) as pod_denied:
         core.create_namespaced_pod(namespace, pod)
     assert pod_denied.value.status == 403
@@ -78,8 +102,9 @@ def test_job_runs_on_fake_node_completes_and_ttl_removes_it(
 
     def job_complete() -> bool:
         job = batch.read_namespaced_job("runs", namespace)
-        return any(c.type == "Complete" and c.status == "True"
-                   for c in (job.status.conditions or []))
+        return any(
+            c.type == "Complete" and c.status == "True" for c in (job.status.conditions or [])
+        )
 
     wait_for(job_complete, timeout=60, what="Job condition Complete")
 

@@ -25,13 +25,29 @@ from testbed.process import Process, free_port, run, wait_for
 CACHE = Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
 BIN = CACHE / "bin" / "current"
 SERVICE_CIDR = "10.96.0.0/16"
-CONTROLLERS = tuple(f"{c}-controller" for c in (
-    "job", "garbage-collector", "ttl-after-finished", "serviceaccount", "serviceaccount-token",
-    "namespace", "root-ca-certificate-publisher", "deployment", "replicaset", "statefulset",
-    "endpoints", "endpointslice", "pod-garbage-collector", "disruption",
-    "clusterrole-aggregation", "node-lifecycle", "persistentvolumeclaim-protection",
-    "persistentvolume-protection",
-))
+CONTROLLERS = tuple(
+    f"{c}-controller"
+    for c in (
+        "job",
+        "garbage-collector",
+        "ttl-after-finished",
+        "serviceaccount",
+        "serviceaccount-token",
+        "namespace",
+        "root-ca-certificate-publisher",
+        "deployment",
+        "replicaset",
+        "statefulset",
+        "endpoints",
+        "endpointslice",
+        "pod-garbage-collector",
+        "disruption",
+        "clusterrole-aggregation",
+        "node-lifecycle",
+        "persistentvolumeclaim-protection",
+        "persistentvolume-protection",
+    )
+)
 KWOK_STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
@@ -77,8 +93,11 @@ class KubeCluster:
         if kwok:
             self.kwok = Process("kwok", self._kwok_argv(), self.logs)
             self.kwok.start()
-        wait_for(self._default_service_account_exists, timeout=60,
-                 what="default ServiceAccount (controller-manager)")
+        wait_for(
+            self._default_service_account_exists,
+            timeout=60,
+            what="default ServiceAccount (controller-manager)",
+        )
         return self
 
     def start_apiserver(self) -> None:
@@ -100,22 +119,32 @@ class KubeCluster:
         return procs + ([self.kwok] if self.kwok else [])
 
     # -- clients ------------------------------------------------------------------------
-    def kubectl(self, *args: str, check: bool = True, stdin: str | None = None,
-                kubeconfig: Path | None = None, timeout: float = 60) -> Any:
+    def kubectl(
+        self,
+        *args: str,
+        check: bool = True,
+        stdin: str | None = None,
+        kubeconfig: Path | None = None,
+        timeout: float = 60,
+    ) -> Any:
         argv = [tool("kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args]
         if stdin is None:
             return run(argv, timeout=timeout, check=check)
         import subprocess
 
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stdout}{proc.stderr}")
         return proc
 
     def apply(self, manifest: dict[str, Any] | list[dict[str, Any]] | str) -> None:
-        text = manifest if isinstance(manifest, str) else yaml.safe_dump_all(
-            manifest if isinstance(manifest, list) else [manifest])
+        text = (
+            manifest
+            if isinstance(manifest, str)
+            else yaml.safe_dump_all(manifest if isinstance(manifest, list) else [manifest])
+        )
         self.kubectl("apply", "--server-side", "-f", "-", stdin=text)
 
     def api_client(self, kubeconfig: Path | None = None) -> Any:
@@ -126,8 +155,9 @@ class KubeCluster:
 
     def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
         """A bound token for a ServiceAccount, through the TokenRequest API."""
-        out = self.kubectl("create", "token", name, "-n", namespace,
-                           "--duration", f"{seconds}s").stdout
+        out = self.kubectl(
+            "create", "token", name, "-n", namespace, "--duration", f"{seconds}s"
+        ).stdout
         return str(out).strip()
 
     def kubeconfig_for_token(self, token: str, path: Path) -> Path:
@@ -135,41 +165,71 @@ class KubeCluster:
         self._write_kubeconfig(path, user={"token": token})
         return path
 
-    def add_fake_node(self, name: str, *, labels: dict[str, str] | None = None,
-                      taints: list[dict[str, str]] | None = None) -> None:
+    def add_fake_node(
+        self,
+        name: str,
+        *,
+        labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
+    ) -> None:
         """A Node that kwok plays the kubelet of: its pods start at once and Job pods
         succeed after a short delay (see kwok/stages.yaml)."""
-        self.apply({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
-                         "labels": {"kubernetes.io/hostname": name, "type": "kwok",
-                                    **(labels or {})}},
-            "spec": {"taints": taints or []},
-        })
+        self.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                    "labels": {"kubernetes.io/hostname": name, "type": "kwok", **(labels or {})},
+                },
+                "spec": {"taints": taints or []},
+            }
+        )
         wait_for(lambda: self._node_ready(name), timeout=30, what=f"fake node {name}")
 
     # -- internals ----------------------------------------------------------------------
     def _make_credentials(self) -> None:
         p = self.pki
         self.serving = p.issue(
-            "apiserver", common_name="kube-apiserver", server=True,
-            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"),
+            "apiserver",
+            common_name="kube-apiserver",
+            server=True,
+            dns=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
             ips=("127.0.0.1", "10.96.0.1", self.advertise_address),
         )
         self.admin = p.issue("admin", common_name="testbed-admin", organization="system:masters")
-        self.kubelet_client = p.issue("apiserver-kubelet-client",
-                                      common_name="kube-apiserver-kubelet-client",
-                                      organization="system:masters")
+        self.kubelet_client = p.issue(
+            "apiserver-kubelet-client",
+            common_name="kube-apiserver-kubelet-client",
+            organization="system:masters",
+        )
         self.sa_keys = p.service_account_keys()
-        self._write_kubeconfig(self.kubeconfig, user={
-            "client-certificate": str(self.admin.cert), "client-key": str(self.admin.key)})
+        self._write_kubeconfig(
+            self.kubeconfig,
+            user={"client-certificate": str(self.admin.cert), "client-key": str(self.admin.key)},
+        )
 
     def _write_kubeconfig(self, path: Path, *, user: dict[str, str]) -> None:
         cfg = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "testbed",
-            "clusters": [{"name": "testbed", "cluster": {
-                "server": self.server, "certificate-authority": str(self.pki.ca.cert)}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "testbed",
+            "clusters": [
+                {
+                    "name": "testbed",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority": str(self.pki.ca.cert),
+                    },
+                }
+            ],
             "users": [{"name": "user", "user": user}],
             "contexts": [{"name": "testbed", "context": {"cluster": "testbed", "user": "user"}}],
         }
@@ -179,20 +239,39 @@ class KubeCluster:
     def _etcd_argv(self) -> list[str]:
         client = f"http://127.0.0.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        return [tool("etcd"), "--name", "testbed", "--data-dir", str(self.root / "etcd"),
-                "--listen-client-urls", client, "--advertise-client-urls", client,
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"testbed={peer}", "--listen-metrics-urls", "",
-                "--unsafe-no-fsync", "--log-level", "warn"]
+        return [
+            tool("etcd"),
+            "--name",
+            "testbed",
+            "--data-dir",
+            str(self.root / "etcd"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"testbed={peer}",
+            "--listen-metrics-urls",
+            "",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ]
 
     def _apiserver_argv(self) -> list[str]:
         p = self.pki
         return [
             tool("kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            f"--bind-address={self.advertise_address}", f"--secure-port={self.apiserver_port}",
+            f"--bind-address={self.advertise_address}",
+            f"--secure-port={self.apiserver_port}",
             f"--advertise-address={self.advertise_address}",
-            f"--tls-cert-file={self.serving.cert}", f"--tls-private-key-file={self.serving.key}",
+            f"--tls-cert-file={self.serving.cert}",
+            f"--tls-private-key-file={self.serving.key}",
             f"--client-ca-file={p.ca.cert}",
             "--authorization-mode=Node,RBAC",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -214,31 +293,46 @@ class KubeCluster:
         kc = str(self.kubeconfig)
         return [
             tool("kube-controller-manager"),
-            f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
             f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-            "--leader-elect=false", "--use-service-account-credentials=true",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
             f"--service-account-private-key-file={self.sa_keys.key}",
             f"--root-ca-file={self.pki.ca.cert}",
             f"--controllers={','.join(CONTROLLERS)}",
-            "--concurrent-job-syncs=10", "--concurrent-ttl-after-finished-syncs=10",
+            "--concurrent-job-syncs=10",
+            "--concurrent-ttl-after-finished-syncs=10",
             "--v=1",
         ]
 
     def _scheduler_argv(self) -> list[str]:
         kc = str(self.kubeconfig)
-        return [tool("kube-scheduler"), f"--kubeconfig={kc}",
-                f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-                "--leader-elect=false", "--v=1"]
+        return [
+            tool("kube-scheduler"),
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={free_port()}",
+            "--leader-elect=false",
+            "--v=1",
+        ]
 
     def _kwok_argv(self) -> list[str]:
-        return [tool("kwok"), f"--kubeconfig={self.kubeconfig}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-                f"--config={KWOK_STAGES}",
-                "--server-address=127.0.0.1:0", "--node-lease-duration-seconds=40",
-                "--cidr=10.244.0.0/16", "--node-ip=10.244.0.1"]
+        return [
+            tool("kwok"),
+            f"--kubeconfig={self.kubeconfig}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            f"--config={KWOK_STAGES}",
+            "--server-address=127.0.0.1:0",
+            "--node-lease-duration-seconds=40",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.244.0.1",
+        ]
 
     def _ssl(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
@@ -246,7 +340,8 @@ class KubeCluster:
         return ctx
 
     def _get(self, path: str) -> tuple[int, bytes]:
-        with urllib.request.urlopen(self.server + path, context=self._ssl(), timeout=5) as r:
+        # The URL is ours: https to the test bed's apiserver.
+        with urllib.request.urlopen(self.server + path, context=self._ssl(), timeout=5) as r:  # noqa: S310
             return int(r.status), r.read()
 
     def _etcd_healthy(self) -> bool:

@@ -25,9 +25,22 @@ class PKI:
         root.mkdir(parents=True, exist_ok=True)
         self.ca = KeyPair(root / "ca.crt", root / "ca.key")
         if not self.ca.cert.exists():
-            _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-                     "-subj", "/CN=jobtide-testbed-ca", "-keyout", "ca.key", "-out", "ca.crt",
-                     cwd=root)
+            _openssl(
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=jobtide-testbed-ca",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                cwd=root,
+            )
 
     def issue(
         self,
@@ -53,11 +66,38 @@ class PKI:
         if alt:
             ext.append("subjectAltName=" + ",".join(alt))
         (self.root / f"{name}.ext").write_text("\n".join(ext) + "\n")
-        _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
-                 "-keyout", pair.key.name, "-out", f"{name}.csr", cwd=self.root)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext",
-                 "-out", pair.cert.name, cwd=self.root)
+        _openssl(
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            pair.key.name,
+            "-out",
+            f"{name}.csr",
+            cwd=self.root,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            pair.cert.name,
+            cwd=self.root,
+        )
         return pair
 
     def service_account_keys(self) -> KeyPair:

@@ -86,9 +86,7 @@ class Process:
     def check_alive(self) -> None:
         """Raise with the log's tail if the component exited."""
         if self._popen is not None and self._popen.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with {self._popen.returncode}:\n{self.tail()}"
-            )
+            raise RuntimeError(f"{self.name} exited with {self._popen.returncode}:\n{self.tail()}")
 
     def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
         """Signal the whole process group, then SIGKILL what is left after `timeout`."""
@@ -139,8 +137,13 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 60,
-        check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run a short command, returning its output; raise with the output on failure."""
     proc = subprocess.run(
         list(argv), env=env, capture_output=True, text=True, timeout=timeout, check=False
