@@ -1,0 +1,155 @@
+"""The chart, installed unmodified on the test bed's real node with only image, node-pool and
+pipeline settings, scales the hello example's workers up from zero to the cap and back down
+to zero: every task is done, none is lost, finished Jobs go away by their TTL, `helm test`
+passes and `helm uninstall` leaves nothing of the release."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobtide_worker.publisher import publish
+from testbed.chartnode import (
+    WORKER_SELECTOR,
+    Helm,
+    ReleaseBroker,
+    Watcher,
+    diagnostics,
+    kubectl,
+    load_chart_images,
+    node_values,
+    wait_until,
+    write_values,
+)
+from testbed.node import POOL_LABEL, Node
+
+pytestmark = pytest.mark.e2e
+
+RELEASE = "e2e"
+PIPELINE, QUEUE = "hello", "hello"
+TASKS = 500
+MAX_WORKERS = 5
+IDLE_TIMEOUT_SECONDS = 8
+TTL_SECONDS = 10
+RELEASE_KINDS = (
+    "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
+    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,leases"
+)
+
+
+@pytest.fixture(scope="session")
+def chart_images(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The scaler, worker, hello and RabbitMQ images in the node's containerd."""
+    return load_chart_images(kube_node.load_image, tmp_path_factory.mktemp("chart-images"))
+
+
+def e2e_values() -> dict[str, Any]:
+    values = node_values()
+    values["scaler"]["pollIntervalSeconds"] = 2
+    values["pipelineDefaults"]["env"] = [
+        # Each done task is a JSON line with its message id: the test reads them back.
+        {"name": "JOBTIDE_LOG_FORMAT", "value": "json"}
+    ]
+    values["pipelines"] = {
+        PIPELINE: {
+            "queue": QUEUE,
+            "maxWorkers": MAX_WORKERS,
+            "maxNewPerCycle": MAX_WORKERS,
+            "idleTimeoutSeconds": IDLE_TIMEOUT_SECONDS,
+            "ttlSecondsAfterFinished": TTL_SECONDS,
+        }
+    }
+    return values
+
+
+@pytest.fixture
+def release(
+    kube_node: Node, chart_images: list[str], node_namespace: str, tmp_path: Path
+) -> Iterator[Helm]:
+    kubeconfig = kube_node.cluster.kubeconfig
+    helm = Helm(kubeconfig, node_namespace)
+    helm.install(RELEASE, [write_values(tmp_path / "values.yaml", e2e_values())])
+    yield helm
+    helm("uninstall", RELEASE, "--wait", check=False)
+
+
+def release_objects(kubeconfig: Path, namespace: str) -> list[str]:
+    out = kubectl(kubeconfig, "get", RELEASE_KINDS, "-n", namespace, "-o", "json",
+                  "-l", f"app.kubernetes.io/instance={RELEASE}")  # fmt: skip
+    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(out)["items"])
+
+
+def worker_objects(kubeconfig: Path, namespace: str) -> list[str]:
+    out = kubectl(kubeconfig, "get", "jobs,pods", "-n", namespace, "-o", "name",
+                  "-l", f"app.kubernetes.io/instance={RELEASE},{WORKER_SELECTOR}")  # fmt: skip
+    return out.split()
+
+
+def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
+    kube_node: Node, release: Helm, node_namespace: str, request: pytest.FixtureRequest
+) -> None:
+    kubeconfig = kube_node.cluster.kubeconfig
+    broker = ReleaseBroker.find(kubeconfig, node_namespace, RELEASE)
+    rng = random.Random(6)
+    tasks = [{"seconds": round(rng.uniform(0.2, 2.0), 2)} for _ in range(TASKS)]
+
+    with Watcher(kubeconfig, node_namespace, broker, {PIPELINE: QUEUE}) as watcher:
+        try:
+            assert watcher.jobs_seen == set()  # nothing runs before the burst
+            published = publish(QUEUE, tasks, broker=broker.config(), declare=False)
+            # Workers hand in their logs when they exit: all tasks done means drained and idle.
+            wait_until(
+                lambda: set(watcher.done_message_ids()) >= set(published),
+                timeout=420,
+                what="every task logged done by an exited worker",
+            )
+            # Idle workers leave by themselves, then each finished Job goes by its TTL.
+            wait_until(
+                lambda: not worker_objects(kubeconfig, node_namespace),
+                timeout=120,
+                what="worker Jobs and pods removed by their TTL",
+            )
+        except BaseException:
+            print("\n\n".join(diagnostics(kubeconfig, node_namespace)))
+            raise
+    assert not watcher.errors, watcher.errors
+
+    # Up to the cap and never above it.
+    assert watcher.peak_active_jobs(PIPELINE) == MAX_WORKERS
+    assert max(s.running_pods for s in watcher.samples) <= MAX_WORKERS
+    # Every task done at least once; none dead-lettered or left behind.
+    done = watcher.done_message_ids()
+    assert set(done) == set(published)
+    assert len(published) == TASKS
+    assert broker.depth(QUEUE) == 0
+    assert broker.depth(f"{QUEUE}.dlq") == 0
+    # Each worker exited 0 after its idle timeout, having run on the pool node.
+    finished = list(watcher.workers.values())
+    assert finished
+    assert {w.exit_code for w in finished} == {0}
+    assert {w.exit_reason() for w in finished} == {"idle"}
+    assert len(watcher.jobs_seen) == len(finished)
+    nodes = kubectl(kubeconfig, "get", "nodes", "-l", f"{POOL_LABEL[0]}={POOL_LABEL[1]}",
+                    "-o", "name")  # fmt: skip
+    assert nodes.split() == [f"node/{kube_node.name}"]
+
+    # The test pod is deleted once it succeeds (hook-succeeded), so its phase is the verdict.
+    test_output = release("test", RELEASE, timeout=300)
+    assert re.search(r"TEST SUITE:\s+e2e-jobtide-test\n.*\n.*\nPhase:\s+Succeeded", test_output)
+
+    release("uninstall", RELEASE, "--wait", timeout=300)
+    wait_until(
+        lambda: not release_objects(kubeconfig, node_namespace),
+        timeout=90,
+        what="release objects deleted",
+    )
+    drained = next(s.elapsed for s in watcher.samples if s.done_tasks >= TASKS)
+    print(
+        f"\n{TASKS} tasks through {len(watcher.jobs_seen)} worker Jobs (cap {MAX_WORKERS}); "
+        f"all done and workers exited {drained:.0f} s after the publish began"
+    )

@@ -1,0 +1,399 @@
+"""The chart on the test bed's real node, shared by the end-to-end tests and `ci/demo`: its
+images built and loaded into the node's containerd, values that fit the node, helm, the
+release's broker reached from the host, and a watcher sampling queue depth, worker Jobs and
+pods once a second (and keeping each finished worker's log before the Job's TTL removes it).
+
+The host reaches pods directly: it owns the node's bridge, so a pod IP is a route away.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from jobtide_worker.config import BrokerConfig
+
+from testbed.images import HELLO_IMAGE, REPO, DockerDaemon, ImageBuilder, worker_images
+from testbed.kube import tool
+from testbed.node import POOL_LABEL, POOL_TAINT
+
+CHART = REPO / "charts" / "jobtide"
+SCALER_IMAGE = "jobtide/scaler:test"
+RABBITMQ_IMAGE = "jobtide-testbed/rabbitmq:3.10"
+RABBITMQ_CONTEXT = Path(__file__).with_name("rabbitmq-image")
+# Debian's package starts the server with this script (its /usr/sbin wrapper needs su).
+RABBITMQ_COMMAND = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+WORKER_SELECTOR = "app.kubernetes.io/component=worker"
+
+
+def build_chart_images(builder: ImageBuilder) -> list[str]:
+    """Every image the chart runs, on the test bed's Debian base (builds are cached)."""
+    base = builder.ensure_base()
+    tags = worker_images(builder)
+    builder.build(
+        REPO / "images" / "scaler" / "Dockerfile", REPO / "images", SCALER_IMAGE,
+        {"BASE_IMAGE": base},
+    )  # fmt: skip
+    builder.build(
+        RABBITMQ_CONTEXT / "Dockerfile", RABBITMQ_CONTEXT, RABBITMQ_IMAGE, {"BASE_IMAGE": base}
+    )
+    return [*tags, SCALER_IMAGE, RABBITMQ_IMAGE]
+
+
+def load_chart_images(load: Callable[[Path], None], workdir: Path) -> list[str]:
+    """Build the images, `docker save` each and hand the tar to `load` (a node's
+    `load_image`); returns the tags."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with DockerDaemon() as daemon:
+        builder = ImageBuilder(daemon)
+        tags = build_chart_images(builder)
+        tars = [builder.save(tag, workdir / f"image-{i}.tar") for i, tag in enumerate(tags)]
+    for tar in tars:
+        load(tar)
+        tar.unlink()
+    return tags
+
+
+def ctr_loader(socket: Path) -> Callable[[Path], None]:
+    """`load` for a node known only by its containerd socket (a test bed started by
+    `ci/testbed up --node`)."""
+
+    def load(tar: Path) -> None:
+        subprocess.run(
+            ["ctr", "--address", str(socket), "--namespace", "k8s.io", "images", "import",
+             "--no-unpack=false", str(tar)],
+            check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
+
+    return load
+
+
+def pool_toleration() -> dict[str, str]:
+    return {**POOL_TAINT, "operator": "Equal"}
+
+
+def local_image(tag: str) -> dict[str, str]:
+    """Image values for an image loaded into the node: never pulled (no registry)."""
+    repository, _, version = tag.rpartition(":")
+    return {"repository": repository, "tag": version, "pullPolicy": "Never"}
+
+
+def node_values() -> dict[str, Any]:
+    """Overrides that make the chart run on the test bed's node: local images, Debian's
+    RabbitMQ, and the node's pool label and taint. The node is the only one, so the scaler
+    and RabbitMQ tolerate the pool taint too (a real cluster keeps them on other nodes).
+    There is no storage provisioner: the broker keeps its data in an emptyDir."""
+    return {
+        "scaler": {
+            "image": local_image(SCALER_IMAGE),
+            "tolerations": [pool_toleration()],
+        },
+        "pipelineDefaults": {
+            "image": local_image(HELLO_IMAGE),
+        },
+        "nodePool": {
+            "nodeSelector": {POOL_LABEL[0]: POOL_LABEL[1]},
+            "tolerations": [pool_toleration()],
+        },
+        "rabbitmq": {
+            "image": local_image(RABBITMQ_IMAGE),
+            "command": RABBITMQ_COMMAND,
+            "persistence": {"enabled": False},
+            "tolerations": [pool_toleration()],
+        },
+    }
+
+
+class Helm:
+    """helm 3 against one kubeconfig and namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+
+    def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> str:
+        argv = [tool("helm3"), "--kubeconfig", str(self.kubeconfig), "-n", self.namespace, *args]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}")
+        return result.stdout + result.stderr
+
+    def install(self, release: str, values_files: Iterable[Path], *, timeout: str = "6m") -> str:
+        files = [arg for path in values_files for arg in ("-f", str(path))]
+        return self("install", release, str(CHART), *files, "--wait", "--timeout", timeout)
+
+
+def write_values(path: Path, values: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def kubectl(kubeconfig: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
+    argv = [tool("kubectl"), "--kubeconfig", str(kubeconfig), *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+@dataclass(frozen=True)
+class ReleaseBroker:
+    """The release's RabbitMQ, reached from the host at its pod's address."""
+
+    host: str
+    username: str
+    password: str = field(repr=False)
+    amqp_port: int = 5672
+    management_port: int = 15672
+
+    @classmethod
+    def find(cls, kubeconfig: Path, namespace: str, release: str) -> ReleaseBroker:
+        pod = json.loads(
+            kubectl(kubeconfig, "get", "pod", "-n", namespace, "-o", "json", "-l",
+                    f"app.kubernetes.io/instance={release},app.kubernetes.io/component=rabbitmq")
+        )["items"][0]  # fmt: skip
+        secret = json.loads(
+            kubectl(kubeconfig, "get", "secret", "-n", namespace, "-o", "json", "-l",
+                    f"app.kubernetes.io/instance={release}")
+        )["items"]  # fmt: skip
+        data = next(s["data"] for s in secret if "erlang-cookie" in s.get("data", {}))
+        return cls(
+            host=pod["status"]["podIP"],
+            username=base64.b64decode(data["username"]).decode(),
+            password=base64.b64decode(data["password"]).decode(),
+        )
+
+    def config(self) -> BrokerConfig:
+        return BrokerConfig(
+            host=self.host, port=self.amqp_port, username=self.username, password=self.password
+        )
+
+    def queue(self, name: str) -> dict[str, Any]:
+        response = requests.get(
+            f"http://{self.host}:{self.management_port}/api/queues/%2F/{name}",
+            auth=(self.username, self.password),
+            timeout=10,
+        )
+        response.raise_for_status()
+        queue: dict[str, Any] = response.json()
+        return queue
+
+    def depth(self, name: str) -> int | None:
+        """Ready plus unacknowledged messages; None until the broker has counted them (its
+        statistics lag a new queue or a burst by a few seconds)."""
+        messages = self.queue(name).get("messages")
+        return None if messages is None else int(messages)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One look at the release, `elapsed` seconds after the watcher started."""
+
+    elapsed: float
+    ready: dict[str, int]  # per queue
+    unacked: dict[str, int]
+    active_jobs: dict[str, int]  # per pipeline: Jobs not finished
+    pending_pods: int
+    running_pods: int
+    done_tasks: int  # tasks logged done by finished workers so far
+
+    @property
+    def depth(self) -> int:
+        return sum(self.ready.values()) + sum(self.unacked.values())
+
+
+@dataclass
+class WorkerRecord:
+    job: str
+    pipeline: str
+    created: float | None = None  # seconds after the watcher started
+    running: float | None = None
+    finished: float | None = None
+    exit_code: int | None = None
+    log: str | None = None
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The worker's JSON log lines (JOBTIDE_LOG_FORMAT=json)."""
+        out = []
+        for line in (self.log or "").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    out.append(entry)
+        return out
+
+    def exit_reason(self) -> str | None:
+        reasons = [e.get("reason") for e in self.entries() if e.get("message") == "worker exiting"]
+        return str(reasons[-1]) if reasons else None
+
+
+class Watcher:
+    """Samples the release every `interval` seconds in a thread until stopped."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        broker: ReleaseBroker,
+        queues: dict[str, str],  # pipeline -> queue
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        from kubernetes import client, config
+
+        api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.namespace = namespace
+        self.broker = broker
+        self.queues = queues
+        self.interval = interval
+        self.samples: list[Sample] = []
+        self.workers: dict[str, WorkerRecord] = {}  # by pod name
+        self.jobs_seen: set[str] = set()
+        self.errors: list[str] = []
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="release-watcher", daemon=True)
+        self._listeners: list[Callable[[Sample], None]] = []
+
+    def on_sample(self, listener: Callable[[Sample], None]) -> None:
+        self._listeners.append(listener)
+
+    def start(self) -> Watcher:
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> Watcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def latest(self) -> Sample | None:
+        return self.samples[-1] if self.samples else None
+
+    def done_message_ids(self) -> list[str]:
+        """Message ids of every task a finished worker logged as done (JSON logs)."""
+        return [
+            str(entry["message_id"])
+            for record in self.workers.values()
+            for entry in record.entries()
+            if entry.get("message") == "task" and entry.get("outcome") == "done"
+        ]
+
+    def peak_active_jobs(self, pipeline: str) -> int:
+        return max((s.active_jobs.get(pipeline, 0) for s in self.samples), default=0)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                self._sample()
+            except Exception as error:  # a dropped sample is reported, not fatal
+                self.errors.append(f"{began - self.started:.1f}s: {error!r}")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def _list(self, call: Callable[..., Any]) -> list[dict[str, Any]]:
+        """Worker objects as plain JSON (the client's models are all optional fields)."""
+        response = call(self.namespace, label_selector=WORKER_SELECTOR, _preload_content=False)
+        items: list[dict[str, Any]] = json.loads(response.data)["items"]
+        return items
+
+    def _sample(self) -> None:
+        now = time.monotonic() - self.started
+        ready, unacked = {}, {}
+        for queue in self.queues.values():
+            q = self.broker.queue(queue)
+            ready[queue] = int(q.get("messages_ready", 0))
+            unacked[queue] = int(q.get("messages_unacknowledged", 0))
+        active: dict[str, int] = dict.fromkeys(self.queues, 0)
+        for job in self._list(self.batch.list_namespaced_job):
+            self.jobs_seen.add(job["metadata"]["name"])
+            finished = any(
+                c["type"] in ("Complete", "Failed") and c["status"] == "True"
+                for c in job.get("status", {}).get("conditions", [])
+            )
+            pipeline = job["metadata"]["labels"].get("jobtide.io/pipeline", "")
+            if not finished:
+                active[pipeline] = active.get(pipeline, 0) + 1
+        pending = running = 0
+        for pod in self._list(self.core.list_namespaced_pod):
+            name, labels = pod["metadata"]["name"], pod["metadata"]["labels"]
+            record = self.workers.setdefault(
+                name,
+                WorkerRecord(
+                    job=labels.get("job-name", ""),
+                    pipeline=labels.get("jobtide.io/pipeline", ""),
+                    created=now,
+                ),
+            )
+            status = pod.get("status", {})
+            phase = status.get("phase")
+            if phase == "Pending":
+                pending += 1
+            elif phase == "Running":
+                running += 1
+                if record.running is None:
+                    record.running = now
+            elif phase in ("Succeeded", "Failed") and record.finished is None:
+                record.finished = now
+                if record.running is None:
+                    record.running = now
+                for container in status.get("containerStatuses", []):
+                    terminated = container.get("state", {}).get("terminated")
+                    if terminated:
+                        record.exit_code = int(terminated["exitCode"])
+                record.log = str(self.core.read_namespaced_pod_log(name, self.namespace))
+        sample = Sample(
+            elapsed=now,
+            ready=ready,
+            unacked=unacked,
+            active_jobs=active,
+            pending_pods=pending,
+            running_pods=running,
+            done_tasks=len(self.done_message_ids()),
+        )
+        self.samples.append(sample)
+        for listener in self._listeners:
+            listener(sample)
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 1.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def diagnostics(kubeconfig: Path, namespace: str) -> Iterator[str]:
+    """Everything worth reading when a run on the node goes wrong: objects, events, and the
+    logs of every pod (previous containers included)."""
+    yield kubectl(kubeconfig, "get", "all,jobs", "-n", namespace, "-o", "wide", check=False)
+    yield kubectl(kubeconfig, "get", "events", "-n", namespace, "--sort-by=.lastTimestamp",
+                  check=False)  # fmt: skip
+    pods = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "name", check=False).split()
+    for pod in pods:
+        yield f"==== {pod}\n" + kubectl(
+            kubeconfig, "logs", pod, "-n", namespace, "--all-containers", "--tail=60",
+            check=False,
+        )  # fmt: skip
