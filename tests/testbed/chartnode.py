@@ -128,9 +128,16 @@ class Helm:
             raise RuntimeError(f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}")
         return result.stdout + result.stderr
 
-    def install(self, release: str, values_files: Iterable[Path], *, timeout: str = "6m") -> str:
+    def install(
+        self,
+        release: str,
+        values_files: Iterable[Path],
+        *,
+        timeout: str = "6m",
+        extra: Iterable[str] = (),
+    ) -> str:
         files = [arg for path in values_files for arg in ("-f", str(path))]
-        return self("install", release, str(CHART), *files, "--wait", "--timeout", timeout)
+        return self("install", release, str(CHART), *files, "--wait", "--timeout", timeout, *extra)
 
 
 def write_values(path: Path, values: dict[str, Any]) -> Path:
@@ -202,6 +209,7 @@ class Sample:
     elapsed: float
     ready: dict[str, int]  # per queue
     unacked: dict[str, int]
+    acked: dict[str, int]  # per queue: acknowledgements since the broker started
     active_jobs: dict[str, int]  # per pipeline: Jobs not finished
     pending_pods: int
     running_pods: int
@@ -318,11 +326,12 @@ class Watcher:
 
     def _sample(self) -> None:
         now = time.monotonic() - self.started
-        ready, unacked = {}, {}
+        ready, unacked, acked = {}, {}, {}
         for queue in self.queues.values():
             q = self.broker.queue(queue)
             ready[queue] = int(q.get("messages_ready", 0))
             unacked[queue] = int(q.get("messages_unacknowledged", 0))
+            acked[queue] = int(q.get("message_stats", {}).get("ack", 0))
         active: dict[str, int] = dict.fromkeys(self.queues, 0)
         for job in self._list(self.batch.list_namespaced_job):
             self.jobs_seen.add(job["metadata"]["name"])
@@ -365,6 +374,7 @@ class Watcher:
             elapsed=now,
             ready=ready,
             unacked=unacked,
+            acked=acked,
             active_jobs=active,
             pending_pods=pending,
             running_pods=running,

@@ -1,0 +1,314 @@
+"""`ci/demo`: jobtide end to end on a local single-node cluster.
+
+Brings up the test bed's control plane and real node (`ci/testbed up --node`, or uses one
+already up), builds and loads the images, installs the chart with values.example.yaml adapted
+by ci/demo-values.yaml, publishes a burst of tasks to both pipelines and shows the queues and
+workers live. At the end it prints a summary, writes a PNG timeline and tears everything down,
+or with --keep leaves the cluster running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jobtide_worker.publisher import publish
+
+from testbed.chartnode import (
+    CHART,
+    Helm,
+    ReleaseBroker,
+    Sample,
+    Watcher,
+    ctr_loader,
+    diagnostics,
+    load_chart_images,
+    wait_until,
+    write_values,
+)
+from testbed.images import REPO
+from testbed.kube import CACHE
+
+TESTBED_STATE = Path(os.environ.get("JOBTIDE_TESTBED_DIR", CACHE / "testbed")) / "state.json"
+EXAMPLE_VALUES = REPO / "values.example.yaml"
+DEMO_OVERRIDES = REPO / "ci" / "demo-values.yaml"
+NAMESPACE, RELEASE = "jobs", "demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    keep: bool
+    short_tasks: int
+    long_tasks: int
+    out_dir: Path
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.short_tasks < 0 or self.long_tasks < 0:
+            raise ValueError("--short-tasks and --long-tasks must be 0 or more")
+        if self.short_tasks + self.long_tasks == 0:
+            raise ValueError("--short-tasks and --long-tasks: nothing to publish")
+
+
+def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """helm's merge of two values files, with null deleting a key."""
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_values(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def demo_values() -> dict[str, Any]:
+    example = yaml.safe_load(EXAMPLE_VALUES.read_text())
+    return merge_values(example, yaml.safe_load(DEMO_OVERRIDES.read_text()))
+
+
+def testbed(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "testbed", *args],
+        cwd=REPO / "tests",
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"ci/testbed {' '.join(args)}:\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def step(message: str, began: float) -> None:
+    print(f"[{time.monotonic() - began:6.1f}s] {message}", flush=True)
+
+
+class LiveLine:
+    """One status line, rewritten in place on a terminal (every 5 s as plain lines else)."""
+
+    def __init__(self, queues: dict[str, str], total: int) -> None:
+        self.queues = queues
+        self.total = total
+        self.tty = sys.stdout.isatty()
+        self._last_plain = -10.0
+
+    def __call__(self, sample: Sample) -> None:
+        depth = "  ".join(
+            f"{q} {sample.ready[q] + sample.unacked[q]:4d}" for q in self.queues.values()
+        )
+        line = (
+            f"{sample.elapsed:5.0f}s | queued: {depth} | workers: "
+            f"{sample.pending_pods} pending, {sample.running_pods} running | "
+            f"done {sum(sample.acked.values()):4d}/{self.total}"
+        )
+        if self.tty:
+            print(f"\r\033[K{line}", end="", flush=True)
+        elif sample.elapsed - self._last_plain >= 5:
+            self._last_plain = sample.elapsed
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(flush=True)
+
+
+def summary(watcher: Watcher, published: dict[str, int]) -> str:
+    rows = [("pipeline", "tasks", "done", "Jobs", "peak", "1st running", "drained", "pod-seconds")]
+    for pipeline, queue in watcher.queues.items():
+        workers = [w for w in watcher.workers.values() if w.pipeline == pipeline]
+        first = min((w.running for w in workers if w.running is not None), default=None)
+        drained = next(
+            (
+                s.elapsed
+                for s in watcher.samples
+                if s.acked.get(queue, 0) >= published[pipeline]
+                and s.ready[queue] + s.unacked[queue] == 0
+            ),
+            None,
+        )
+        pod_seconds = sum(
+            (w.finished or watcher.samples[-1].elapsed) - w.running
+            for w in workers
+            if w.running is not None
+        )
+        rows.append(
+            (
+                pipeline,
+                str(published[pipeline]),
+                str(watcher.samples[-1].acked.get(queue, 0)),
+                str(len({w.job for w in workers})),
+                str(watcher.peak_active_jobs(pipeline)),
+                "-" if first is None else f"{first:.0f} s",
+                "-" if drained is None else f"{drained:.0f} s",
+                f"{pod_seconds:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(watcher: Watcher, path: Path, caps: dict[str, int]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s.elapsed for s in watcher.samples]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(10, 6.5))
+    for queue in watcher.queues.values():
+        top.plot(t, [s.ready[queue] + s.unacked[queue] for s in watcher.samples], label=queue)
+    top.set_ylabel("tasks queued (ready + in flight)")
+    top.set_title("jobtide demo: a burst on one local node")
+    top.legend()
+    top.grid(alpha=0.3)
+    for pipeline in watcher.queues:
+        bottom.step(
+            t,
+            [s.active_jobs.get(pipeline, 0) for s in watcher.samples],
+            where="post",
+            label=f"{pipeline} Jobs (max {caps[pipeline]})",
+        )
+    bottom.step(
+        t, [s.running_pods for s in watcher.samples], where="post", label="pods running", ls="--"
+    )
+    bottom.step(
+        t, [s.pending_pods for s in watcher.samples], where="post", label="pods pending", ls=":"
+    )
+    bottom.set_ylabel("workers")
+    bottom.set_xlabel("seconds since the burst was published")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(config: DemoConfig) -> int:
+    began = time.monotonic()
+    started_testbed = False
+    if TESTBED_STATE.exists():
+        state = json.loads(TESTBED_STATE.read_text())
+        if "node_socket" not in state:
+            print("a test bed without a real node is up: run `ci/testbed down` first")
+            return 1
+        step("using the test bed that is already up", began)
+    else:
+        step("starting the control plane and the node (ci/testbed up --node)", began)
+        testbed("up", "--node")
+        started_testbed = True
+        state = json.loads(TESTBED_STATE.read_text())
+    kubeconfig = Path(state["kubeconfig"])
+    helm = Helm(kubeconfig, NAMESPACE)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        step("building images and loading them into the node's containerd", began)
+        load_chart_images(ctr_loader(Path(state["node_socket"])), config.out_dir / "images")
+        values = demo_values()
+        values_file = write_values(config.out_dir / "values.yaml", values)
+        helm("uninstall", RELEASE, "--wait", check=False)
+        step(f"helm install {RELEASE} {CHART.relative_to(REPO)} -n {NAMESPACE} -f {values_file}",
+             began)  # fmt: skip
+        helm.install(RELEASE, [values_file], extra=["--create-namespace"])
+        broker = ReleaseBroker.find(kubeconfig, NAMESPACE, RELEASE)
+        pipelines = values["pipelines"]
+        queues = {name: p["queue"] for name, p in pipelines.items()}
+        caps = {name: int(p["maxWorkers"]) for name, p in pipelines.items()}
+        rng = random.Random(config.seed)
+        bursts = {
+            "resize-images": [
+                {"seconds": round(rng.uniform(0.2, 1.5), 2)} for _ in range(config.short_tasks)
+            ],
+            "train-models": [
+                {"seconds": round(rng.uniform(15, 25), 1)} for _ in range(config.long_tasks)
+            ],
+        }
+        published = {name: len(tasks) for name, tasks in bursts.items()}
+        total = sum(published.values())
+        live = LiveLine(queues, total)
+        with Watcher(kubeconfig, NAMESPACE, broker, queues) as watcher:
+            step(
+                f"publishing {config.short_tasks} short tasks (0.2-1.5 s) to resize-images and "
+                f"{config.long_tasks} long ones (15-25 s) to train-models",
+                began,
+            )
+            for name, tasks in bursts.items():
+                publish(queues[name], tasks, broker=broker.config(), declare=False)
+            watcher.on_sample(live)
+
+            def finished() -> bool:
+                s = watcher.latest
+                return (
+                    s is not None
+                    and sum(s.acked.values()) >= total
+                    and s.depth == 0
+                    and s.running_pods + s.pending_pods == 0
+                    and not any(s.active_jobs.values())
+                )
+
+            try:
+                wait_until(finished, timeout=900, what="all tasks done and every worker gone")
+            finally:
+                live.close()
+        step("every task done; every worker left by itself after its idle timeout", began)
+        print()
+        print(summary(watcher, published))
+        png = plot(watcher, config.out_dir / "timeline.png", caps)
+        print(f"\ntimeline: {png}")
+        print(f"demo took {time.monotonic() - began:.0f} s in all")
+    except BaseException:
+        print("\n".join(diagnostics(kubeconfig, NAMESPACE)), file=sys.stderr)
+        raise
+    finally:
+        if config.keep:
+            print(
+                "\nThe cluster keeps running:\n"
+                f"  export KUBECONFIG={kubeconfig}\n"
+                f"  kubectl -n {NAMESPACE} get jobs,pods -w\n"
+                f"  helm -n {NAMESPACE} status {RELEASE}   (helm and kubectl: source ci/env.sh)\n"
+                f"  helm -n {NAMESPACE} test {RELEASE}\n"
+                "  ci/testbed down   # stops it all"
+            )
+        else:
+            helm("uninstall", RELEASE, "--wait", check=False)
+            if started_testbed:
+                step("stopping the cluster (ci/testbed down)", began)
+                testbed("down")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ci/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--keep", action="store_true", help="leave the cluster running")
+    parser.add_argument("--short-tasks", type=int, default=400, help="tasks for resize-images")
+    parser.add_argument("--long-tasks", type=int, default=6, help="tasks for train-models")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the task durations")
+    parser.add_argument(
+        "--out", type=Path, default=CACHE / "demo", help="folder of the PNG and the values file"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = DemoConfig(args.keep, args.short_tasks, args.long_tasks, args.out, args.seed)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
