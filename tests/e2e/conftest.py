@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
+from testbed.chartnode import load_chart_images
 from testbed.images import HELLO_IMAGE, DockerDaemon, ImageBuilder, worker_images
 from testbed.node import Node
 
@@ -24,6 +25,12 @@ def node_images(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> di
         kube_node.load_image(tar)
         tar.unlink()
     return {"hello": HELLO_IMAGE}
+
+
+@pytest.fixture(scope="session")
+def chart_images(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Every image the chart runs (scaler, worker, hello, Debian's RabbitMQ) on the node."""
+    return load_chart_images(kube_node.load_image, tmp_path_factory.mktemp("chart-images"))
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from testbed.chartnode import (
     Watcher,
     diagnostics,
     kubectl,
-    load_chart_images,
     node_values,
     wait_until,
     write_values,
@@ -40,12 +39,6 @@ RELEASE_KINDS = (
     "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
     "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,leases"
 )
-
-
-@pytest.fixture(scope="session")
-def chart_images(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The scaler, worker, hello and RabbitMQ images in the node's containerd."""
-    return load_chart_images(kube_node.load_image, tmp_path_factory.mktemp("chart-images"))
 
 
 def e2e_values() -> dict[str, Any]:
