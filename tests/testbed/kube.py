@@ -289,37 +289,34 @@ class KubeCluster:
             "--v=1",
         ]
 
-    def _controller_manager_argv(self) -> list[str]:
+    def _controller_flags(self) -> list[str]:
+        """What controller-manager and scheduler share: admin credentials, a private
+        loopback port for their own HTTPS endpoint, and no leader election (one replica)."""
         kc = str(self.kubeconfig)
         return [
-            tool("kube-controller-manager"),
             f"--kubeconfig={kc}",
             f"--authentication-kubeconfig={kc}",
             f"--authorization-kubeconfig={kc}",
             "--bind-address=127.0.0.1",
             f"--secure-port={free_port()}",
             "--leader-elect=false",
+            "--v=1",
+        ]
+
+    def _controller_manager_argv(self) -> list[str]:
+        return [
+            tool("kube-controller-manager"),
+            *self._controller_flags(),
             "--use-service-account-credentials=true",
             f"--service-account-private-key-file={self.sa_keys.key}",
             f"--root-ca-file={self.pki.ca.cert}",
             f"--controllers={','.join(CONTROLLERS)}",
             "--concurrent-job-syncs=10",
             "--concurrent-ttl-after-finished-syncs=10",
-            "--v=1",
         ]
 
     def _scheduler_argv(self) -> list[str]:
-        kc = str(self.kubeconfig)
-        return [
-            tool("kube-scheduler"),
-            f"--kubeconfig={kc}",
-            f"--authentication-kubeconfig={kc}",
-            f"--authorization-kubeconfig={kc}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={free_port()}",
-            "--leader-elect=false",
-            "--v=1",
-        ]
+        return [tool("kube-scheduler"), *self._controller_flags()]
 
     def _kwok_argv(self) -> list[str]:
         return [
