@@ -4,6 +4,7 @@ same run, with the same prefetch and a manual ack per message; and an idle worke
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 import pika
 import pytest
 from jobtide_worker import BrokerConfig, Task, WorkerConfig
+from jobtide_worker.logs import _TextFormatter
 from jobtide_worker.runner import Runner
 from testbed.process import wait_for
 from testbed.rabbitmq import RabbitMQ, wait_counts
@@ -75,11 +77,20 @@ def worker_rate(broker: RabbitMQ, queue: str, prefetch: int) -> float:
         idle_timeout_seconds=30,
         declare_topology=False,
     )
+    # The worker's one log line per task is part of its cost: formatted as in production,
+    # written to /dev/null.
     logger = logging.getLogger("jobtide_worker.bench")
-    logger.addHandler(logging.NullHandler())
+    logger.setLevel(logging.INFO)
     logger.propagate = False
     started = time.perf_counter()
-    assert Runner(trivial, config, logger).run() == 0
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(_TextFormatter())
+        logger.handlers[:] = [handler]
+        try:
+            assert Runner(trivial, config, logger).run() == 0
+        finally:
+            logger.handlers.clear()
     rate = MESSAGES / (time.perf_counter() - started)
     assert done == MESSAGES
     return rate

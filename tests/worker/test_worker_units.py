@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
+from jobtide_worker.logs import _TextFormatter
 from jobtide_worker.task import UndecodableBody, attempt_of
 
 pytestmark = pytest.mark.unit
@@ -188,3 +190,25 @@ def test_consumer_timeouts_cover_the_longest_task() -> None:
     # Never below RabbitMQ's own default of 30 minutes.
     assert topology.broker_consumer_timeout_ms([10]) == 1_800_000
     assert topology.broker_consumer_timeout_ms([]) == 1_800_000
+
+
+def test_text_log_lines_quote_only_values_that_would_break_key_value_parsing() -> None:
+    formatter = _TextFormatter()
+    fields = {
+        "plain": "bench-1234",
+        "number": 3,
+        "empty": "",
+        "space": "a b",
+        "tab": "a\tb",
+        "nbsp": "a\u00a0b",
+        "quote": 'say "hi"',
+        "equals": "k=v",
+    }
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "task", (), None)
+    record.fields = fields
+    line = formatter.format(record)
+    expected = (
+        'plain=bench-1234 number=3 empty="" space="a b" tab="a\\tb" nbsp="a\\u00a0b" '
+        'quote="say \\"hi\\"" equals="k=v"'
+    )
+    assert line.endswith(" INFO task " + expected)

@@ -141,6 +141,8 @@ class Runner:
         self._consumer_tag: str | None = None
         self._unsettled = 0  # received on the current channel, not yet acked or nacked
         self._ack_upto = 0  # acks are batched: all tags up to this one succeeded
+        # Log lines of the successes in the batch, written after its ack has been sent.
+        self._unlogged: list[tuple[_Delivery, _Outcome]] = []
         self._in_flight: _Delivery | None = None
         self._done_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._received = 0
@@ -308,13 +310,25 @@ class Runner:
                 return self._drain(reason)
 
     def _pump(self, max_wait: float) -> None:
-        """Wait up to `max_wait` for a task result or a broker event and handle what came."""
+        """Wait up to `max_wait` for a task result or a broker event and handle what came.
+
+        At prefetch 1 every task is a round trip (delivery, hand-off to the handler thread,
+        result, ack, next delivery), so this path does as little as it can between a result
+        and its ack and no connection poll that cannot find anything."""
         if self._unsettled > 0 or self._in_flight is not None:
-            with contextlib.suppress(queue_module.Empty):
-                self._settle(*self._results.get(timeout=min(max_wait, _RESULT_WAIT_SECONDS)))
-            self._settle_ready_results()
-            self._flush_acks()  # before the next read: the broker sends the next task sooner
-            self._connection.process_data_events(time_limit=0)
+            try:
+                result = self._results.get(timeout=min(max_wait, _RESULT_WAIT_SECONDS))
+            except queue_module.Empty:
+                # A task still running: service heartbeats and further deliveries.
+                self._connection.process_data_events(time_limit=0)
+            else:
+                self._settle(*result)
+                self._settle_ready_results()
+                self._flush_acks()  # before the next read: the broker sends the next task sooner
+                if self._unsettled > 0:
+                    # More deliveries are held or on their way: read them without waiting.
+                    # With none held, the next call blocks in the read instead.
+                    self._connection.process_data_events(time_limit=0)
         else:
             self._connection.process_data_events(time_limit=max_wait)
         self._settle_ready_results()
@@ -387,6 +401,7 @@ class Runner:
 
     def _lose_generation(self) -> None:
         """Deliveries of the current channel are void from now on (the broker requeues them)."""
+        self._log_successes()  # their ack may be lost, but the tasks were done
         with self._lock:
             self._generation += 1
             self._unsettled = 0
@@ -438,7 +453,9 @@ class Runner:
         self._unsettled -= 1
         if outcome.kind in ("done", "duplicate"):
             self._ack_upto = delivery.tag
-        elif outcome.kind == "retry":
+            self._unlogged.append((delivery, outcome))
+            return
+        if outcome.kind == "retry":
             self._flush_acks()
             self._channel.basic_nack(delivery.tag, requeue=True)
         elif outcome.kind == "dead-letter":
@@ -450,6 +467,14 @@ class Runner:
         if self._ack_upto and self._channel is not None and self._channel.is_open:
             self._channel.basic_ack(self._ack_upto, multiple=True)
         self._ack_upto = 0
+        self._log_successes()
+
+    def _log_successes(self) -> None:
+        # Logged after the ack so that formatting and writing the lines overlap the broker's
+        # sending of the next task rather than delaying it.
+        for delivery, outcome in self._unlogged:
+            self._log_task(delivery, outcome)
+        self._unlogged.clear()
 
     def _dead_letter(self, delivery: _Delivery, outcome: _Outcome) -> _Outcome:
         props = delivery.properties
@@ -496,6 +521,9 @@ class Runner:
         return outcome
 
     def _log_task(self, delivery: _Delivery, outcome: _Outcome) -> None:
+        level = logging.INFO if outcome.kind in ("done", "duplicate") else logging.WARNING
+        if not self.log.isEnabledFor(level):
+            return
         fields: dict[str, Any] = {
             "outcome": outcome.kind,
             "queue": self.config.queue,
@@ -507,7 +535,6 @@ class Runner:
             fields["reason"] = outcome.reason
         if outcome.error is not None:
             fields["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
-        level = logging.INFO if outcome.kind in ("done", "duplicate") else logging.WARNING
         event(self.log, level, "task", **fields)
 
     # -- the handler thread -------------------------------------------------------------
