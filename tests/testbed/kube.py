@@ -8,10 +8,8 @@ ports of 127.0.0.1 and keeps its data and logs under `root`.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import shutil
 import ssl
 import urllib.request
 from pathlib import Path
@@ -360,10 +358,3 @@ class KubeCluster:
         _, body = self._get(f"/api/v1/nodes/{name}")
         conds = json.loads(body).get("status", {}).get("conditions", [])
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-
-    def wipe(self) -> None:
-        shutil.rmtree(self.root / "etcd", ignore_errors=True)
-
-
-def decode_secret(data: dict[str, str]) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in data.items()}

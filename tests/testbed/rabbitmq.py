@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,10 +195,6 @@ class RabbitMQ:
             lines.append(f"consumer_timeout = {self.consumer_timeout_ms}")
         (self.root / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n")
-
-    def wipe(self) -> None:
-        """Remove the node's data (it must be stopped)."""
-        shutil.rmtree(self.root / "mnesia", ignore_errors=True)
 
 
 def wait_counts(
