@@ -157,11 +157,12 @@ def test_two_releases_share_a_namespace_and_uninstall_cleanly(
 
 
 # What the scaler calls (images/scaler: cluster.py and leader.py), and what it must not.
-ALLOWED = [("batch", "jobs", verb) for verb in ("get", "list", "watch", "create", "delete")] + [
+ALLOWED = [("batch", "jobs", verb) for verb in ("list", "watch", "create", "delete")] + [
     ("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")
 ]
 FORBIDDEN = [
-    ("batch", "jobs", "update"), ("batch", "jobs", "patch"), ("batch", "jobs", "deletecollection"),
+    ("batch", "jobs", "get"), ("batch", "jobs", "update"), ("batch", "jobs", "patch"),
+    ("batch", "jobs", "deletecollection"),
     ("batch", "cronjobs", "create"), ("", "pods", "get"), ("", "pods", "list"),
     ("", "pods", "create"), ("", "pods", "delete"), ("", "pods/exec", "create"),
     ("", "pods/log", "get"), ("", "secrets", "get"), ("", "secrets", "list"),

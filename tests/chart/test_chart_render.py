@@ -90,7 +90,7 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     docs = render(set_values=ONE_PIPELINE)
     rules = find(docs, "Role", "-scaler")["rules"]
     assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
-        (["batch"], ["jobs"], ["get", "list", "watch", "create", "delete"]),
+        (["batch"], ["jobs"], ["list", "watch", "create", "delete"]),
         (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
     ]
     assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in rules)
