@@ -4,7 +4,6 @@ chart's ServiceAccount token, against the test bed's control plane and RabbitMQ.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from scaler_bed import ScalerBed, pipeline
-from testbed.images import DockerDaemon, ImageBuilder
+from testbed.images import DockerDaemon, ImageBuilder, image_facts
 
 pytestmark = pytest.mark.integration
 
@@ -35,24 +34,14 @@ def images() -> Iterator[ImageBuilder]:
 
 
 def test_image_metadata_and_user(images: ImageBuilder) -> None:
-    [config] = json.loads(images.daemon.docker("image", "inspect", SCALER_IMAGE).stdout)
-    assert config["Config"]["User"] == "10001:10001"
-    assert config["Config"]["Entrypoint"] == ["/opt/venv/bin/python", "-m", "jobtide_scaler"]
-    assert config["Config"]["Labels"]["org.opencontainers.image.title"] == "jobtide-scaler"
-    probe = images.daemon.docker(
-        "run",
-        "--rm",
-        "--read-only",
-        "--network",
-        "none",
-        "--entrypoint",
-        "/bin/sh",
-        SCALER_IMAGE,
-        "-c",
-        "ls /run/secrets 2>/dev/null | wc -l; id -u",
-    )
-    # No build secret left behind, user 10001, no sources beside the installed package.
-    assert probe.stdout.split() == ["0", "10001"]
+    assert image_facts(images.daemon, SCALER_IMAGE) == {
+        "user": "10001:10001",
+        "entrypoint": ["/opt/venv/bin/python", "-m", "jobtide_scaler"],
+        "title": "jobtide-scaler",
+        "uid": "10001",
+        "secrets_left": "0",
+    }
+    # No sources beside the installed package.
     assert (
         "No such file"
         in images.daemon.docker(

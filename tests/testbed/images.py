@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -329,3 +330,22 @@ def worker_images(builder: ImageBuilder) -> list[str]:
     hello_dir = worker_dir / "examples" / "hello"
     builder.build(hello_dir / "Dockerfile", hello_dir, HELLO_IMAGE, {"BASE_IMAGE": WORKER_IMAGE})
     return [WORKER_IMAGE, HELLO_IMAGE]
+
+
+def image_facts(daemon: DockerDaemon, tag: str) -> dict[str, object]:
+    """What every jobtide image promises, as observed: its configured user, its exec-form
+    entrypoint, its OCI title, and, from a read-only run, the uid it runs as and how many
+    build secrets were left behind."""
+    [inspected] = json.loads(daemon.docker("image", "inspect", tag).stdout)
+    config = inspected["Config"]
+    secrets_left, uid = daemon.docker(
+        "run", "--rm", "--read-only", "--network", "none", "--entrypoint", "/bin/sh", tag,
+        "-c", "ls /run/secrets 2>/dev/null | wc -l; id -u",
+    ).stdout.split()  # fmt: skip
+    return {
+        "user": config["User"],
+        "entrypoint": config["Entrypoint"],
+        "title": config["Labels"]["org.opencontainers.image.title"],
+        "uid": uid,
+        "secrets_left": secrets_left,
+    }
