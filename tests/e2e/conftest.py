@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from testbed.chartnode import load_chart_images
-from testbed.images import HELLO_IMAGE, DockerDaemon, ImageBuilder, worker_images
+from testbed.images import HELLO_IMAGE, load_into, worker_images
 from testbed.node import Node
 
 
@@ -16,14 +16,7 @@ from testbed.node import Node
 def node_images(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The worker images (base and the hello example) on the node; values are the names
     pods use."""
-    out = tmp_path_factory.mktemp("images")
-    with DockerDaemon() as daemon:
-        builder = ImageBuilder(daemon)
-        tags = worker_images(builder)
-        tars = [builder.save(tag, out / f"{i}.tar") for i, tag in enumerate(tags)]
-    for tar in tars:
-        kube_node.load_image(tar)
-        tar.unlink()
+    load_into(kube_node.load_image, worker_images, tmp_path_factory.mktemp("images"))
     return {"hello": HELLO_IMAGE}
 
 

@@ -11,25 +11,18 @@ from pathlib import Path
 import pytest
 import yaml
 from scaler_bed import ScalerBed, pipeline
-from testbed.images import DockerDaemon, ImageBuilder, image_facts
+from testbed.images import SCALER_IMAGE, DockerDaemon, ImageBuilder, image_facts, scaler_image
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SCALER_IMAGE = "jobtide/scaler:test"
 
 
 @pytest.fixture(scope="module")
 def images() -> Iterator[ImageBuilder]:
     with DockerDaemon() as daemon:
         builder = ImageBuilder(daemon)
-        base = builder.ensure_base()
-        builder.build(
-            REPO / "images" / "scaler" / "Dockerfile",
-            REPO / "images",
-            SCALER_IMAGE,
-            {"BASE_IMAGE": base},
-        )
+        scaler_image(builder)
         yield builder
 
 

@@ -23,12 +23,19 @@ import requests
 import yaml
 from jobtide_worker.config import BrokerConfig
 
-from testbed.images import HELLO_IMAGE, REPO, DockerDaemon, ImageBuilder, worker_images
+from testbed.images import (
+    HELLO_IMAGE,
+    REPO,
+    SCALER_IMAGE,
+    ImageBuilder,
+    load_into,
+    scaler_image,
+    worker_images,
+)
 from testbed.kube import tool
 from testbed.node import POOL_LABEL, POOL_TAINT
 
 CHART = REPO / "charts" / "jobtide"
-SCALER_IMAGE = "jobtide/scaler:test"
 RABBITMQ_IMAGE = "jobtide-testbed/rabbitmq:3.10"
 RABBITMQ_CONTEXT = Path(__file__).with_name("rabbitmq-image")
 # Debian's package starts the server with this script (its /usr/sbin wrapper needs su).
@@ -39,29 +46,16 @@ WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 def build_chart_images(builder: ImageBuilder) -> list[str]:
     """Every image the chart runs, on the test bed's Debian base (builds are cached)."""
     base = builder.ensure_base()
-    tags = worker_images(builder)
-    builder.build(
-        REPO / "images" / "scaler" / "Dockerfile", REPO / "images", SCALER_IMAGE,
-        {"BASE_IMAGE": base},
-    )  # fmt: skip
+    tags = [*worker_images(builder), scaler_image(builder)]
     builder.build(
         RABBITMQ_CONTEXT / "Dockerfile", RABBITMQ_CONTEXT, RABBITMQ_IMAGE, {"BASE_IMAGE": base}
     )
-    return [*tags, SCALER_IMAGE, RABBITMQ_IMAGE]
+    return [*tags, RABBITMQ_IMAGE]
 
 
 def load_chart_images(load: Callable[[Path], None], workdir: Path) -> list[str]:
-    """Build the images, `docker save` each and hand the tar to `load` (a node's
-    `load_image`); returns the tags."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with DockerDaemon() as daemon:
-        builder = ImageBuilder(daemon)
-        tags = build_chart_images(builder)
-        tars = [builder.save(tag, workdir / f"image-{i}.tar") for i, tag in enumerate(tags)]
-    for tar in tars:
-        load(tar)
-        tar.unlink()
-    return tags
+    """Every image the chart runs, handed to `load` (a node's containerd import)."""
+    return load_into(load, build_chart_images, workdir)
 
 
 def ctr_loader(socket: Path) -> Callable[[Path], None]:

@@ -32,7 +32,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -310,16 +310,10 @@ def docker_available() -> bool:
     return shutil.which("dockerd") is not None and shutil.which("debootstrap") is not None
 
 
-@contextlib.contextmanager
-def docker_daemon() -> Iterator[DockerDaemon]:
-    """The private engine for the duration of a `with` (or a pytest fixture)."""
-    with DockerDaemon() as daemon:
-        yield daemon
-
-
 REPO = Path(__file__).resolve().parents[2]
 WORKER_IMAGE = "jobtide/worker:test"
 HELLO_IMAGE = "jobtide/worker-hello:test"
+SCALER_IMAGE = "jobtide/scaler:test"
 
 
 def worker_images(builder: ImageBuilder) -> list[str]:
@@ -330,6 +324,33 @@ def worker_images(builder: ImageBuilder) -> list[str]:
     hello_dir = worker_dir / "examples" / "hello"
     builder.build(hello_dir / "Dockerfile", hello_dir, HELLO_IMAGE, {"BASE_IMAGE": WORKER_IMAGE})
     return [WORKER_IMAGE, HELLO_IMAGE]
+
+
+def scaler_image(builder: ImageBuilder) -> str:
+    """The scaler image on the test bed's Debian base. Its context is images/: the scaler
+    package depends on the worker package (the queue topology)."""
+    base = builder.ensure_base()
+    builder.build(
+        REPO / "images" / "scaler" / "Dockerfile", REPO / "images", SCALER_IMAGE,
+        {"BASE_IMAGE": base},
+    )  # fmt: skip
+    return SCALER_IMAGE
+
+
+def load_into(
+    load: Callable[[Path], None], build: Callable[[ImageBuilder], list[str]], workdir: Path
+) -> list[str]:
+    """Build images with `build`, `docker save` each and hand the tar to `load` (a node's
+    containerd import); the engine is stopped before loading. Returns the tags."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with DockerDaemon() as daemon:
+        builder = ImageBuilder(daemon)
+        tags = build(builder)
+        tars = [builder.save(tag, workdir / f"image-{i}.tar") for i, tag in enumerate(tags)]
+    for tar in tars:
+        load(tar)
+        tar.unlink()
+    return tags
 
 
 def image_facts(daemon: DockerDaemon, tag: str) -> dict[str, object]:
