@@ -51,7 +51,9 @@ PAUSE_IMAGE = "docker.io/jobtide-testbed/pause:1"
 CGROUP_ROOT = "jobtide-testbed"
 CNI_BIN_DIR = "/usr/lib/cni"
 PAUSE_SOURCE = Path(__file__).with_name("pause") / "main.go"
-LOCK_FILE = CACHE / "node.lock"
+# The node takes machine-wide things (bridge, iptables, /var/lib/kubelet), so its lock is
+# machine-wide too: two sessions with different JOBTIDE_CACHE must not share the host.
+LOCK_FILE = Path("/run/lock/jobtide-testbed-node.lock")
 # Values kubelet and kube-proxy may change on start; restored on stop.
 SYSCTLS = (
     "vm/overcommit_memory",
