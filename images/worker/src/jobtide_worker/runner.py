@@ -1,10 +1,16 @@
 """The consume loop: one handler, one task at a time, acked only after it succeeds.
 
-Threads: the main thread owns the pika connection (consumer callbacks, acks, publishes,
-heartbeats); one handler thread runs tasks in delivery order and puts each result on a queue.
-While a task runs, the main thread waits on that queue in short slices and services the
-connection between them, so a task of an hour never starves the heartbeats, and a quick task's
-result is acked without a trip through the connection's wake-up pipe.
+Threads: pika connections are not thread-safe, so a lock says which thread may touch the
+connection. The consumer thread holds it except while the user's handler runs: it connects,
+reads deliveries, runs each task, acks, dead-letters and reconnects. At prefetch 1 a task thus
+costs no hand-off between threads (ack, read the next delivery, call the handler, all on one
+thread), which is what lets the runner keep up with a bare pika consumer. While a handler runs,
+the main thread takes the lock a few times a second to service the connection: heartbeats, a
+channel closed by the broker, and deliveries, which it only queues. So a task of an hour never
+starves the heartbeats. The main thread also receives the signals and, past the shutdown grace,
+closes the connection under a task that is still running so that the broker requeues it. The
+consumer thread never reconnects while a task runs: a redelivery taken then would sit unacked
+behind it (another consumer timeout, another count towards the delivery limit).
 
 Every delivery belongs to a channel generation. When a channel or connection is lost, the
 broker requeues its unacked deliveries, so results of an older generation are never acked on
@@ -20,7 +26,6 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-import queue as queue_module
 import signal
 import sys
 import threading
@@ -46,9 +51,10 @@ HEADER_PREFIX = "x-jobtide-"
 HANDLER_PATH = "/app"
 _ERROR_TEXT_LIMIT = 1000
 _REMEMBERED_DONE = 1000
+# Longest wait for the broker before the consumer thread looks at stop reasons and limits.
 _TICK_SECONDS = 0.5
-# How long the main thread waits for a running task's result before servicing the connection.
-_RESULT_WAIT_SECONDS = 0.2
+# How often the main thread services the connection while a handler runs.
+_KEEPALIVE_SECONDS = 0.2
 _BACKOFF_FIRST_SECONDS = 0.5
 _BACKOFF_CAP_SECONDS = 8.0
 
@@ -114,7 +120,7 @@ class _Delivery:
 
 @dataclasses.dataclass(frozen=True)
 class _Outcome:
-    kind: str  # done | duplicate | retry | dead-letter | skipped
+    kind: str  # done | duplicate | retry | dead-letter
     attempt: int = 0
     seconds: float = 0.0
     reason: str = ""
@@ -130,18 +136,21 @@ class Runner:
         self.handler = handler
         self.config = config
         self.log = logger
-        self._inbox: queue_module.SimpleQueue[_Delivery | None] = queue_module.SimpleQueue()
-        self._results: queue_module.SimpleQueue[tuple[_Delivery, _Outcome]] = (
-            queue_module.SimpleQueue()
-        )
+        # Whoever holds it may touch the connection and its channels: the consumer thread,
+        # except while a handler runs; the main thread only then.
+        self._connection_lock = threading.Lock()
+        self._pending: collections.deque[_Delivery] = collections.deque()
         self._generation = 0
         self._connection: Any = None
         self._channel: Any = None
         self._dead_letter_channel: Any = None
         self._consumer_tag: str | None = None
-        self._unsettled = 0  # received on the current channel, not yet acked or nacked
+        # Set by the main thread when servicing the connection during a task failed; the
+        # consumer thread raises it once the task is over.
+        self._connection_error: BaseException | None = None
         self._ack_upto = 0  # acks are batched: all tags up to this one succeeded
-        # Log lines of the successes in the batch, written after its ack has been sent.
+        self._ack_batch_limit = max(1, config.prefetch // 2)
+        # Successes acked (or about to be) whose log line is not written yet.
         self._unlogged: list[tuple[_Delivery, _Outcome]] = []
         self._in_flight: _Delivery | None = None
         self._done_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -150,26 +159,130 @@ class Runner:
         self._last_activity = time.monotonic()
         self._started = time.monotonic()
         self._stop_reason: str | None = None
-        self._starting_tasks = True  # cleared when no further task may start (SIGTERM)
-        self._lock = threading.Lock()
+        self._sigterm_at: float | None = None
+        # Set by the main thread once a stop is requested: cuts a reconnect back-off short.
+        self._stopping = threading.Event()
+        self._consumer_result: int | BaseException | None = None
 
     # -- the main thread ----------------------------------------------------------------
     def run(self) -> int:
-        thread = threading.Thread(target=self._handler_loop, name="handler", daemon=True)
-        thread.start()
         self._install_signals()
         event(self.log, logging.INFO, "worker starting", **self.config.summary())
+        consumer = threading.Thread(target=self._consumer_main, name="consumer", daemon=True)
+        consumer.start()
+        while True:
+            consumer.join(_KEEPALIVE_SECONDS)
+            if not consumer.is_alive():
+                break
+            if self._requested_stop() is not None:
+                self._stopping.set()
+            if self._running_task_overdue() and self._give_up_running_task():
+                return self._exit(EXIT_OK, self._requested_stop() or "max-lifetime")
+            self._keep_connection_alive()
+        result = self._consumer_result
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None, "the consumer thread ended without an exit code"
+        return result
+
+    def _keep_connection_alive(self) -> None:
+        """While a handler runs the consumer thread leaves the connection alone: service it
+        here, so heartbeats flow and a channel closed by the broker is noticed. Deliveries
+        read here are only queued; the consumer thread runs them."""
+        if self._in_flight is None or not self._connection_lock.acquire(blocking=False):
+            return
         try:
-            return self._run_connected()
+            connection = self._connection
+            if (
+                self._in_flight is not None
+                and self._connection_error is None
+                and connection is not None
+                and connection.is_open
+            ):
+                connection.process_data_events(time_limit=0)
+        except _CONNECTION_LOST as e:
+            self._connection_error = e
         finally:
-            self._inbox.put(None)
+            self._connection_lock.release()
+
+    def _running_task_overdue(self) -> bool:
+        if self._in_flight is None:
+            return False
+        now = time.monotonic()
+        sigterm_at = self._sigterm_at
+        if sigterm_at is not None and now - sigterm_at > self.config.shutdown_grace_seconds:
+            return True
+        lifetime = self.config.max_lifetime_seconds
+        return bool(lifetime) and now - self._started > lifetime + self.config.max_task_seconds
+
+    def _give_up_running_task(self) -> bool:
+        """Close the connection under the running task, so the broker requeues it. The lock
+        is never released afterwards: the consumer thread must not touch the connection when
+        the handler returns."""
+        self._connection_lock.acquire()
+        running = self._in_flight
+        if running is None:
+            # It finished meanwhile; the consumer thread stops by itself.
+            self._connection_lock.release()
+            return False
+        event(
+            self.log,
+            logging.WARNING,
+            "task still running at shutdown; requeued",
+            message_id=running.properties.message_id,
+            grace_seconds=self.config.shutdown_grace_seconds
+            if self._sigterm_at is not None
+            else self.config.max_task_seconds,
+        )
+        self._close_quietly()
+        return True
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum: int, _frame: types.FrameType | None) -> None:
+            if self._sigterm_at is None:
+                self._sigterm_at = time.monotonic()
+            self._stop_reason = "sigterm"
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    # Both change behind mypy's back (signal handler, other thread): never narrow them.
+    def _requested_stop(self) -> str | None:
+        return self._stop_reason
+
+    def _connection_failed(self) -> BaseException | None:
+        return self._connection_error
+
+    def _exit(self, code: int, reason: str) -> int:
+        event(
+            self.log,
+            logging.INFO,
+            "worker exiting",
+            reason=reason,
+            exit_code=code,
+            tasks=self._finished,
+            seconds=round(time.monotonic() - self._started, 1),
+        )
+        return code
+
+    # -- the consumer thread ------------------------------------------------------------
+    def _consumer_main(self) -> None:
+        try:
+            with self._connection_lock:
+                self._consumer_result = self._run_connected()
+        except BaseException as e:
+            self._consumer_result = e
 
     def _run_connected(self) -> int:
         lost_since: float | None = None
         backoff = _BACKOFF_FIRST_SECONDS
         while True:
-            if self._stop_reason is not None:
-                return self._exit(EXIT_OK, self._stop_reason)
+            stop_reason = self._requested_stop()
+            if stop_reason is not None:
+                return self._exit(EXIT_OK, stop_reason)
             try:
                 self._connect()
             except _CONNECTION_LOST as e:
@@ -195,7 +308,7 @@ class Runner:
                     retry_in=round(min(backoff, remaining), 1),
                     error=_describe(e),
                 )
-                time.sleep(min(backoff, remaining))
+                self._stopping.wait(min(backoff, remaining))
                 backoff = min(backoff * 2, _BACKOFF_CAP_SECONDS)
                 continue
             lost_since, backoff = None, _BACKOFF_FIRST_SECONDS
@@ -209,51 +322,14 @@ class Runner:
                     error=str(e),
                 )
                 self._close_quietly()
-                self._await_running_task()
                 continue
             except _CONNECTION_LOST as e:
                 event(self.log, logging.WARNING, "connection lost", error=_describe(e))
-                self._lose_generation()
-                self._await_running_task()
+                self._close_quietly()
                 lost_since = time.monotonic()
                 continue
             self._close_quietly()
             return self._exit(EXIT_OK, reason)
-
-    def _await_running_task(self) -> None:
-        """Consume again only when the handler is free: its task's delivery was requeued, and
-        a redelivery taken now would sit unacked behind it (another consumer timeout, another
-        count towards the delivery limit). Its result is logged as ack-lost and remembered."""
-        if self._in_flight is None:
-            return
-        event(self.log, logging.INFO, "waiting for the running task before consuming again")
-        deadline: float | None = None
-        while self._task_running():
-            if self._requested_stop() is not None and deadline is None:
-                deadline = time.monotonic() + self.config.shutdown_grace_seconds
-            if deadline is not None and time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
-        self._settle_ready_results()
-
-    # Both change behind mypy's back (signal handler, handler thread): never narrow them.
-    def _requested_stop(self) -> str | None:
-        return self._stop_reason
-
-    def _task_running(self) -> bool:
-        return self._in_flight is not None
-
-    def _exit(self, code: int, reason: str) -> int:
-        event(
-            self.log,
-            logging.INFO,
-            "worker exiting",
-            reason=reason,
-            exit_code=code,
-            tasks=self._finished,
-            seconds=round(time.monotonic() - self._started, 1),
-        )
-        return code
 
     def _connect(self) -> None:
         params = connection_parameters(
@@ -269,13 +345,11 @@ class Runner:
             dead_letter_channel.confirm_delivery()
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.config.prefetch)
-            with self._lock:
-                self._generation += 1
-                self._connection = connection
-                self._channel = channel
-                self._dead_letter_channel = dead_letter_channel
-                self._unsettled = 0
-                self._ack_upto = 0
+            self._generation += 1
+            self._connection = connection
+            self._channel = channel
+            self._dead_letter_channel = dead_letter_channel
+            self._connection_error = None
             # Time spent reconnecting is not idleness: the queue may have filled meanwhile.
             self._last_activity = time.monotonic()
             self._consumer_tag = channel.basic_consume(
@@ -298,53 +372,42 @@ class Runner:
         )
 
     def _consume(self) -> str:
-        """Process events until a reason to stop; raise when the channel or connection is
-        lost."""
+        """Run tasks until a reason to stop; raise when the channel or connection is lost.
+
+        At prefetch 1 every task is a round trip (ack, next delivery), so the path from a
+        handler's return to the next read does nothing that can wait: the ack is written,
+        then the log lines, while the broker sends the next task."""
         while True:
-            self._pump(self._tick())
-            if self._channel.is_closed:
-                raise _ChannelLost(_closing_reason(self._channel))
-            reason = self._stop_reason or self._limit_reached()
+            self._check_connection()
+            reason = self._requested_stop() or self._limit_reached()
             if reason is not None:
                 self._stop_reason = reason
                 return self._drain(reason)
-
-    def _pump(self, max_wait: float) -> None:
-        """Wait up to `max_wait` for a task result or a broker event and handle what came.
-
-        At prefetch 1 every task is a round trip (delivery, hand-off to the handler thread,
-        result, ack, next delivery), so this path does as little as it can between a result
-        and its ack and no connection poll that cannot find anything."""
-        if self._unsettled > 0 or self._in_flight is not None:
-            try:
-                result = self._results.get(timeout=min(max_wait, _RESULT_WAIT_SECONDS))
-            except queue_module.Empty:
-                # A task still running: service heartbeats and further deliveries.
-                self._connection.process_data_events(time_limit=0)
+            if self._pending:
+                self._run_task(self._pending.popleft())
             else:
-                self._settle(*result)
-                self._settle_ready_results()
-                self._flush_acks()  # before the next read: the broker sends the next task sooner
-                if self._unsettled > 0:
-                    # More deliveries are held or on their way: read them without waiting.
-                    # With none held, the next call blocks in the read instead.
-                    self._connection.process_data_events(time_limit=0)
-        else:
-            self._connection.process_data_events(time_limit=max_wait)
-        self._settle_ready_results()
-        self._flush_acks()
+                self._flush_acks()
+                self._connection.process_data_events(time_limit=self._tick())
 
-    def _settle_ready_results(self) -> None:
-        while True:
-            try:
-                delivery, outcome = self._results.get_nowait()
-            except queue_module.Empty:
-                return
-            self._settle(delivery, outcome)
+    def _check_connection(self) -> None:
+        error = self._connection_failed()
+        if error is not None:
+            self._connection_error = None
+            raise error
+        if self._channel.is_closed:
+            raise _ChannelLost(_closing_reason(self._channel))
+
+    def _run_task(self, delivery: _Delivery) -> None:
+        self._in_flight = delivery
+        self._connection_lock.release()
+        try:
+            outcome = self._execute(delivery)
+        finally:
+            self._connection_lock.acquire()
+            self._in_flight = None
+        self._settle(delivery, outcome)
 
     def _tick(self) -> float:
-        if self._unsettled:
-            return _TICK_SECONDS
         idle_left = self.config.idle_timeout_seconds - (time.monotonic() - self._last_activity)
         return max(0.0, min(_TICK_SECONDS, idle_left))
 
@@ -355,42 +418,27 @@ class Runner:
             return "max-tasks"
         if cfg.max_lifetime_seconds and now - self._started >= cfg.max_lifetime_seconds:
             return "max-lifetime"
-        if self._unsettled == 0 and now - self._last_activity >= cfg.idle_timeout_seconds:
+        if not self._pending and now - self._last_activity >= cfg.idle_timeout_seconds:
             return "idle"
         return None
 
     def _drain(self, reason: str) -> str:
-        """Stop taking messages, let the running task finish (within the grace for SIGTERM),
-        and leave the rest unacked: closing the connection requeues them."""
+        """Stop taking messages and leave the rest unacked: closing the connection requeues
+        them. For max-tasks the tasks already taken (all within the limit) are done first,
+        unless SIGTERM comes meanwhile."""
         with contextlib.suppress(*_CONNECTION_LOST, pika.exceptions.AMQPChannelError):
             if self._consumer_tag is not None:
                 self._channel.basic_cancel(self._consumer_tag)
-        if reason in ("sigterm", "max-lifetime"):
-            # Prefetched tasks not started yet go back to the queue.
-            self._starting_tasks = False
-        else:
-            # max-tasks: the tasks already taken (all within the limit) are done first.
-            while self._unsettled > 0 and self._stop_reason != "sigterm":
-                self._pump(0.1)
-            self._starting_tasks = False
-        grace = (
-            self.config.shutdown_grace_seconds
-            if self._stop_reason == "sigterm"
-            else self.config.max_task_seconds
-        )
-        deadline = time.monotonic() + grace
-        while self._in_flight is not None and time.monotonic() < deadline:
-            self._pump(0.1)
-        self._pump(0)
-        running = self._in_flight
-        if running is not None:
-            event(
-                self.log,
-                logging.WARNING,
-                "task still running at shutdown; requeued",
-                message_id=running.properties.message_id,
-                grace_seconds=grace,
-            )
+        self._flush_acks()
+        if reason == "max-tasks":
+            while (
+                self._pending
+                and self._requested_stop() != "sigterm"
+                and self._connection_failed() is None
+                and self._channel.is_open
+            ):
+                self._run_task(self._pending.popleft())
+            self._flush_acks()
         return reason
 
     def _close_quietly(self) -> None:
@@ -402,28 +450,16 @@ class Runner:
     def _lose_generation(self) -> None:
         """Deliveries of the current channel are void from now on (the broker requeues them)."""
         self._log_successes()  # their ack may be lost, but the tasks were done
-        with self._lock:
-            self._generation += 1
-            self._unsettled = 0
-            self._ack_upto = 0
-
-    def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def stop(signum: int, _frame: types.FrameType | None) -> None:
-            self._stop_reason = "sigterm"
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        self._generation += 1
+        self._pending.clear()
+        self._ack_upto = 0
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if self.config.max_tasks and self._received >= self.config.max_tasks:
             return  # beyond the limit: left unacked, the broker requeues it when we close
-        self._unsettled += 1
         self._received += 1
         self._last_activity = time.monotonic()
-        self._inbox.put(
+        self._pending.append(
             _Delivery(
                 self._generation,
                 method.delivery_tag,
@@ -434,11 +470,12 @@ class Runner:
         )
 
     def _settle(self, delivery: _Delivery, outcome: _Outcome) -> None:
-        """Runs on the main thread for each finished delivery."""
         self._last_activity = time.monotonic()
-        if outcome.kind == "skipped":
-            return
-        if delivery.generation != self._generation or self._channel.is_closed:
+        if (
+            delivery.generation != self._generation
+            or self._connection_failed() is not None
+            or self._channel.is_closed
+        ):
             self._log_task(
                 delivery,
                 _Outcome(
@@ -450,16 +487,19 @@ class Runner:
             )
             return
         self._finished += 1
-        self._unsettled -= 1
         if outcome.kind in ("done", "duplicate"):
             self._ack_upto = delivery.tag
             self._unlogged.append((delivery, outcome))
+            if len(self._unlogged) >= self._ack_batch_limit and self._requested_stop() is None:
+                # Half the prefetch window acked at once: the broker refills it while the
+                # held deliveries run. When stopping, the consumer is cancelled before the
+                # ack, so the broker sends no task that would only be returned.
+                self._flush_acks()
             return
+        self._flush_acks()
         if outcome.kind == "retry":
-            self._flush_acks()
             self._channel.basic_nack(delivery.tag, requeue=True)
         elif outcome.kind == "dead-letter":
-            self._flush_acks()
             outcome = self._dead_letter(delivery, outcome)
         self._log_task(delivery, outcome)
 
@@ -536,24 +576,6 @@ class Runner:
         if outcome.error is not None:
             fields["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
         event(self.log, level, "task", **fields)
-
-    # -- the handler thread -------------------------------------------------------------
-    def _handler_loop(self) -> None:
-        while True:
-            delivery = self._inbox.get()
-            if delivery is None:
-                return
-            with self._lock:
-                current = delivery.generation == self._generation
-                if current and self._starting_tasks:
-                    self._in_flight = delivery
-            outcome = (
-                self._execute(delivery) if self._in_flight is delivery else _Outcome("skipped")
-            )
-            # Queued before the task stops counting as in flight, so a main thread that sees
-            # nothing in flight finds the result already waiting.
-            self._results.put((delivery, outcome))
-            self._in_flight = None
 
     def _execute(self, delivery: _Delivery) -> _Outcome:
         props = delivery.properties
