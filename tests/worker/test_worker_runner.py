@@ -120,6 +120,11 @@ def test_sigterm_lets_the_running_task_finish_and_exits_0(bed: WorkerBed) -> Non
     assert [r["id"] for r in bed.records("done")] == ["busy"]
     assert [r["id"] for r in bed.records("start")] == ["busy"]  # took nothing new
     wait_counts(bed.broker, bed.queue, ready=1, unacked=0, consumers=0)
+    # Its consumer was cancelled before the ack, so "next" was never delivered to it: the
+    # following worker gets it as a first delivery.
+    assert bed.start_worker().wait(60) == 0
+    [later] = [r for r in bed.records("start") if r["id"] == "next"]
+    assert (later["attempt"], later["redelivered"]) == (1, False)
 
 
 def test_sigterm_past_the_grace_requeues_the_running_task(bed: WorkerBed) -> None:
@@ -152,6 +157,21 @@ def test_max_lifetime_stops_a_busy_worker(bed: WorkerBed) -> None:
     assert 1 <= done < 20
     assert "reason=max-lifetime" in worker.log()
     wait_counts(bed.broker, bed.queue, ready=20 - done, unacked=0, consumers=0)
+
+
+def test_max_lifetime_gives_up_a_task_running_past_max_task_seconds(bed: WorkerBed) -> None:
+    bed.publish({"id": "endless", "seconds": 60})
+    worker = bed.start_worker(
+        JOBTIDE_MAX_LIFETIME_SECONDS="1",
+        JOBTIDE_MAX_TASK_SECONDS="1",
+        JOBTIDE_IDLE_TIMEOUT_SECONDS="30",
+    )
+    assert worker.wait(30) == 0
+    assert bed.records("done") == []
+    log = worker.log()
+    assert "task still running at shutdown; requeued" in log
+    assert "reason=max-lifetime" in log
+    wait_counts(bed.broker, bed.queue, ready=1, unacked=0, consumers=0)
 
 
 def test_long_task_keeps_the_connection_alive_by_heartbeats(bed: WorkerBed) -> None:
