@@ -43,7 +43,8 @@ def config_document(**overrides: Any) -> dict[str, Any]:
         "namespace": "jobs",
         "release": "rel",
         "pollIntervalSeconds": 1,
-        "pipelines": {"resize": pipeline_document("resize-q")},
+        # One worker per message keeps the expected Job counts easy to read.
+        "pipelines": {"resize": pipeline_document("resize-q", messagesPerWorker=1)},
     }
     doc.update(copy.deepcopy(overrides))
     return doc

@@ -69,7 +69,8 @@ def job_template(
 
 def pipeline(queue: str, **settings: Any) -> dict[str, Any]:
     template = settings.pop("jobTemplate", None) or job_template()
-    return {"queue": queue, "jobTemplate": template, **settings}
+    # One worker per message keeps the expected Job counts easy to read.
+    return {"queue": queue, "jobTemplate": template, "messagesPerWorker": 1, **settings}
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -44,7 +44,7 @@ def test_manifest_merges_jobtide_into_the_users_template() -> None:
         {"name": "LOG_LEVEL", "value": "debug"},
         {"name": "JOBTIDE_PIPELINE", "value": "resize"},
         {"name": "JOBTIDE_QUEUE", "value": "resize-q"},
-        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": "60"},
+        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": "5"},
         {"name": "JOBTIDE_MAX_ATTEMPTS", "value": "3"},
         {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": "3600"},
     ]

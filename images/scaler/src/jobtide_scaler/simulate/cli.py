@@ -21,10 +21,10 @@ from jobtide_scaler.simulate.engine import Settings
 from jobtide_scaler.simulate.report import Comparison, compare, format_table, plot
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload, read_trace
 
-__all__ = ["main", "settings_from_values"]
+__all__ = ["PIPELINE_VALUE_KEYS", "SCALER_VALUE_KEYS", "main", "settings_from_values"]
 
 # chart values key -> Settings field, for a pipeline (merged over `pipelineDefaults`).
-_PIPELINE_KEYS = {
+PIPELINE_VALUE_KEYS = {
     "messagesPerWorker": "messages_per_worker",
     "minWorkers": "min_workers",
     "maxWorkers": "max_workers",
@@ -32,7 +32,7 @@ _PIPELINE_KEYS = {
     "activationMessages": "activation_messages",
     "idleTimeoutSeconds": "idle_timeout_seconds",
 }
-_SCALER_KEYS = {
+SCALER_VALUE_KEYS = {
     "pollIntervalSeconds": "poll_interval_seconds",
     "maxTotalWorkers": "max_total_workers",
 }
@@ -62,8 +62,8 @@ def settings_from_values(
         merged.update(_section(pipelines, name, "pipelines."))
     changes: dict[str, Any] = {}
     for sources, where in (
-        ((merged, _PIPELINE_KEYS), f"pipelines.{name}." if name else "pipelineDefaults."),
-        ((_section(values, "scaler", ""), _SCALER_KEYS), "scaler."),
+        ((merged, PIPELINE_VALUE_KEYS), f"pipelines.{name}." if name else "pipelineDefaults."),
+        ((_section(values, "scaler", ""), SCALER_VALUE_KEYS), "scaler."),
     ):
         section, keys = sources
         for key, field_name in keys.items():
