@@ -152,6 +152,10 @@ def test_unavoidable_wait_and_ideal_cost_by_hand() -> None:
     # Episode 1 starts cold at 0: pods up at 70. Task 2 waits 65. Episode 2 at 100 (the
     # system emptied at 90, only 10 s before): warm, up at 110.
     assert unavoidable_waits(workload, settings) == [70, 65, 10]
+    # One worker at most: task 2 waits for it (free at 90), and the episode then lasts until
+    # 110, so task 3 finds it busy and waits 10 s too.
+    assert unavoidable_waits(workload, settings, workers=1) == [70, 85, 10]
+    assert unavoidable_waits(workload, settings, workers=2) == [70, 65, 10]
     # Budget 0: three pods (the third starts 80 s after the others are free: restart).
     assert ideal_pod_seconds(workload, settings, 0) == 60 + 3 * 10
     # Budget 15: the second task waits for the first pod (free at 20): two pods.
