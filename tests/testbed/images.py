@@ -150,9 +150,19 @@ class DockerDaemon:
                 os.killpg(self._popen.pid, signal.SIGKILL)
                 self._popen.wait(timeout=10)
             self._popen = None
+            self._unmount_exec_root()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    def _unmount_exec_root(self) -> None:
+        """dockerd leaves its network namespace (exec-root/netns/default) mounted when it
+        exits; unmounted, the cache can be deleted with a plain `rm -rf`."""
+        prefix = f"{self.exec_root}/"
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            mount_point = line.split()[1]
+            if mount_point.startswith(prefix):
+                run(["umount", "--lazy", mount_point], check=False, timeout=30)
 
     def _stop_leftover(self) -> None:
         """A dockerd left by a crashed run still holds the data root: stop it. We hold the
