@@ -41,7 +41,12 @@ class _TextFormatter(logging.Formatter):
         return f"{self._second_text},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        if record.exc_info or record.exc_text or record.stack_info:
+            line = super().format(record)
+        else:
+            # The same line as super().format() makes of this format, without its generic
+            # steps.
+            line = f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
         fields = getattr(record, "fields", {})
         if fields:
             line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
@@ -69,4 +74,10 @@ def setup(log_format: str) -> logging.Logger:
 
 
 def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
-    logger.log(level, message, extra={"fields": fields})
+    # The record is made here rather than by Logger.log, whose search of the stack for the
+    # caller would only ever find this function: a busy worker logs a line per task.
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, (), None)
+    record.fields = fields
+    logger.handle(record)
