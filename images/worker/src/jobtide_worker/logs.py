@@ -49,7 +49,7 @@ class _TextFormatter(logging.Formatter):
             line = f"{self.formatTime(record)} {record.levelname} {record.getMessage()}"
         fields = getattr(record, "fields", {})
         if fields:
-            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+            line += " " + " ".join([f"{k}={_text_value(v)}" for k, v in fields.items()])
         return line
 
 
