@@ -1,6 +1,7 @@
 """One set of defaults: what `helm install` gives a pipeline, what the scaler assumes for a key
-its configuration file leaves out, and what the simulator (docs/simulator.md) measured and
-tuned must be the same numbers, or the simulator's figures would describe another product."""
+its configuration file leaves out, what a worker started without the chart does, and what the
+simulator (docs/simulator.md) measured and tuned must be the same numbers, or the simulator's
+figures would describe another product."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from jobtide_scaler.simulate.cli import (
     settings_from_values,
 )
 from jobtide_scaler.simulate.engine import Settings
+from jobtide_worker import WorkerConfig
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +45,14 @@ def test_the_scaler_configurations_defaults_are_the_simulators() -> None:
         assert pipeline[key]["default"] == getattr(defaults, field), key
     for key, field in SCALER_VALUE_KEYS.items():
         assert schema["properties"][key]["default"] == getattr(defaults, field), key
+
+
+def test_a_worker_started_without_the_chart_idles_as_long_as_the_simulators() -> None:
+    environment = {
+        "JOBTIDE_QUEUE": "q",
+        "JOBTIDE_BROKER_HOST": "broker",
+        "JOBTIDE_BROKER_USERNAME": "worker",
+        "JOBTIDE_BROKER_PASSWORD": "secret",
+    }
+    config = WorkerConfig.from_env(environment)
+    assert config.idle_timeout_seconds == Settings().idle_timeout_seconds

@@ -51,7 +51,7 @@ class WorkerConfig:
     queue: str
     pipeline: str
     handler: str = "handler:handle"
-    idle_timeout_seconds: float = 60.0
+    idle_timeout_seconds: float = 5.0
     max_attempts: int = 3
     max_task_seconds: float = 3600.0
     prefetch: int = 1
@@ -73,7 +73,7 @@ class WorkerConfig:
             queue=queue,
             pipeline=e.text("JOBTIDE_PIPELINE", queue),
             handler=e.handler("JOBTIDE_HANDLER", "handler:handle"),
-            idle_timeout_seconds=e.number("JOBTIDE_IDLE_TIMEOUT_SECONDS", 60.0, float, minimum=0),
+            idle_timeout_seconds=e.number("JOBTIDE_IDLE_TIMEOUT_SECONDS", 5.0, float, minimum=0),
             max_attempts=e.number("JOBTIDE_MAX_ATTEMPTS", 3, int, minimum=1),
             max_task_seconds=e.number("JOBTIDE_MAX_TASK_SECONDS", 3600.0, float, minimum=1),
             prefetch=e.number("JOBTIDE_PREFETCH", 1, int, minimum=1, maximum=65535),
