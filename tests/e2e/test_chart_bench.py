@@ -75,12 +75,7 @@ def test_drain_reaction_and_simulator_agreement(
     samples = watcher.samples
     # The drain time from the workers' own log times (same host clock): the management API's
     # counts of a quorum queue lag by up to 5 s.
-    done_at = [
-        finished_at(entry)
-        for record in watcher.workers.values()
-        for entry in record.entries()
-        if entry.get("message") == "task" and entry.get("outcome") == "done"
-    ]
+    done_at = [finished_at(entry) for entry in watcher.done_entries()]
     assert len(done_at) == TASKS
     drained = max(done_at) - published_at
     workers = [w for w in watcher.workers.values() if w.running is not None]

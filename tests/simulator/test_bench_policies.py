@@ -37,13 +37,14 @@ def goal_failures(comparison: Comparison, settings: Settings) -> list[str]:
         cost = ideal_pod_seconds(comparison.workload, settings, wait)
         return f"[an omniscient schedule with every wait <= {wait:.1f} s: {cost:.0f} pod-s]"
 
+    least_capped = ideal_wait_p95(comparison.workload, settings, settings.max_workers)
+
     def capped(wait: float) -> str:
-        least = ideal_wait_p95(comparison.workload, settings, settings.max_workers)
-        if least <= wait:
+        if least_capped <= wait:
             return ""
         return (
             f" [at most {settings.max_workers} workers, all started at each episode's first "
-            f"arrival: p95 wait {least:.1f} s]"
+            f"arrival: p95 wait {least_capped:.1f} s]"
         )
 
     ours = figures["jobtide"]

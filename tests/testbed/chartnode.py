@@ -291,14 +291,17 @@ class Watcher:
     def latest(self) -> Sample | None:
         return self.samples[-1] if self.samples else None
 
-    def done_message_ids(self) -> list[str]:
-        """Message ids of every task a finished worker logged as done (JSON logs)."""
+    def done_entries(self) -> list[dict[str, Any]]:
+        """The log line of every task a finished worker logged as done (JSON logs)."""
         return [
-            str(entry["message_id"])
+            entry
             for record in self.workers.values()
             for entry in record.entries()
             if entry.get("message") == "task" and entry.get("outcome") == "done"
         ]
+
+    def done_message_ids(self) -> list[str]:
+        return [str(entry["message_id"]) for entry in self.done_entries()]
 
     def peak_active_jobs(self, pipeline: str) -> int:
         return max((s.active_jobs.get(pipeline, 0) for s in self.samples), default=0)
