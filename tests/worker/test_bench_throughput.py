@@ -6,7 +6,6 @@ in the machine's load during the run weighs on both alike; the median ratio is t
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import statistics
@@ -17,7 +16,7 @@ from pathlib import Path
 import pika
 import pytest
 from jobtide_worker import BrokerConfig, Task, WorkerConfig
-from jobtide_worker.logs import _TextFormatter
+from jobtide_worker.logs import EventLog
 from jobtide_worker.runner import Runner
 from testbed.process import wait_for
 from testbed.rabbitmq import RabbitMQ, wait_counts
@@ -86,18 +85,9 @@ def worker_rate(broker: RabbitMQ, queue: str, prefetch: int) -> float:
     )
     # The worker's one log line per task is part of its cost: formatted as in production,
     # written to /dev/null.
-    logger = logging.getLogger("jobtide_worker.bench")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     started = time.perf_counter()
     with open(os.devnull, "w") as sink:
-        handler = logging.StreamHandler(sink)
-        handler.setFormatter(_TextFormatter())
-        logger.handlers[:] = [handler]
-        try:
-            assert Runner(trivial, config, logger).run() == 0
-        finally:
-            logger.handlers.clear()
+        assert Runner(trivial, config, EventLog("text", sink)).run() == 0
     rate = MESSAGES / (time.perf_counter() - started)
     assert done == MESSAGES
     return rate

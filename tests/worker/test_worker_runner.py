@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from testbed.process import wait_for
 from testbed.rabbitmq import wait_counts
 from workerbed import WorkerBed
 
@@ -43,6 +44,17 @@ def test_tasks_published_by_the_cli_are_done_then_the_worker_exits_idle(bed: Wor
     assert entries[-1]["message"] == "worker exiting"
     assert entries[-1]["reason"] == "idle"
     assert bed.broker.password not in worker.log()
+
+
+def test_task_lines_are_written_while_the_worker_runs_not_only_at_exit(bed: WorkerBed) -> None:
+    # The consumer thread only queues them; the main thread writes them every 0.2 s.
+    worker = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="60")
+    bed.publish({"id": 1}, {"id": 2})
+    wait_for(lambda: len(worker.task_lines()) == 2, timeout=15, what="two task lines")
+    assert worker.popen.poll() is None, "the worker should still be waiting for tasks"
+    assert all("outcome=done" in line for line in worker.task_lines())
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
 
 
 def test_handler_failing_twice_succeeds_on_the_third_attempt(bed: WorkerBed) -> None:

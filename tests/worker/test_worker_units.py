@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+import io
+import json
+import re
 from pathlib import Path
 
 import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
-from jobtide_worker.logs import _TextFormatter
+from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.task import UndecodableBody, attempt_of
 
 pytestmark = pytest.mark.unit
@@ -193,7 +195,7 @@ def test_consumer_timeouts_cover_the_longest_task() -> None:
 
 
 def test_text_log_lines_quote_only_values_that_would_break_key_value_parsing() -> None:
-    formatter = _TextFormatter()
+    stream = io.StringIO()
     fields = {
         "plain": "bench-1234",
         "number": 3,
@@ -204,11 +206,49 @@ def test_text_log_lines_quote_only_values_that_would_break_key_value_parsing() -
         "quote": 'say "hi"',
         "equals": "k=v",
     }
-    record = logging.LogRecord("t", logging.INFO, __file__, 1, "task", (), None)
-    record.fields = fields
-    line = formatter.format(record)
+    EventLog("text", stream).event(INFO, "task", **fields)
     expected = (
         'plain=bench-1234 number=3 empty="" space="a b" tab="a\\tb" nbsp="a\\u00a0b" '
         'quote="say \\"hi\\"" equals="k=v"'
     )
-    assert line.endswith(" INFO task " + expected)
+    line = stream.getvalue()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO task (.*)\n", line)
+    assert line.endswith(" INFO task " + expected + "\n")
+
+
+def test_json_log_lines_are_one_object_each_with_time_level_message_and_fields() -> None:
+    stream = io.StringIO()
+    log = EventLog("json", stream)
+    log.event(WARNING, "task", outcome="retry", attempt=2, error=ValueError("bad\nvalue"))
+    log.event(INFO, "worker exiting", reason="idle")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first.pop("time"))
+    assert first == {
+        "level": "warning",
+        "message": "task",
+        "outcome": "retry",
+        "attempt": 2,
+        "error": "bad\nvalue",
+    }
+    assert json.loads(lines[1])["message"] == "worker exiting"
+
+
+def test_deferred_lines_wait_for_a_flush_and_come_before_later_lines() -> None:
+    stream = io.StringIO()
+    log = EventLog("text", stream)
+    log.defer(INFO, "task", n=1)
+    log.defer(INFO, "task", n=2)
+    assert stream.getvalue() == ""
+    log.event(WARNING, "connection lost")
+    log.defer(INFO, "task", n=3)
+    log.flush()
+    log.flush()  # nothing deferred: writes nothing
+    lines = [line.split(" ", 2)[2] for line in stream.getvalue().splitlines()]
+    assert lines == ["INFO task n=1", "INFO task n=2", "WARNING connection lost", "INFO task n=3"]
+
+
+def test_unknown_log_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="xml"):
+        EventLog("xml")

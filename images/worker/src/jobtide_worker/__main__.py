@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from jobtide_worker.config import BrokerConfig, ConfigError, WorkerConfig
-from jobtide_worker.logs import event, setup
+from jobtide_worker.logs import ERROR, EventLog
 from jobtide_worker.runner import EXIT_CONFIG, EXIT_HANDLER, HandlerLoadError, Runner, load_handler
 
 
@@ -26,13 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"jobtide-worker: bad configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    logger = setup(config.log_format)
+    log = EventLog(config.log_format)
     try:
         handler = load_handler(config.handler)
     except HandlerLoadError as e:
-        event(logger, 40, "handler could not be loaded", handler=config.handler, error=str(e))
+        log.event(ERROR, "handler could not be loaded", handler=config.handler, error=str(e))
         return EXIT_HANDLER
-    return Runner(handler, config, logger).run()
+    return Runner(handler, config, log).run()
 
 
 def publish_main(argv: Sequence[str]) -> int:

@@ -23,23 +23,21 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import importlib
-import logging
 import signal
 import sys
 import threading
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 
 from jobtide_worker import topology
 from jobtide_worker.config import BrokerConfig, WorkerConfig
-from jobtide_worker.logs import event
+from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.task import PermanentError, Task, UndecodableBody
 
 EXIT_OK = 0
@@ -109,8 +107,9 @@ def connection_parameters(broker: BrokerConfig, name: str) -> pika.ConnectionPar
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Delivery:
+# NamedTuples rather than frozen dataclasses: a few are made for every task, and a frozen
+# dataclass takes three times as long to make.
+class _Delivery(NamedTuple):
     generation: int
     tag: int
     body: bytes
@@ -118,8 +117,7 @@ class _Delivery:
     redelivered: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     kind: str  # done | duplicate | retry | dead-letter
     attempt: int = 0
     seconds: float = 0.0
@@ -132,10 +130,10 @@ class _ChannelLost(Exception):
 
 
 class Runner:
-    def __init__(self, handler: Handler, config: WorkerConfig, logger: logging.Logger) -> None:
+    def __init__(self, handler: Handler, config: WorkerConfig, log: EventLog) -> None:
         self.handler = handler
         self.config = config
-        self.log = logger
+        self.log = log
         # Whoever holds it may touch the connection and its channels: the consumer thread,
         # except while a handler runs; the main thread only then.
         self._connection_lock = threading.Lock()
@@ -151,8 +149,7 @@ class Runner:
         self._connection_error: BaseException | None = None
         self._ack_upto = 0  # acks are batched: all tags up to this one succeeded
         self._ack_batch_limit = max(1, config.prefetch // 2)
-        # Successes acked (or about to be) whose log line is not written yet.
-        self._unlogged: list[tuple[_Delivery, _Outcome]] = []
+        self._acks_held = 0  # successes not acked yet
         self._in_flight: _Delivery | None = None
         self._done_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._received = 0
@@ -168,18 +165,23 @@ class Runner:
     # -- the main thread ----------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        event(self.log, logging.INFO, "worker starting", **self.config.summary())
+        self.log.event(INFO, "worker starting", **self.config.summary())
         consumer = threading.Thread(target=self._consumer_main, name="consumer", daemon=True)
         consumer.start()
-        while True:
-            consumer.join(_KEEPALIVE_SECONDS)
-            if not consumer.is_alive():
-                break
-            if self._requested_stop() is not None:
-                self._stopping.set()
-            if self._running_task_overdue() and self._give_up_running_task():
-                return self._exit(EXIT_OK, self._requested_stop() or "max-lifetime")
-            self._keep_connection_alive()
+        try:
+            while True:
+                consumer.join(_KEEPALIVE_SECONDS)
+                if not consumer.is_alive():
+                    break
+                # The consumer thread defers its line per task: written here, off its path.
+                self.log.flush()
+                if self._requested_stop() is not None:
+                    self._stopping.set()
+                if self._running_task_overdue() and self._give_up_running_task():
+                    return self._exit(EXIT_OK, self._requested_stop() or "max-lifetime")
+                self._keep_connection_alive()
+        finally:
+            self.log.flush()
         result = self._consumer_result
         if isinstance(result, BaseException):
             raise result
@@ -226,9 +228,8 @@ class Runner:
             # It finished meanwhile; the consumer thread stops by itself.
             self._connection_lock.release()
             return False
-        event(
-            self.log,
-            logging.WARNING,
+        self.log.event(
+            WARNING,
             "task still running at shutdown; requeued",
             message_id=running.properties.message_id,
             grace_seconds=self.config.shutdown_grace_seconds
@@ -258,9 +259,8 @@ class Runner:
         return self._connection_error
 
     def _exit(self, code: int, reason: str) -> int:
-        event(
-            self.log,
-            logging.INFO,
+        self.log.event(
+            INFO,
             "worker exiting",
             reason=reason,
             exit_code=code,
@@ -294,17 +294,15 @@ class Runner:
                 if stop_reason is not None:
                     return self._exit(EXIT_OK, stop_reason)
                 if remaining <= 0:
-                    event(
-                        self.log,
-                        logging.ERROR,
+                    self.log.event(
+                        ERROR,
                         "broker unreachable, giving up",
                         seconds=round(now - lost_since, 1),
                         error=_describe(e),
                     )
                     return EXIT_BROKER
-                event(
-                    self.log,
-                    logging.WARNING,
+                self.log.event(
+                    WARNING,
                     "broker unreachable, retrying",
                     retry_in=round(min(backoff, remaining), 1),
                     error=_describe(e),
@@ -316,16 +314,15 @@ class Runner:
             try:
                 reason = self._consume()
             except _ChannelLost as e:
-                event(
-                    self.log,
-                    logging.WARNING,
+                self.log.event(
+                    WARNING,
                     "channel closed by the broker; reopening",
                     error=str(e),
                 )
                 self._close_quietly()
                 continue
             except _CONNECTION_LOST as e:
-                event(self.log, logging.WARNING, "connection lost", error=_describe(e))
+                self.log.event(WARNING, "connection lost", error=_describe(e))
                 self._close_quietly()
                 lost_since = time.monotonic()
                 continue
@@ -365,9 +362,8 @@ class Runner:
             with contextlib.suppress(Exception):
                 connection.close()
             raise
-        event(
-            self.log,
-            logging.INFO,
+        self.log.event(
+            INFO,
             "consuming",
             queue=self.config.queue,
             prefetch=self.config.prefetch,
@@ -377,8 +373,8 @@ class Runner:
         """Run tasks until a reason to stop; raise when the channel or connection is lost.
 
         At prefetch 1 every task is a round trip (ack, next delivery), so the path from a
-        handler's return to the next read does nothing that can wait: the ack is written,
-        then the log lines, while the broker sends the next task."""
+        handler's return to the next read does nothing that can wait: the task's log line is
+        only queued, and written by the main thread."""
         while True:
             self._check_connection()
             reason = self._requested_stop() or self._limit_reached()
@@ -462,10 +458,10 @@ class Runner:
 
     def _lose_generation(self) -> None:
         """Deliveries of the current channel are void from now on (the broker requeues them)."""
-        self._log_successes()  # their ack may be lost, but the tasks were done
         self._generation += 1
         self._pending.clear()
         self._ack_upto = 0
+        self._acks_held = 0
 
     def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if self.config.max_tasks and self._received >= self.config.max_tasks:
@@ -489,6 +485,8 @@ class Runner:
             or self._connection_failed() is not None
             or self._channel.is_closed
         ):
+            if outcome.kind == "done":
+                self._remember_done(delivery)
             self._log_task(
                 delivery,
                 _Outcome(
@@ -502,12 +500,16 @@ class Runner:
         self._finished += 1
         if outcome.kind in ("done", "duplicate"):
             self._ack_upto = delivery.tag
-            self._unlogged.append((delivery, outcome))
-            if len(self._unlogged) >= self._ack_batch_limit and self._requested_stop() is None:
+            self._acks_held += 1
+            if self._acks_held >= self._ack_batch_limit and self._requested_stop() is None:
                 # Half the prefetch window acked at once: the broker refills it while the
                 # held deliveries run. When stopping, the consumer is cancelled before the
                 # ack, so the broker sends no task that would only be returned.
                 self._flush_acks()
+            # After the ack: at prefetch 1 this overlaps the broker's sending of the next task.
+            if outcome.kind == "done":
+                self._remember_done(delivery)
+            self._log_task(delivery, outcome)
             return
         self._flush_acks()
         if outcome.kind == "retry":
@@ -516,18 +518,18 @@ class Runner:
             outcome = self._dead_letter(delivery, outcome)
         self._log_task(delivery, outcome)
 
+    def _remember_done(self, delivery: _Delivery) -> None:
+        message_id = delivery.properties.message_id
+        if message_id:
+            self._done_recently[message_id] = None
+            while len(self._done_recently) > _REMEMBERED_DONE:
+                self._done_recently.popitem(last=False)
+
     def _flush_acks(self) -> None:
         if self._ack_upto and self._channel is not None and self._channel.is_open:
             self._channel.basic_ack(self._ack_upto, multiple=True)
         self._ack_upto = 0
-        self._log_successes()
-
-    def _log_successes(self) -> None:
-        # Logged after the ack so that formatting and writing the lines overlap the broker's
-        # sending of the next task rather than delaying it.
-        for delivery, outcome in self._unlogged:
-            self._log_task(delivery, outcome)
-        self._unlogged.clear()
+        self._acks_held = 0
 
     def _dead_letter(self, delivery: _Delivery, outcome: _Outcome) -> _Outcome:
         props = delivery.properties
@@ -567,28 +569,28 @@ class Runner:
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
             # Not stored by the broker: keep the original instead of losing it.
             self._channel.basic_nack(delivery.tag, requeue=True)
-            return dataclasses.replace(
-                outcome, kind="retry", reason=f"dead-letter publish failed: {_describe(e)}"
+            return outcome._replace(
+                kind="retry", reason=f"dead-letter publish failed: {_describe(e)}"
             )
         self._channel.basic_ack(delivery.tag)
         return outcome
 
     def _log_task(self, delivery: _Delivery, outcome: _Outcome) -> None:
-        level = logging.INFO if outcome.kind in ("done", "duplicate") else logging.WARNING
-        if not self.log.isEnabledFor(level):
-            return
-        fields: dict[str, Any] = {
-            "outcome": outcome.kind,
-            "queue": self.config.queue,
-            "message_id": delivery.properties.message_id,
-            "attempt": outcome.attempt,
-            "duration": f"{outcome.seconds:.3f}",
-        }
+        extra: dict[str, str] = {}
         if outcome.reason:
-            fields["reason"] = outcome.reason
+            extra["reason"] = outcome.reason
         if outcome.error is not None:
-            fields["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
-        event(self.log, level, "task", **fields)
+            extra["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
+        self.log.defer(
+            INFO if outcome.kind in ("done", "duplicate") else WARNING,
+            "task",
+            outcome=outcome.kind,
+            queue=self.config.queue,
+            message_id=delivery.properties.message_id,
+            attempt=outcome.attempt,
+            duration=f"{outcome.seconds:.3f}",
+            **extra,
+        )
 
     def _execute(self, delivery: _Delivery) -> _Outcome:
         props = delivery.properties
@@ -620,10 +622,6 @@ class Runner:
             if task.attempt >= self.config.max_attempts:
                 return _Outcome("dead-letter", task.attempt, seconds, "max-attempts", e)
             return _Outcome("retry", task.attempt, seconds, "handler-failed", e)
-        if task.message_id:
-            self._done_recently[task.message_id] = None
-            while len(self._done_recently) > _REMEMBERED_DONE:
-                self._done_recently.popitem(last=False)
         return _Outcome("done", task.attempt, time.monotonic() - started)
 
 
@@ -637,8 +635,6 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:_ERROR_TEXT_LIMIT]
 
 
-def run(handler: Handler, config: WorkerConfig, logger: logging.Logger | None = None) -> int:
+def run(handler: Handler, config: WorkerConfig, log: EventLog | None = None) -> int:
     """Consume `config.queue` with `handler` until a reason to stop; the exit code."""
-    from jobtide_worker.logs import setup
-
-    return Runner(handler, config, logger or setup(config.log_format)).run()
+    return Runner(handler, config, log or EventLog(config.log_format)).run()
