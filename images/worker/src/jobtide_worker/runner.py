@@ -7,10 +7,11 @@ costs no hand-off between threads (ack, read the next delivery, call the handler
 thread), which is what lets the runner keep up with a bare pika consumer. While a handler runs,
 the main thread takes the lock a few times a second to service the connection: heartbeats, a
 channel closed by the broker, and deliveries, which it only queues. So a task of an hour never
-starves the heartbeats. The main thread also receives the signals and, past the shutdown grace,
-closes the connection under a task that is still running so that the broker requeues it. The
-consumer thread never reconnects while a task runs: a redelivery taken then would sit unacked
-behind it (another consumer timeout, another count towards the delivery limit).
+starves the heartbeats. The main thread also receives the signals, writes the task log lines
+the consumer thread only queued, and, past the shutdown grace, closes the connection under a
+task that is still running so that the broker requeues it. The consumer thread never
+reconnects while a task runs: a redelivery taken then would sit unacked behind it (another
+consumer timeout, another count towards the delivery limit).
 
 Every delivery belongs to a channel generation. When a channel or connection is lost, the
 broker requeues its unacked deliveries, so results of an older generation are never acked on
