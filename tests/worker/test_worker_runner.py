@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from jobtide_worker import Task, WorkerConfig, run
 from testbed.process import wait_for
 from testbed.rabbitmq import wait_counts
 from workerbed import WorkerBed
@@ -55,6 +56,23 @@ def test_task_lines_are_written_while_the_worker_runs_not_only_at_exit(bed: Work
     assert all("outcome=done" in line for line in worker.task_lines())
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
+
+
+def test_run_as_a_library_call_returns_its_exit_code_and_gives_the_signals_back(
+    bed: WorkerBed,
+) -> None:
+    handled: list[int] = []
+
+    def handle(task: Task) -> None:
+        handled.append(task.json["id"])
+
+    bed.publish({"id": 1}, {"id": 2}, {"id": 3})
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    config = WorkerConfig.from_env(bed.env(JOBTIDE_IDLE_TIMEOUT_SECONDS="1"))
+    assert run(handle, config) == 0
+    assert sorted(handled) == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
 
 
 def test_handler_failing_twice_succeeds_on_the_third_attempt(bed: WorkerBed) -> None:

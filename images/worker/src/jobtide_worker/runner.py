@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pika  # type: ignore[import-untyped]
@@ -56,6 +56,7 @@ _TICK_SECONDS = 0.5
 _KEEPALIVE_SECONDS = 0.2
 _BACKOFF_FIRST_SECONDS = 0.5
 _BACKOFF_CAP_SECONDS = 8.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Handler = Callable[[Task], object]
 
@@ -165,7 +166,10 @@ class Runner:
 
     # -- the main thread ----------------------------------------------------------------
     def run(self) -> int:
-        self._install_signals()
+        with self._signals_handled():
+            return self._run()
+
+    def _run(self) -> int:
         self.log.event(INFO, "worker starting", **self.config.summary())
         consumer = threading.Thread(target=self._consumer_main, name="consumer", daemon=True)
         consumer.start()
@@ -240,8 +244,12 @@ class Runner:
         self._close_quietly()
         return True
 
-    def _install_signals(self) -> None:
+    @contextlib.contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGTERM and SIGINT stop the worker while it runs; the program's own handlers are
+        back afterwards (run() is also a library call). Only the main thread may set them."""
         if threading.current_thread() is not threading.main_thread():
+            yield
             return
 
         def stop(signum: int, _frame: types.FrameType | None) -> None:
@@ -249,8 +257,13 @@ class Runner:
                 self._sigterm_at = time.monotonic()
             self._stop_reason = "sigterm"
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
 
     # Both change behind mypy's back (signal handler, other thread): never narrow them.
     def _requested_stop(self) -> str | None:
