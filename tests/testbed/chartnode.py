@@ -263,6 +263,8 @@ class Watcher:
         self.samples: list[Sample] = []
         self.workers: dict[str, WorkerRecord] = {}  # by pod name
         self.jobs_seen: set[str] = set()
+        # Per pipeline, over every look at the cluster, also those whose broker read failed.
+        self.active_jobs_peak: dict[str, int] = {}
         self.errors: list[str] = []
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -304,7 +306,7 @@ class Watcher:
         return [str(entry["message_id"]) for entry in self.done_entries()]
 
     def peak_active_jobs(self, pipeline: str) -> int:
-        return max((s.active_jobs.get(pipeline, 0) for s in self.samples), default=0)
+        return self.active_jobs_peak.get(pipeline, 0)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -323,12 +325,31 @@ class Watcher:
 
     def _sample(self) -> None:
         now = time.monotonic() - self.started
+        # The cluster first: while the broker is away (restarting), Jobs are still counted
+        # and finished workers' logs still kept before their TTL removes them.
+        active, pending, running = self._sample_cluster(now)
         ready, unacked, acked = {}, {}, {}
         for queue in self.queues.values():
             q = self.broker.queue(queue)
             ready[queue] = int(q.get("messages_ready", 0))
             unacked[queue] = int(q.get("messages_unacknowledged", 0))
             acked[queue] = int(q.get("message_stats", {}).get("ack", 0))
+        sample = Sample(
+            elapsed=now,
+            ready=ready,
+            unacked=unacked,
+            acked=acked,
+            active_jobs=active,
+            pending_pods=pending,
+            running_pods=running,
+            done_tasks=len(self.done_message_ids()),
+        )
+        self.samples.append(sample)
+        for listener in self._listeners:
+            listener(sample)
+
+    def _sample_cluster(self, now: float) -> tuple[dict[str, int], int, int]:
+        """Active Jobs per pipeline, pending and running worker pods."""
         active: dict[str, int] = dict.fromkeys(self.queues, 0)
         for job in self._list(self.batch.list_namespaced_job):
             self.jobs_seen.add(job["metadata"]["name"])
@@ -367,19 +388,9 @@ class Watcher:
                     if terminated:
                         record.exit_code = int(terminated["exitCode"])
                 record.log = str(self.core.read_namespaced_pod_log(name, self.namespace))
-        sample = Sample(
-            elapsed=now,
-            ready=ready,
-            unacked=unacked,
-            acked=acked,
-            active_jobs=active,
-            pending_pods=pending,
-            running_pods=running,
-            done_tasks=len(self.done_message_ids()),
-        )
-        self.samples.append(sample)
-        for listener in self._listeners:
-            listener(sample)
+        for pipeline, count in active.items():
+            self.active_jobs_peak[pipeline] = max(self.active_jobs_peak.get(pipeline, 0), count)
+        return active, pending, running
 
 
 def wait_until(

@@ -44,6 +44,8 @@ CONTROLLERS = tuple(
         "node-lifecycle",
         "persistentvolumeclaim-protection",
         "persistentvolume-protection",
+        # Binds a claim to a matching static PersistentVolume (no provisioner here).
+        "persistentvolume-binder",
     )
 )
 KWOK_STAGES = Path(__file__).with_name("kwok") / "stages.yaml"

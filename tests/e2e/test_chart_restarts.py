@@ -1,0 +1,444 @@
+"""Restart anything, lose nothing: the chart on the test bed's real node, with the broker's
+data on a PersistentVolume, works through a stream of tasks while, one after the other, the
+broker pod is deleted, a busy worker is killed with SIGKILL, the scaler pod is deleted and a
+busy worker pod is deleted (SIGTERM). Every published task must still be done, nothing left
+queued, unacked or dead-lettered, Jobs never above the cap, a scaler leading again and the
+workers back to zero. How long each disruption took to heal and how many tasks ran twice are
+printed, not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from jobtide_worker.publisher import publish
+from test_chart_e2e import MAX_WORKERS, PIPELINE, QUEUE, e2e_values
+from testbed.chartnode import (
+    WORKER_SELECTOR,
+    Helm,
+    ReleaseBroker,
+    Watcher,
+    WorkerRecord,
+    diagnostics,
+    kubectl,
+    wait_until,
+    write_values,
+)
+from testbed.kube import tool
+from testbed.node import Node
+
+pytestmark = pytest.mark.e2e
+
+RELEASE = "chaos"
+# Published in two waves around the broker's restart (a producer does not publish into an
+# outage); together enough work to keep every worker busy through all four disruptions.
+WAVES = (150, 150)
+TASK_SECONDS = (0.5, 2.0)
+# Long enough that a worker finishing while the broker is away (when the watcher's samples
+# fail) is still there, with its log, when sampling resumes.
+TTL_SECONDS = 60
+BROKER_VOLUME_SIZE = "1Gi"
+# The chart's rabbitmq.podSecurityContext: a hostPath volume is not chowned to fsGroup.
+RABBITMQ_UID = 999
+BROKER_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=rabbitmq"
+SCALER_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=scaler"
+RELEASE_WORKERS = f"app.kubernetes.io/instance={RELEASE},{WORKER_SELECTOR}"
+SIGKILL_EXIT_CODE = 128 + signal.SIGKILL
+
+
+def chaos_values(storage_class: str) -> dict[str, Any]:
+    """The burst test's values, with the broker's data on a volume of `storage_class`."""
+    values = e2e_values()
+    values["rabbitmq"]["persistence"] = {
+        "enabled": True,
+        "storageClass": storage_class,
+        "size": BROKER_VOLUME_SIZE,
+    }
+    values["pipelines"][PIPELINE]["ttlSecondsAfterFinished"] = TTL_SECONDS
+    return values
+
+
+@pytest.fixture
+def broker_storage_class(kube_node: Node, node_namespace: str, tmp_path: Path) -> Iterator[str]:
+    """A static hostPath PersistentVolume for the broker's claim (the test bed has no
+    provisioner), in a storage class of its own; removed with its folder afterwards."""
+    kubeconfig = kube_node.cluster.kubeconfig
+    # Not under tmp_path: the broker's non-root user must be able to reach the folder.
+    folder = Path(tempfile.mkdtemp(prefix="jobtide-e2e-broker-", dir="/var/tmp"))
+    os.chown(folder, RABBITMQ_UID, RABBITMQ_UID)
+    storage_class = name = f"{node_namespace}-broker"
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": name},
+        "spec": {
+            "storageClassName": storage_class,
+            "capacity": {"storage": BROKER_VOLUME_SIZE},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": str(folder), "type": "Directory"},
+        },
+    }
+    kubectl(kubeconfig, "apply", "-f", str(write_values(tmp_path / "pv.yaml", manifest)))
+    try:
+        yield storage_class
+    finally:
+        # The claim outlives the release only when the uninstall failed; its protection
+        # finalizer holds it until the broker pod is gone, so the folder is no longer in use.
+        kubectl(kubeconfig, "delete", "pvc", "-n", node_namespace, "-l", BROKER_SELECTOR,
+                "--wait", "--timeout=120s", check=False, timeout=150)  # fmt: skip
+        kubectl(kubeconfig, "delete", "pv", name, "--wait", "--timeout=60s",
+                check=False, timeout=90)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def release(
+    kube_node: Node,
+    chart_images: list[str],
+    node_namespace: str,
+    broker_storage_class: str,
+    tmp_path: Path,
+) -> Iterator[Helm]:
+    helm = Helm(kube_node.cluster.kubeconfig, node_namespace)
+    values = write_values(tmp_path / "values.yaml", chaos_values(broker_storage_class))
+    helm.install(RELEASE, [values])
+    yield helm
+    helm("uninstall", RELEASE, "--wait", check=False)
+
+
+def get_pods(kubeconfig: Path, namespace: str, selector: str) -> list[dict[str, Any]]:
+    out = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json", "-l", selector)
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def busy_worker_pods(
+    broker: ReleaseBroker, kubeconfig: Path, namespace: str
+) -> list[dict[str, Any]]:
+    """Running worker pods holding an unacknowledged delivery, i.e. in the middle of a task:
+    the broker's channels name their peer's address, which is the pod's IP."""
+    response = requests.get(
+        f"http://{broker.host}:{broker.management_port}/api/channels",
+        auth=(broker.username, broker.password),
+        timeout=10,
+    )
+    response.raise_for_status()
+    busy_ips = {
+        channel["connection_details"]["peer_host"]
+        for channel in response.json()
+        if channel.get("messages_unacknowledged", 0) > 0
+    }
+    return [
+        pod
+        for pod in get_pods(kubeconfig, namespace, RELEASE_WORKERS)
+        if pod["status"].get("phase") == "Running"
+        and "deletionTimestamp" not in pod["metadata"]
+        and pod["status"].get("podIP") in busy_ips
+    ]
+
+
+def container_pid(node: Node, pod: dict[str, Any]) -> int:
+    """The host PID of the pod's (only) container: the worker process itself, since the
+    image's entrypoint runs the worker in exec form."""
+    container_id = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    for line in node.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == container_id:
+            return int(pid)
+    raise LookupError(f"no containerd task for {pod['metadata']['name']}")
+
+
+class LogFollower:
+    """`kubectl logs -f` of one pod from before it is deleted until its container ends: a
+    deleted pod's log goes with it."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, pod: str) -> None:
+        self.lines: list[str] = []
+        self._process = subprocess.Popen(
+            [tool("kubectl"), "--kubeconfig", str(kubeconfig), "logs", "-f", pod, "-n", namespace],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"logs-{pod}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._process.stdout is not None
+        for line in self._process.stdout:
+            self.lines.append(line)
+
+    def text(self, timeout: float) -> str:
+        """The whole log, once the container has ended (the stream closes then)."""
+        try:
+            self._process.wait(timeout=timeout)
+        finally:
+            if self._process.poll() is None:
+                self._process.kill()
+                self._process.wait()
+        self._reader.join(timeout=10)
+        return "".join(self.lines)
+
+
+def executions(records: list[WorkerRecord]) -> Counter[str]:
+    """Handler runs that succeeded, per message id: `done`, and `ack-lost` after a success
+    whose ack the channel's loss swallowed (the broker then redelivers the task)."""
+    runs: Counter[str] = Counter()
+    for record in records:
+        for entry in record.entries():
+            if entry.get("message") != "task":
+                continue
+            ack_lost_after_success = entry.get("outcome") == "ack-lost" and str(
+                entry.get("reason", "")
+            ).endswith("before done")
+            if entry.get("outcome") == "done" or ack_lost_after_success:
+                runs[str(entry["message_id"])] += 1
+    return runs
+
+
+def completed_ids(records: list[WorkerRecord]) -> set[str]:
+    """Message ids acknowledged after a successful run: `done`, or `duplicate` (the same
+    worker did the task before its ack was lost, and acked the redelivery without a rerun)."""
+    return {
+        str(entry["message_id"])
+        for record in records
+        for entry in record.entries()
+        if entry.get("message") == "task" and entry.get("outcome") in ("done", "duplicate")
+    }
+
+
+def lease_holder(kubeconfig: Path, namespace: str) -> str:
+    # The scaler's Lease is named as its Deployment (both the chart's scaler fullname).
+    deployment = kubectl(kubeconfig, "get", "deployment", "-n", namespace, "-l", SCALER_SELECTOR,
+                         "-o", "jsonpath={.items[0].metadata.name}")  # fmt: skip
+    lease = json.loads(kubectl(kubeconfig, "get", "lease", deployment, "-n", namespace, "-o",
+                               "json", check=False) or "{}")  # fmt: skip
+    return str(lease.get("spec", {}).get("holderIdentity") or "")
+
+
+def scaler_metric(pod: dict[str, Any], name: str) -> float | None:
+    port = next(
+        p["containerPort"]
+        for container in pod["spec"]["containers"]
+        for p in container.get("ports", [])
+        if p.get("name") == "metrics"
+    )
+    response = requests.get(f"http://{pod['status']['podIP']}:{port}/metrics", timeout=10)
+    response.raise_for_status()
+    for line in response.text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None
+
+
+def test_restarts_of_broker_scaler_and_workers_lose_no_task(
+    kube_node: Node, release: Helm, node_namespace: str
+) -> None:
+    kubeconfig = kube_node.cluster.kubeconfig
+    namespace = node_namespace
+    broker = ReleaseBroker.find(kubeconfig, namespace, RELEASE)
+    claims = kubectl(kubeconfig, "get", "pvc", "-n", namespace, "-l", BROKER_SELECTOR,
+                     "-o", "jsonpath={.items[*].status.phase}")  # fmt: skip
+    assert claims == "Bound"  # the broker really keeps its data on the volume
+    rng = random.Random(19)
+    published: list[str] = []
+    healed: dict[str, float] = {}
+    # Watcher-relative times during which its samples may fail: the broker is away, or a
+    # deleted pod vanishes between the watcher's listing and its log read.
+    disrupted: list[tuple[float, float]] = []
+
+    def tasks(count: int) -> list[dict[str, float]]:
+        return [{"seconds": round(rng.uniform(*TASK_SECONDS), 2)} for _ in range(count)]
+
+    def running_workers() -> list[dict[str, Any]]:
+        pods = get_pods(kubeconfig, namespace, RELEASE_WORKERS)
+        return [p for p in pods if p["status"].get("phase") == "Running"]
+
+    def all_workers_busy() -> bool:
+        return len(busy_worker_pods(broker, kubeconfig, namespace)) == MAX_WORKERS
+
+    with Watcher(kubeconfig, namespace, broker, {PIPELINE: QUEUE}) as watcher:
+        try:
+            published += publish(QUEUE, tasks(WAVES[0]), broker=broker.config(), declare=False)
+            wait_until(all_workers_busy, timeout=180, what="every worker busy with a task")
+
+            # 1. The broker pod: the StatefulSet makes a new one on the same claim, so the
+            # quorum queue's messages (ready, and those unacked at the time) come back.
+            (old_broker,) = get_pods(kubeconfig, namespace, BROKER_SELECTOR)
+            began, outage_from = time.monotonic(), time.monotonic() - watcher.started
+            kubectl(kubeconfig, "delete", "pod", old_broker["metadata"]["name"], "-n",
+                    namespace, "--wait=false")  # fmt: skip
+
+            def new_broker_ready() -> bool:
+                pods = get_pods(kubeconfig, namespace, BROKER_SELECTOR)
+                return any(
+                    p["metadata"]["uid"] != old_broker["metadata"]["uid"] and is_ready(p)
+                    for p in pods
+                )
+
+            wait_until(new_broker_ready, timeout=180, what="a new broker pod ready")
+            broker = ReleaseBroker.find(kubeconfig, namespace, RELEASE)
+            watcher.broker = broker
+            # Healed once workers ack again: acks counted by the new broker process.
+            wait_until(
+                lambda: int(broker.queue(QUEUE).get("message_stats", {}).get("ack", 0)) > 0,
+                timeout=120,
+                what="workers acking tasks on the restarted broker",
+            )
+            healed["broker pod deleted"] = time.monotonic() - began
+            disrupted.append((outage_from, time.monotonic() - watcher.started + 2))
+            published += publish(QUEUE, tasks(WAVES[1]), broker=broker.config(), declare=False)
+
+            # 2. A crash: SIGKILL to a busy worker's process, found on the host. Its Job
+            # fails (backoffLimit 0) and keeps the pod, so its log stays for the watcher.
+            wait_until(all_workers_busy, timeout=120, what="every worker busy again")
+            crashed = busy_worker_pods(broker, kubeconfig, namespace)[0]
+            crashed_name = crashed["metadata"]["name"]
+            began = time.monotonic()
+            os.kill(container_pid(kube_node, crashed), signal.SIGKILL)
+            wait_until(
+                lambda: (
+                    crashed_name in watcher.workers
+                    and watcher.workers[crashed_name].log is not None
+                ),
+                timeout=60,
+                what="the killed worker's pod failed and its log kept",
+            )
+            wait_until(
+                lambda: (
+                    crashed_name not in {p["metadata"]["name"] for p in running_workers()}
+                    and len(running_workers()) == MAX_WORKERS
+                ),
+                timeout=120,
+                what="a replacement worker running",
+            )
+            healed["worker killed (SIGKILL)"] = time.monotonic() - began
+
+            # 3. The scaler pod: the Deployment makes a new one, which takes the Lease (the
+            # old one hands it back on SIGTERM).
+            (old_scaler,) = get_pods(kubeconfig, namespace, SCALER_SELECTOR)
+            old_holder = lease_holder(kubeconfig, namespace)
+            assert old_holder.startswith(f"{old_scaler['metadata']['name']}_")
+            began = time.monotonic()
+            kubectl(kubeconfig, "delete", "pod", old_scaler["metadata"]["name"], "-n",
+                    namespace, "--wait=false")  # fmt: skip
+
+            def new_scaler_leads() -> bool:
+                holder = lease_holder(kubeconfig, namespace)
+                return any(
+                    p["metadata"]["uid"] != old_scaler["metadata"]["uid"]
+                    and holder.startswith(f"{p['metadata']['name']}_")
+                    for p in get_pods(kubeconfig, namespace, SCALER_SELECTOR)
+                )
+
+            wait_until(new_scaler_leads, timeout=120, what="a new scaler holding the Lease")
+            healed["scaler pod deleted"] = time.monotonic() - began
+
+            # 4. A busy worker pod deleted: SIGTERM, the running task finishes within the
+            # grace (or is requeued). The pod goes away with its log, so the log is followed
+            # from before the delete until the container ends.
+            wait_until(all_workers_busy, timeout=120, what="every worker busy again")
+            stopped = busy_worker_pods(broker, kubeconfig, namespace)[0]
+            stopped_name = stopped["metadata"]["name"]
+            follower = LogFollower(kubeconfig, namespace, stopped_name)
+            wait_until(lambda: bool(follower.lines), timeout=30, what="the log being followed")
+            began, deleted_at = time.monotonic(), time.monotonic() - watcher.started
+            kubectl(kubeconfig, "delete", "pod", stopped_name, "-n", namespace, "--wait=false")
+            stopped_log = follower.text(timeout=90)
+            wait_until(
+                lambda: stopped_name
+                not in {p["metadata"]["name"] for p in get_pods(kubeconfig, namespace,
+                                                                RELEASE_WORKERS)},
+                timeout=60,
+                what="the deleted worker pod gone",
+            )  # fmt: skip
+            healed["worker pod deleted (SIGTERM)"] = time.monotonic() - began
+            disrupted.append((deleted_at, time.monotonic() - watcher.started + 2))
+            record = watcher.workers[stopped_name]
+            if record.log is None or len(record.log) < len(stopped_log):
+                record.log = stopped_log
+
+            wait_until(
+                lambda: completed_ids(list(watcher.workers.values())) >= set(published),
+                timeout=300,
+                what="every task logged done by an exited worker",
+            )
+            wait_until(
+                lambda: (
+                    not any(
+                        p["status"].get("phase") in ("Pending", "Running")
+                        for p in get_pods(kubeconfig, namespace, RELEASE_WORKERS)
+                    )
+                    and watcher.latest is not None
+                    and watcher.latest.active_jobs.get(PIPELINE, 0) == 0
+                ),
+                timeout=120,
+                what="workers back to zero",
+            )
+            wait_until(
+                lambda: broker.depth(QUEUE) == 0 and broker.depth(f"{QUEUE}.dlq") == 0,
+                timeout=60,
+                what="the queue and its dead-letter queue counted empty",
+            )
+        except BaseException:
+            print("\n\n".join(diagnostics(kubeconfig, namespace)))
+            raise
+    finished_at = watcher.samples[-1].elapsed if watcher.samples else 0.0
+
+    # Only the broker's absence and a vanishing pod may have spoiled a sample.
+    for error in watcher.errors:
+        at = float(error.split("s:", 1)[0])
+        assert any(start <= at <= end for start, end in disrupted), error
+
+    # Every published task done at least once; nothing queued, unacked or dead-lettered.
+    workers = list(watcher.workers.values())
+    assert len(published) == sum(WAVES)
+    assert completed_ids(workers) >= set(published)
+    queue, dead_letters = broker.queue(QUEUE), broker.queue(f"{QUEUE}.dlq")
+    assert (queue["messages_ready"], queue["messages_unacknowledged"]) == (0, 0)
+    assert dead_letters["messages"] == 0
+    assert not [e for w in workers for e in w.entries() if e.get("outcome") == "dead-letter"]
+
+    # The cap held through the scaler's handover and the replacement of failed Jobs.
+    assert watcher.peak_active_jobs(PIPELINE) <= MAX_WORKERS
+    # The crash shows as one; the SIGTERM'd worker finished its task and left cleanly; every
+    # other worker left when idle, none gave up on the broker during its restart.
+    assert watcher.workers[crashed_name].exit_code == SIGKILL_EXIT_CODE
+    assert watcher.workers[stopped_name].exit_reason() == "sigterm"
+    others = [w for name, w in watcher.workers.items() if name not in (crashed_name, stopped_name)]
+    assert {(w.exit_code, w.exit_reason()) for w in others} == {(0, "idle")}
+
+    # A scaler leads again: the new pod holds the Lease and says so in its metrics.
+    (scaler,) = get_pods(kubeconfig, namespace, SCALER_SELECTOR)
+    assert lease_holder(kubeconfig, namespace).startswith(f"{scaler['metadata']['name']}_")
+    assert scaler_metric(scaler, "jobtide_leader") == 1.0
+
+    runs = executions(workers)
+    twice = sum(1 for count in runs.values() if count > 1)
+    print(
+        f"\n{len(published)} tasks through {len(watcher.jobs_seen)} worker Jobs "
+        f"(cap {MAX_WORKERS}, peak {watcher.peak_active_jobs(PIPELINE)}); all done and "
+        f"workers at zero {finished_at:.0f} s after the first publish"
+    )
+    for disruption, seconds in healed.items():
+        print(f"  {disruption}: healed in {seconds:.1f} s")
+    print(f"  tasks run more than once: {twice} ({sum(runs.values()) - len(runs)} extra runs)")
