@@ -167,12 +167,24 @@ def container_pid(node: Node, pod: dict[str, Any]) -> int:
     raise LookupError(f"no containerd task for {pod['metadata']['name']}")
 
 
+def is_task_done(log_line: str) -> bool:
+    try:
+        entry = json.loads(log_line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and (entry.get("message"), entry.get("outcome")) == (
+        "task",
+        "done",
+    )
+
+
 class LogFollower:
-    """`kubectl logs -f` of one pod from before it is deleted until its container ends: a
-    deleted pod's log goes with it."""
+    """`kubectl logs -f` of one pod, line by line as the worker writes them, until its
+    container ends (a deleted pod's log goes with it)."""
 
     def __init__(self, kubeconfig: Path, namespace: str, pod: str) -> None:
         self.lines: list[str] = []
+        self._new_line = threading.Condition()
         self._process = subprocess.Popen(
             [tool("kubectl"), "--kubeconfig", str(kubeconfig), "logs", "-f", pod, "-n", namespace],
             stdout=subprocess.PIPE,
@@ -185,7 +197,21 @@ class LogFollower:
     def _read(self) -> None:
         assert self._process.stdout is not None
         for line in self._process.stdout:
-            self.lines.append(line)
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+
+    def next_task_done(self, timeout: float) -> None:
+        """Return as soon as the worker logs a task done after this call."""
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            seen = len(self.lines)
+            while not any(is_task_done(line) for line in self.lines[seen:]):
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no task done within {timeout:.0f} s")
+                self._new_line.wait(remaining)
 
     def text(self, timeout: float) -> str:
         """The whole log, once the container has ended (the stream closes then)."""
@@ -273,13 +299,21 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
         pods = get_pods(kubeconfig, namespace, RELEASE_WORKERS)
         return [p for p in pods if p["status"].get("phase") == "Running"]
 
-    def all_workers_busy() -> bool:
-        return len(busy_worker_pods(broker, kubeconfig, namespace)) == MAX_WORKERS
+    def busy_worker_once_all_are(timeout: float) -> dict[str, Any]:
+        """A busy worker pod, from a look at the release that found every worker busy."""
+        busy: list[dict[str, Any]] = []
+
+        def all_busy() -> bool:
+            busy[:] = busy_worker_pods(broker, kubeconfig, namespace)
+            return len(busy) == MAX_WORKERS
+
+        wait_until(all_busy, timeout=timeout, what="every worker busy with a task")
+        return busy[0]
 
     with Watcher(kubeconfig, namespace, broker, {PIPELINE: QUEUE}) as watcher:
         try:
             published += publish(QUEUE, tasks(WAVES[0]), broker=broker.config(), declare=False)
-            wait_until(all_workers_busy, timeout=180, what="every worker busy with a task")
+            busy_worker_once_all_are(timeout=180)
 
             # 1. The broker pod: the StatefulSet makes a new one on the same claim, so the
             # quorum queue's messages (ready, and those unacked at the time) come back.
@@ -310,11 +344,17 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
 
             # 2. A crash: SIGKILL to a busy worker's process, found on the host. Its Job
             # fails (backoffLimit 0) and keeps the pod, so its log stays for the watcher.
-            wait_until(all_workers_busy, timeout=120, what="every worker busy again")
-            crashed = busy_worker_pods(broker, kubeconfig, namespace)[0]
+            # A worker writes a task's line a moment after the ack, so a kill in between
+            # would hide a task that is done: the kill comes right after a task's line,
+            # while the next task (at least 0.5 s) runs, unacked, to be redelivered.
+            crashed = busy_worker_once_all_are(timeout=120)
             crashed_name = crashed["metadata"]["name"]
+            crashed_pid = container_pid(kube_node, crashed)
+            crashed_log = LogFollower(kubeconfig, namespace, crashed_name)
+            crashed_log.next_task_done(timeout=30)
+            os.kill(crashed_pid, signal.SIGKILL)
             began = time.monotonic()
-            os.kill(container_pid(kube_node, crashed), signal.SIGKILL)
+            crashed_log.text(timeout=30)
             wait_until(
                 lambda: (
                     crashed_name in watcher.workers
@@ -356,8 +396,7 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             # 4. A busy worker pod deleted: SIGTERM, the running task finishes within the
             # grace (or is requeued). The pod goes away with its log, so the log is followed
             # from before the delete until the container ends.
-            wait_until(all_workers_busy, timeout=120, what="every worker busy again")
-            stopped = busy_worker_pods(broker, kubeconfig, namespace)[0]
+            stopped = busy_worker_once_all_are(timeout=120)
             stopped_name = stopped["metadata"]["name"]
             follower = LogFollower(kubeconfig, namespace, stopped_name)
             wait_until(lambda: bool(follower.lines), timeout=30, what="the log being followed")
@@ -401,6 +440,8 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             )
         except BaseException:
             print("\n\n".join(diagnostics(kubeconfig, namespace)))
+            unlogged = set(published) - completed_ids(list(watcher.workers.values()))
+            print(f"{len(unlogged)} published tasks not logged done: {sorted(unlogged)[:10]}")
             raise
     finished_at = watcher.samples[-1].elapsed if watcher.samples else 0.0
 
