@@ -13,9 +13,7 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +35,6 @@ from testbed.chartnode import (
     wait_until,
     write_values,
 )
-from testbed.kube import tool
 from testbed.node import Node
 
 pytestmark = pytest.mark.e2e
@@ -167,62 +164,78 @@ def container_pid(node: Node, pod: dict[str, Any]) -> int:
     raise LookupError(f"no containerd task for {pod['metadata']['name']}")
 
 
-def is_task_done(log_line: str) -> bool:
+def log_entry(line: str) -> dict[str, Any]:
+    """A worker's JSON log line; {} for anything else."""
     try:
-        entry = json.loads(log_line)
+        entry = json.loads(line)
     except ValueError:
-        return False
-    return isinstance(entry, dict) and (entry.get("message"), entry.get("outcome")) == (
-        "task",
-        "done",
-    )
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
-class LogFollower:
-    """`kubectl logs -f` of one pod, line by line as the worker writes them, until its
-    container ends (a deleted pod's log goes with it)."""
+def log_message(line: str) -> str | None:
+    message = log_entry(line).get("message")
+    return None if message is None else str(message)
 
-    def __init__(self, kubeconfig: Path, namespace: str, pod: str) -> None:
+
+def is_task_done(line: str) -> bool:
+    entry = log_entry(line)
+    return (entry.get("message"), entry.get("outcome")) == ("task", "done")
+
+
+class ContainerLog:
+    """A worker pod's container log, read from kubelet's file on the host. Opened before the
+    pod is disrupted, it stays readable after kubelet removes it with the pod, and a line
+    shows there as soon as the worker writes it (no API round trip)."""
+
+    def __init__(self, node: Node, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        container = pod["spec"]["containers"][0]["name"]
+        folder = f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        # restartPolicy Never: the first container's log is the only one.
+        self._file = (node.root / "pod-logs" / folder / container / "0.log").open("rb")
         self.lines: list[str] = []
-        self._new_line = threading.Condition()
-        self._process = subprocess.Popen(
-            [tool("kubectl"), "--kubeconfig", str(kubeconfig), "logs", "-f", pod, "-n", namespace],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"logs-{pod}", daemon=True)
-        self._reader.start()
+        self._unread = b""  # a record still being written
+        self._unfinished = ""  # parts of a line split over records
 
-    def _read(self) -> None:
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
-            with self._new_line:
-                self.lines.append(line)
-                self._new_line.notify_all()
+    def read(self) -> list[str]:
+        """Lines written since the last read. The file's lines are CRI records,
+        `<time> <stream> <P|F> <text>`, P marking a part of a longer line."""
+        *records, self._unread = (self._unread + self._file.read()).split(b"\n")
+        new: list[str] = []
+        for record in records:
+            _, _, tag, text = record.decode().split(" ", 3)
+            self._unfinished += text
+            if tag == "F":
+                new.append(self._unfinished)
+                self._unfinished = ""
+        self.lines += new
+        return new
 
     def next_task_done(self, timeout: float) -> None:
         """Return as soon as the worker logs a task done after this call."""
         deadline = time.monotonic() + timeout
-        with self._new_line:
-            seen = len(self.lines)
-            while not any(is_task_done(line) for line in self.lines[seen:]):
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no task done within {timeout:.0f} s")
-                self._new_line.wait(remaining)
+        self.read()
+        while not any(is_task_done(line) for line in self.read()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no task done within {timeout:.0f} s")
+            time.sleep(0.01)
 
-    def text(self, timeout: float) -> str:
-        """The whole log, once the container has ended (the stream closes then)."""
-        try:
-            self._process.wait(timeout=timeout)
-        finally:
-            if self._process.poll() is None:
-                self._process.kill()
-                self._process.wait()
-        self._reader.join(timeout=10)
-        return "".join(self.lines)
+    def text_until_exit(self, timeout: float) -> str:
+        """The whole log, once the worker has logged its exit."""
+
+        def exited() -> bool:
+            self.read()
+            return any(log_message(line) == "worker exiting" for line in self.lines)
+
+        wait_until(exited, timeout=timeout, interval=0.2, what="the worker's exit line")
+        return "".join(f"{line}\n" for line in self.lines)
+
+    def __enter__(self) -> ContainerLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
 
 
 def executions(records: list[WorkerRecord]) -> Counter[str]:
@@ -350,11 +363,10 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             crashed = busy_worker_once_all_are(timeout=120)
             crashed_name = crashed["metadata"]["name"]
             crashed_pid = container_pid(kube_node, crashed)
-            crashed_log = LogFollower(kubeconfig, namespace, crashed_name)
-            crashed_log.next_task_done(timeout=30)
-            os.kill(crashed_pid, signal.SIGKILL)
+            with ContainerLog(kube_node, crashed) as crashed_log:
+                crashed_log.next_task_done(timeout=30)
+                os.kill(crashed_pid, signal.SIGKILL)
             began = time.monotonic()
-            crashed_log.text(timeout=30)
             wait_until(
                 lambda: (
                     crashed_name in watcher.workers
@@ -394,15 +406,15 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             healed["scaler pod deleted"] = time.monotonic() - began
 
             # 4. A busy worker pod deleted: SIGTERM, the running task finishes within the
-            # grace (or is requeued). The pod goes away with its log, so the log is followed
-            # from before the delete until the container ends.
+            # grace (or is requeued). The pod goes away with its log, so its log file is
+            # opened before the delete and read until the worker's exit line.
             stopped = busy_worker_once_all_are(timeout=120)
             stopped_name = stopped["metadata"]["name"]
-            follower = LogFollower(kubeconfig, namespace, stopped_name)
-            wait_until(lambda: bool(follower.lines), timeout=30, what="the log being followed")
-            began, deleted_at = time.monotonic(), time.monotonic() - watcher.started
-            kubectl(kubeconfig, "delete", "pod", stopped_name, "-n", namespace, "--wait=false")
-            stopped_log = follower.text(timeout=90)
+            with ContainerLog(kube_node, stopped) as stopped_log:
+                began, deleted_at = time.monotonic(), time.monotonic() - watcher.started
+                kubectl(kubeconfig, "delete", "pod", stopped_name, "-n", namespace,
+                        "--wait=false")  # fmt: skip
+                stopped_text = stopped_log.text_until_exit(timeout=90)
             wait_until(
                 lambda: stopped_name
                 not in {p["metadata"]["name"] for p in get_pods(kubeconfig, namespace,
@@ -413,8 +425,8 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             healed["worker pod deleted (SIGTERM)"] = time.monotonic() - began
             disrupted.append((deleted_at, time.monotonic() - watcher.started + 2))
             record = watcher.workers[stopped_name]
-            if record.log is None or len(record.log) < len(stopped_log):
-                record.log = stopped_log
+            if record.log is None or len(record.log) < len(stopped_text):
+                record.log = stopped_text
 
             wait_until(
                 lambda: completed_ids(list(watcher.workers.values())) >= set(published),
@@ -442,6 +454,10 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             print("\n\n".join(diagnostics(kubeconfig, namespace)))
             unlogged = set(published) - completed_ids(list(watcher.workers.values()))
             print(f"{len(unlogged)} published tasks not logged done: {sorted(unlogged)[:10]}")
+            for name, record in watcher.workers.items():
+                for line in (record.log or "").splitlines():
+                    if any(message_id in line for message_id in unlogged):
+                        print(f"{name} (exit {record.exit_code}): {line}")
             raise
     finished_at = watcher.samples[-1].elapsed if watcher.samples else 0.0
 
