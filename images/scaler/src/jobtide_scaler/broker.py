@@ -74,9 +74,14 @@ class Broker:
     def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
         """The latest reading of each queue that was ever read; absent queues are missing."""
         wanted = list(dict.fromkeys(queues))
+        # Stamped here, before either source is asked: the management API's figures are at
+        # least that old (older, by the broker's statistics interval), so a passive declare
+        # made after it counts as fresher. Stamped in the pool's thread instead, a thread that
+        # started late (a busy machine) made stale management figures win over live ones.
+        asked_at = self.clock()
         # The two sources answer in parallel: the management request takes about as long as
         # fifty passive declares.
-        management = self._pool.submit(self._read_management)
+        management = self._pool.submit(self._read_management, asked_at)
         if self.use_amqp:
             self._read_amqp(wanted)
         management.result()
@@ -97,12 +102,9 @@ class Broker:
                 readings[queue] = managed
         return readings
 
-    def _read_management(self) -> None:
+    def _read_management(self, asked_at: float) -> None:
         vhost = quote(self.settings.vhost, safe="")
         url = f"{self.settings.management_url}/api/queues/{vhost}"
-        # Stamped before asking: the figures are at least that old (older, by the broker's
-        # statistics interval), so a passive declare made meanwhile counts as fresher.
-        asked_at = self.clock()
         try:
             response = self._session.get(
                 url,
