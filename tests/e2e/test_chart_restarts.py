@@ -32,6 +32,7 @@ from testbed.chartnode import (
     WorkerRecord,
     diagnostics,
     kubectl,
+    log_entry,
     wait_until,
     write_values,
 )
@@ -133,15 +134,9 @@ def busy_worker_pods(
 ) -> list[dict[str, Any]]:
     """Running worker pods holding an unacknowledged delivery, i.e. in the middle of a task:
     the broker's channels name their peer's address, which is the pod's IP."""
-    response = requests.get(
-        f"http://{broker.host}:{broker.management_port}/api/channels",
-        auth=(broker.username, broker.password),
-        timeout=10,
-    )
-    response.raise_for_status()
     busy_ips = {
         channel["connection_details"]["peer_host"]
-        for channel in response.json()
+        for channel in broker.api("channels")
         if channel.get("messages_unacknowledged", 0) > 0
     }
     return [
@@ -162,15 +157,6 @@ def container_pid(node: Node, pod: dict[str, Any]) -> int:
         if task == container_id:
             return int(pid)
     raise LookupError(f"no containerd task for {pod['metadata']['name']}")
-
-
-def log_entry(line: str) -> dict[str, Any]:
-    """A worker's JSON log line; {} for anything else."""
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return {}
-    return entry if isinstance(entry, dict) else {}
 
 
 def log_message(line: str) -> str | None:

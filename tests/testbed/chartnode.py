@@ -9,7 +9,6 @@ The host reaches pods directly: it owns the node's bridge, so a pod IP is a rout
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import subprocess
 import threading
@@ -179,14 +178,18 @@ class ReleaseBroker:
             host=self.host, port=self.amqp_port, username=self.username, password=self.password
         )
 
-    def queue(self, name: str) -> dict[str, Any]:
+    def api(self, path: str) -> Any:
+        """GET `/api/<path>` of the management API, decoded."""
         response = requests.get(
-            f"http://{self.host}:{self.management_port}/api/queues/%2F/{name}",
+            f"http://{self.host}:{self.management_port}/api/{path}",
             auth=(self.username, self.password),
             timeout=10,
         )
         response.raise_for_status()
-        queue: dict[str, Any] = response.json()
+        return response.json()
+
+    def queue(self, name: str) -> dict[str, Any]:
+        queue: dict[str, Any] = self.api(f"queues/%2F/{name}")
         return queue
 
     def depth(self, name: str) -> int | None:
@@ -214,6 +217,15 @@ class Sample:
         return sum(self.ready.values()) + sum(self.unacked.values())
 
 
+def log_entry(line: str) -> dict[str, Any]:
+    """A worker's JSON log line (JOBTIDE_LOG_FORMAT=json); {} for anything else."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
 @dataclass
 class WorkerRecord:
     job: str
@@ -226,13 +238,7 @@ class WorkerRecord:
 
     def entries(self) -> list[dict[str, Any]]:
         """The worker's JSON log lines (JOBTIDE_LOG_FORMAT=json)."""
-        out = []
-        for line in (self.log or "").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    out.append(entry)
-        return out
+        return [entry for line in (self.log or "").splitlines() if (entry := log_entry(line))]
 
     def exit_reason(self) -> str | None:
         reasons = [e.get("reason") for e in self.entries() if e.get("message") == "worker exiting"]

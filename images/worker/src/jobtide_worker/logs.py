@@ -18,8 +18,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
-_LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
+INFO, WARNING, ERROR = logging.INFO, logging.WARNING, logging.ERROR
 
 # One regex search instead of a per-character loop: this runs for every field of every task's
 # log line.
@@ -89,7 +88,7 @@ class EventLog:
                 else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             )
         millis = int((at - second) * 1000)
-        level_name = _LEVEL_NAMES.get(level) or logging.getLevelName(level)
+        level_name = logging.getLevelName(level)
         if self._json:
             entry: dict[str, Any] = {
                 "time": f"{self._second_text}.{millis:03d}Z",
