@@ -9,8 +9,8 @@ import uuid
 import pika
 import pytest
 from jobtide_scaler.broker import Broker
-from jobtide_scaler.config import BrokerSettings
 from jobtide_worker import topology
+from jobtide_worker.config import BrokerConfig
 from testbed.process import wait_for
 from testbed.rabbitmq import RabbitMQ
 
@@ -25,7 +25,7 @@ def test_live_ready_count_wins_even_when_the_management_request_starts_late(
     channel = connection.channel()
     topology.declare(channel, queue)
     broker = Broker(
-        BrokerSettings(
+        BrokerConfig(
             host=rabbitmq.host,
             port=rabbitmq.amqp_port,
             management_port=rabbitmq.management_port,

@@ -20,21 +20,21 @@ def problems_of(document: Any, env: dict[str, str] | None = None) -> list[str]:
     return raised.value.problems
 
 
-def test_defaults_come_from_the_schema() -> None:
+def test_defaults_come_from_the_settings_and_the_schema() -> None:
     config = build_config(config_document(), BROKER_ENV)
     assert config.namespace == "jobs"
-    assert config.broker_stale_after_seconds == 30
-    assert config.max_total_workers == 100
+    assert config.settings.broker_stale_after_seconds == 30
+    assert config.settings.max_total_workers == 100
     assert config.leader_election.lease_name == "rel-jobtide-scaler"
     assert config.leader_election.enabled is True
     assert config.metrics_port == 8080
     (pipeline,) = config.pipelines
     assert pipeline.name == "resize"
     assert pipeline.queue == "resize-q"
-    assert pipeline.policy.max_workers == 20
-    assert pipeline.policy.messages_per_worker == 1
-    assert pipeline.failed_jobs_history_limit == 5
-    assert pipeline.ttl_seconds_after_finished == 300
+    assert pipeline.settings.max_workers == 20
+    assert pipeline.settings.messages_per_worker == 1
+    assert pipeline.settings.failed_jobs_history_limit == 5
+    assert pipeline.settings.ttl_seconds_after_finished == 300
     assert config.broker.port == 5672
     assert config.broker.management_port == 15672
     assert config.broker.vhost == "/"
@@ -119,7 +119,7 @@ def test_every_problem_is_reported_at_once() -> None:
     [
         ({"JOBTIDE_BROKER_PORT": "amqp"}, "JOBTIDE_BROKER_PORT"),
         ({"JOBTIDE_BROKER_MANAGEMENT_PORT": "0"}, "JOBTIDE_BROKER_MANAGEMENT_PORT"),
-        ({"JOBTIDE_BROKER_TLS": "yes"}, "JOBTIDE_BROKER_TLS"),
+        ({"JOBTIDE_BROKER_TLS": "maybe"}, "JOBTIDE_BROKER_TLS"),
         ({"JOBTIDE_BROKER_PASSWORD_FILE": "/nonexistent/password"}, "JOBTIDE_BROKER_PASSWORD_FILE"),
     ],
 )
@@ -135,7 +135,8 @@ def test_credentials_from_files(tmp_path: Path) -> None:
         "JOBTIDE_BROKER_HOST": "rabbit",
         "JOBTIDE_BROKER_USERNAME_FILE": str(tmp_path / "user"),
         "JOBTIDE_BROKER_PASSWORD_FILE": str(tmp_path / "pass"),
-        "JOBTIDE_BROKER_TLS": "true",
+        # The worker's spelling: one parser of the broker variables for both programs.
+        "JOBTIDE_BROKER_TLS": "yes",
         "JOBTIDE_BROKER_VHOST": "pipelines",
     }
     broker = build_config(config_document(), env).broker

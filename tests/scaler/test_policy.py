@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jobtide_scaler.policy import Observation, PipelinePolicy, jobs_to_create
+from jobtide_scaler.policy import Observation, PipelineSettings, jobs_to_create
 
 pytestmark = pytest.mark.unit
 
@@ -16,17 +16,15 @@ def policy(
     max_workers: int = 20,
     max_new: int = 10,
     activation: int = 0,
-) -> PipelinePolicy:
-    return PipelinePolicy(per_worker, min_workers, max_workers, max_new, activation)
+) -> PipelineSettings:
+    return PipelineSettings(per_worker, min_workers, max_workers, max_new, activation)
 
 
-def seen(
-    ready: int = 0, unacked: int = 0, active: int = 0, pending: int = 0, fresh: bool = True
-) -> Observation:
-    return Observation(ready, unacked, active, pending, fresh)
+def seen(ready: int = 0, unacked: int = 0, active: int = 0, fresh: bool = True) -> Observation:
+    return Observation(ready, unacked, active, fresh)
 
 
-def one(p: PipelinePolicy, o: Observation, total: int = 1000) -> int:
+def one(p: PipelineSettings, o: Observation, total: int = 1000) -> int:
     return jobs_to_create({"p": (p, o)}, total)["p"]
 
 
@@ -37,8 +35,9 @@ def one(p: PipelinePolicy, o: Observation, total: int = 1000) -> int:
         pytest.param(policy(), seen(ready=3), 3, id="one worker per message"),
         pytest.param(policy(per_worker=2), seen(ready=5), 3, id="ceil(5/2)"),
         pytest.param(policy(per_worker=10), seen(ready=1), 1, id="backlog and no worker: one"),
-        pytest.param(policy(), seen(ready=5, active=5, pending=5), 0, id="cold pool: no storm"),
-        pytest.param(policy(), seen(ready=5, active=2, pending=2), 3, id="pending count"),
+        # Active Jobs include the pending ones (no pod running yet, e.g. waiting for a node).
+        pytest.param(policy(), seen(ready=5, active=5), 0, id="cold pool: no storm"),
+        pytest.param(policy(), seen(ready=5, active=2), 3, id="pending count"),
         pytest.param(policy(), seen(ready=0, unacked=4, active=4), 0, id="in flight covered"),
         pytest.param(policy(), seen(ready=2, unacked=4, active=4), 2, id="5114: no waiting"),
         pytest.param(policy(max_workers=4), seen(ready=9), 4, id="max_workers"),
@@ -51,7 +50,7 @@ def one(p: PipelinePolicy, o: Observation, total: int = 1000) -> int:
         pytest.param(policy(), seen(ready=1, active=7), 0, id="more active than wanted"),
     ],
 )
-def test_worked_cases(settings: PipelinePolicy, observation: Observation, expected: int) -> None:
+def test_worked_cases(settings: PipelineSettings, observation: Observation, expected: int) -> None:
     assert one(settings, observation) == expected
 
 
@@ -74,20 +73,20 @@ def test_global_cap_counts_stale_pipelines_active_jobs() -> None:
 
 
 def test_invalid_settings_name_the_field() -> None:
-    with pytest.raises(ValueError, match="messages_per_worker"):
+    with pytest.raises(ValueError, match="messagesPerWorker"):
         policy(per_worker=0)
-    with pytest.raises(ValueError, match="min_workers"):
+    with pytest.raises(ValueError, match="minWorkers"):
         policy(min_workers=3, max_workers=2)
     with pytest.raises(ValueError, match="ready"):
         seen(ready=-1)
 
 
 policies = st.builds(
-    lambda per, low, extra, new, act: PipelinePolicy(per, low, low + extra, new, act),
+    lambda per, low, extra, new, act: PipelineSettings(per, low, low + extra, new, act),
     st.integers(1, 20),
     st.integers(0, 10),
     st.integers(0, 30),
-    st.integers(0, 15),
+    st.integers(1, 15),
     st.integers(0, 20),
 )
 
@@ -99,7 +98,6 @@ def observations(draw: st.DrawFn) -> Observation:
         ready=draw(st.integers(0, 500)),
         unacked=draw(st.integers(0, active)),
         active_jobs=active,
-        pending_jobs=draw(st.integers(0, active)),
         broker_fresh=draw(st.booleans()),
     )
 
@@ -111,7 +109,7 @@ pipeline_maps = st.dictionaries(
 
 @given(pipeline_maps, st.integers(0, 200))
 def test_never_negative_never_above_caps(
-    pipelines: dict[str, tuple[PipelinePolicy, Observation]], total: int
+    pipelines: dict[str, tuple[PipelineSettings, Observation]], total: int
 ) -> None:
     decision = jobs_to_create(pipelines, total)
     assert decision.keys() == pipelines.keys()
@@ -126,11 +124,9 @@ def test_never_negative_never_above_caps(
 
 @given(policies, observations(), st.integers(0, 500), st.integers(0, 200))
 def test_a_smaller_backlog_never_gets_more(
-    p: PipelinePolicy, o: Observation, less: int, total: int
+    p: PipelineSettings, o: Observation, less: int, total: int
 ) -> None:
-    smaller = Observation(
-        max(0, o.ready - less), o.unacked, o.active_jobs, o.pending_jobs, o.broker_fresh
-    )
+    smaller = Observation(max(0, o.ready - less), o.unacked, o.active_jobs, o.broker_fresh)
     others = {"other": (policy(), seen(ready=30, active=3))}
     bigger_decision = jobs_to_create({"p": (p, o), **others}, total)["p"]
     smaller_decision = jobs_to_create({"p": (p, smaller), **others}, total)["p"]
@@ -138,7 +134,7 @@ def test_a_smaller_backlog_never_gets_more(
 
 
 @given(policies, observations())
-def test_backlog_without_workers_starts_one(p: PipelinePolicy, o: Observation) -> None:
-    idle_queue = Observation(o.ready, 0, 0, 0, True)
+def test_backlog_without_workers_starts_one(p: PipelineSettings, o: Observation) -> None:
+    idle_queue = Observation(o.ready, 0, 0, True)
     if idle_queue.ready > p.activation_messages and p.max_workers and p.max_new_per_cycle:
         assert one(p, idle_queue, total=1) == 1

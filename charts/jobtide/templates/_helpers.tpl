@@ -121,11 +121,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.rabbitmq.consumerTimeoutSeconds }}
 {{- mul (int64 .Values.rabbitmq.consumerTimeoutSeconds) 1000 }}
 {{- else }}
-{{- $longest := 0 }}
+{{- $longest := 0.0 }}
 {{- range $name, $p := (include "jobtide.pipelines" . | fromYaml) }}
-{{- $longest = max $longest (int64 $p.maxTaskSeconds) }}
+{{- $longest = maxf $longest $p.maxTaskSeconds }}
 {{- end }}
-{{- /* Same rule as jobtide_worker.topology.broker_consumer_timeout_ms: 60 s margin, never below 30 min. */}}
-{{- max 1800000 (mul (add $longest 60) 1000) }}
+{{- /* Same rule as jobtide_worker.topology.broker_consumer_timeout_ms: 60 s margin, never below 30 min. maxTaskSeconds may have a fraction. */}}
+{{- max 1800000 (int64 (ceil (mulf (addf $longest 60) 1000))) }}
 {{- end }}
 {{- end }}

@@ -33,8 +33,8 @@ defaults, secure contexts and the pipeline's podTemplate merged over them.
 {{- $podAnnotations := mustMergeOverwrite (deepCopy ($root.Values.nodePool.podAnnotations | default dict)) ($podMeta.annotations | default dict) }}
 {{- $jobTemplate := dict "metadata" (dict "labels" $labels "annotations" dict) "spec" (dict "template" (dict "metadata" (dict "labels" $podLabels "annotations" $podAnnotations) "spec" $podSpec)) }}
 {{- $settings := dict "queue" $p.queue "jobTemplate" $jobTemplate }}
-{{- range $key := list "messagesPerWorker" "minWorkers" "maxWorkers" "maxNewPerCycle" "activationMessages" "idleTimeoutSeconds" "maxAttempts" "maxTaskSeconds" "backoffLimit" "ttlSecondsAfterFinished" "failedJobsHistoryLimit" }}
-{{- $_ := set $settings $key (int64 (get $p $key)) }}
+{{- range $key := include "jobtide.pipelineSettingKeys" $root | fromJsonArray }}
+{{- $_ := set $settings $key (get $p $key) }}
 {{- end }}
 {{- $_ := set $pipelines $name $settings }}
 {{- end }}
@@ -42,11 +42,11 @@ defaults, secure contexts and the pipeline's podTemplate merged over them.
 {{- $config := dict
   "namespace" .Release.Namespace
   "release" .Release.Name
-  "pollIntervalSeconds" (int64 .Values.scaler.pollIntervalSeconds)
-  "brokerStaleAfterSeconds" (int64 .Values.scaler.brokerStaleAfterSeconds)
-  "maxTotalWorkers" (int64 .Values.scaler.maxTotalWorkers)
   "leaderElection" (dict "enabled" $election.enabled "leaseName" (include "jobtide.scaler.fullname" .) "leaseDurationSeconds" (int64 $election.leaseDurationSeconds) "renewDeadlineSeconds" (int64 $election.renewDeadlineSeconds) "retryPeriodSeconds" (int64 $election.retryPeriodSeconds))
   "metrics" (dict "port" (int64 .Values.scaler.metrics.port))
   "pipelines" $pipelines }}
+{{- range $key := include "jobtide.scalerSettingKeys" . | fromJsonArray }}
+{{- $_ := set $config $key (get $root.Values.scaler $key) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}

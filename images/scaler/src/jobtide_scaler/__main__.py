@@ -66,7 +66,8 @@ def run(config: ScalerConfig, options: argparse.Namespace) -> int:
     )
     broker = Broker(config.broker, on_error=metrics.error)
     health = Health(
-        stall_seconds=max(60.0, 6 * config.poll_interval_seconds), ready=lambda: cluster.synced
+        stall_seconds=max(60.0, 6 * config.settings.poll_interval_seconds),
+        ready=lambda: cluster.synced,
     )
     server = MetricsServer(config.metrics_port, metrics, health)
     elector: LeaderElector | None = None
@@ -110,7 +111,7 @@ def run(config: ScalerConfig, options: argparse.Namespace) -> int:
             health.cycle_done()
             if config.once:
                 break
-            shutdown.wait(config.poll_interval_seconds)
+            shutdown.wait(config.settings.poll_interval_seconds)
     finally:
         if elector is not None:
             elector.stop()

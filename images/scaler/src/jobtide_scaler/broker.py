@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +20,7 @@ from urllib.parse import quote
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import requests
-
-from jobtide_scaler.config import BrokerSettings
+from jobtide_worker.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +46,12 @@ class _Live:
 class Broker:
     def __init__(
         self,
-        settings: BrokerSettings,
+        settings: BrokerConfig,
         *,
-        use_amqp: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_error: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.settings = settings
-        self.use_amqp = use_amqp
         self.clock = clock
         self._on_error = on_error
         self._session = requests.Session()
@@ -82,8 +78,7 @@ class Broker:
         # The two sources answer in parallel: the management request takes about as long as
         # fifty passive declares.
         management = self._pool.submit(self._read_management, asked_at)
-        if self.use_amqp:
-            self._read_amqp(wanted)
+        self._read_amqp(wanted)
         management.result()
         readings = {}
         for queue in wanted:
@@ -132,21 +127,13 @@ class Broker:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         if self._connection is None or not self._connection.is_open:
-            s = self.settings
-            parameters = pika.ConnectionParameters(
-                host=s.host,
-                port=s.port,
-                virtual_host=s.vhost,
-                credentials=pika.PlainCredentials(s.username, s.password),
+            parameters = self.settings.connection_parameters(
+                "jobtide-scaler",
                 # Used only briefly each cycle, possibly minutes apart: a dead connection
                 # shows on the next declare and is opened again.
-                heartbeat=0,
+                heartbeat_seconds=0,
                 socket_timeout=AMQP_TIMEOUT,
                 blocked_connection_timeout=AMQP_TIMEOUT,
-                connection_attempts=1,
-                ssl_options=pika.SSLOptions(ssl.create_default_context(), s.host)
-                if s.tls
-                else None,
             )
             self._connection = pika.BlockingConnection(parameters)
         self._channel = self._connection.channel()

@@ -1,6 +1,8 @@
 """The scaler's one configuration object: the configuration file (validated against
 config.schema.json) plus the broker's address and credentials from the environment. Both are
-described in docs/architecture.md."""
+described in docs/architecture.md. The settings come from their single definitions
+(`jobtide_worker.pipeline_settings`, `jobtide_scaler.settings`), the broker from the one
+parser of `JOBTIDE_BROKER_*` (`jobtide_worker.config.BrokerConfig`)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,18 @@ import copy
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
+from jobtide_worker.config import BrokerConfig
+from jobtide_worker.config import ConfigError as BrokerEnvironmentError
+from jobtide_worker.pipeline_settings import PipelineSettings, SettingsError, read_settings
 
-from jobtide_scaler.policy import PipelinePolicy
+from jobtide_scaler.settings import ScalerSettings
 
 SERVICE_ACCOUNT_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 REDACTED = "<redacted>"
@@ -35,22 +40,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class BrokerSettings:
-    host: str
-    port: int
-    management_port: int
-    vhost: str
-    username: str
-    password: str = field(repr=False)
-    tls: bool
-
-    @property
-    def management_url(self) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{self.host}:{self.management_port}"
-
-
-@dataclass(frozen=True)
 class LeaderElectionSettings:
     enabled: bool
     lease_name: str
@@ -60,16 +49,10 @@ class LeaderElectionSettings:
 
 
 @dataclass(frozen=True)
-class PipelineSettings:
+class PipelineConfig:
     name: str
     queue: str
-    policy: PipelinePolicy
-    idle_timeout_seconds: float
-    max_attempts: int
-    max_task_seconds: float
-    backoff_limit: int
-    ttl_seconds_after_finished: int
-    failed_jobs_history_limit: int
+    settings: PipelineSettings
     # Kept as JSON text so the configuration stays immutable; jobs.build_job parses a copy.
     job_template_json: str
 
@@ -78,13 +61,11 @@ class PipelineSettings:
 class ScalerConfig:
     namespace: str
     release: str
-    poll_interval_seconds: float
-    broker_stale_after_seconds: float
-    max_total_workers: int
+    settings: ScalerSettings
     leader_election: LeaderElectionSettings
     metrics_port: int
-    pipelines: tuple[PipelineSettings, ...]
-    broker: BrokerSettings
+    pipelines: tuple[PipelineConfig, ...]
+    broker: BrokerConfig
     dry_run: bool = False
     once: bool = False
 
@@ -137,7 +118,8 @@ def schema_problems(document: Any, schema: Mapping[str, Any] | None = None) -> l
 
 
 def _defaults(schema: Mapping[str, Any], *pointer: str) -> dict[str, Any]:
-    """The `default` of each property of the object at `pointer`, following one $ref."""
+    """The `default` of each property of the object at `pointer` (the settings' defaults come
+    from their dataclasses; the schema's copies of those are generated documentation)."""
     node: Mapping[str, Any] = schema
     for part in pointer:
         node = node[part]
@@ -148,86 +130,39 @@ def _defaults(schema: Mapping[str, Any], *pointer: str) -> dict[str, Any]:
     return result
 
 
-def _cross_field_problems(document: Mapping[str, Any], release: str) -> list[str]:
+def _leader_election_problems(election: Mapping[str, Any]) -> list[str]:
     problems = []
-    election = document.get("leaderElection", {})
-    lease = election.get("leaseDurationSeconds", 15)
-    renew = election.get("renewDeadlineSeconds", 10)
-    retry = election.get("retryPeriodSeconds", 2)
-    if not renew < lease:
+    if not election["renewDeadlineSeconds"] < election["leaseDurationSeconds"]:
         problems.append(
             "leaderElection.renewDeadlineSeconds: must be less than leaseDurationSeconds, "
             "or a stalled leader could still act after another took over"
         )
-    if not retry < renew:
+    if not election["retryPeriodSeconds"] < election["renewDeadlineSeconds"]:
         problems.append("leaderElection.retryPeriodSeconds: must be less than renewDeadlineSeconds")
-    for name, pipeline in document.get("pipelines", {}).items():
-        if pipeline.get("minWorkers", 0) > pipeline.get("maxWorkers", 20):
-            problems.append(f"pipelines.{name}.minWorkers: greater than maxWorkers")
-        generated_length = len(release) + 1 + len(name) + 1 + _GENERATED_SUFFIX
-        if generated_length > _MAX_JOB_NAME:
-            problems.append(
-                f"pipelines.{name}: release and pipeline name too long for Job names "
-                f"({generated_length} > {_MAX_JOB_NAME} characters)"
-            )
     return problems
 
 
-def _env_value(env: Mapping[str, str], name: str, problems: list[str]) -> str | None:
-    """`name` from the environment or from the file named by `name_FILE`."""
-    file_name = env.get(f"{name}_FILE")
-    if file_name:
-        try:
-            return Path(file_name).read_text().strip()
-        except OSError as e:
-            problems.append(f"{name}_FILE: cannot read {file_name}: {e.strerror}")
-            return None
-    return env.get(name)
+def _job_name_problem(release: str, pipeline: str) -> str | None:
+    generated_length = len(release) + 1 + len(pipeline) + 1 + _GENERATED_SUFFIX
+    if generated_length > _MAX_JOB_NAME:
+        return (
+            f"pipelines.{pipeline}: release and pipeline name too long for Job names "
+            f"({generated_length} > {_MAX_JOB_NAME} characters)"
+        )
+    return None
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, problems: list[str]) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def _read_pipeline(name: str, document: Mapping[str, Any], problems: list[str]) -> PipelineConfig:
     try:
-        value = int(raw)
-    except ValueError:
-        problems.append(f"{name}: not an integer: {raw!r}")
-        return default
-    if not 0 < value < 65536:
-        problems.append(f"{name}: not a port number: {value}")
-    return value
-
-
-def broker_from_env(env: Mapping[str, str]) -> tuple[BrokerSettings | None, list[str]]:
-    problems: list[str] = []
-    host = env.get("JOBTIDE_BROKER_HOST", "")
-    if not host:
-        problems.append("JOBTIDE_BROKER_HOST: required")
-    username = _env_value(env, "JOBTIDE_BROKER_USERNAME", problems)
-    password = _env_value(env, "JOBTIDE_BROKER_PASSWORD", problems)
-    if not username:
-        problems.append("JOBTIDE_BROKER_USERNAME: required (or JOBTIDE_BROKER_USERNAME_FILE)")
-    if not password:
-        problems.append("JOBTIDE_BROKER_PASSWORD: required (or JOBTIDE_BROKER_PASSWORD_FILE)")
-    tls_raw = env.get("JOBTIDE_BROKER_TLS", "false").strip().lower()
-    if tls_raw not in ("true", "false"):
-        problems.append(f"JOBTIDE_BROKER_TLS: must be true or false, not {tls_raw!r}")
-    port = _env_int(env, "JOBTIDE_BROKER_PORT", 5672, problems)
-    management_port = _env_int(env, "JOBTIDE_BROKER_MANAGEMENT_PORT", 15672, problems)
-    if problems:
-        return None, problems
-    return (
-        BrokerSettings(
-            host=host,
-            port=port,
-            management_port=management_port,
-            vhost=env.get("JOBTIDE_BROKER_VHOST") or "/",
-            username=username or "",
-            password=password or "",
-            tls=tls_raw == "true",
-        ),
-        [],
+        settings = read_settings(PipelineSettings, document)
+    except SettingsError as e:
+        problems += [f"pipelines.{name}.{problem}" for problem in e.problems]
+        settings = PipelineSettings()
+    return PipelineConfig(
+        name=name,
+        queue=document["queue"],
+        settings=settings,
+        job_template_json=json.dumps(copy.deepcopy(document["jobTemplate"]), sort_keys=True),
     )
 
 
@@ -249,10 +184,11 @@ def build_config(
     """Validate the parsed file and the environment together and report every problem."""
     schema = load_schema()
     problems = schema_problems(document, schema)
-    if not problems:
-        problems += _cross_field_problems(document, document["release"])
-    broker, broker_problems = broker_from_env(env)
-    problems += broker_problems
+    try:
+        broker: BrokerConfig | None = BrokerConfig.from_env(env)
+    except BrokerEnvironmentError as e:
+        broker = None
+        problems += e.problems
     namespace = None
     if isinstance(document, dict):
         namespace = document.get("namespace") or own_namespace or _own_namespace()
@@ -261,43 +197,28 @@ def build_config(
     if problems or broker is None or namespace is None:
         raise ConfigError(problems)
 
-    top = {**_defaults(schema), **document}
+    release = document["release"]
     election = {
         **_defaults(schema, "properties", "leaderElection"),
-        **top.get("leaderElection", {}),
+        **document.get("leaderElection", {}),
     }
-    metrics = {**_defaults(schema, "properties", "metrics"), **top.get("metrics", {})}
-    pipeline_defaults = _defaults(schema, "$defs", "pipeline")
+    problems += _leader_election_problems(election)
+    metrics = {**_defaults(schema, "properties", "metrics"), **document.get("metrics", {})}
     pipelines = []
-    for name, raw in sorted(top["pipelines"].items()):
-        p = {**pipeline_defaults, **raw}
-        pipelines.append(
-            PipelineSettings(
-                name=name,
-                queue=p["queue"],
-                policy=PipelinePolicy(
-                    messages_per_worker=p["messagesPerWorker"],
-                    min_workers=p["minWorkers"],
-                    max_workers=p["maxWorkers"],
-                    max_new_per_cycle=p["maxNewPerCycle"],
-                    activation_messages=p["activationMessages"],
-                ),
-                idle_timeout_seconds=p["idleTimeoutSeconds"],
-                max_attempts=p["maxAttempts"],
-                max_task_seconds=p["maxTaskSeconds"],
-                backoff_limit=p["backoffLimit"],
-                ttl_seconds_after_finished=p["ttlSecondsAfterFinished"],
-                failed_jobs_history_limit=p["failedJobsHistoryLimit"],
-                job_template_json=json.dumps(copy.deepcopy(p["jobTemplate"]), sort_keys=True),
-            )
-        )
-    release = top["release"]
+    for name, raw in sorted(document["pipelines"].items()):
+        pipelines.append(_read_pipeline(name, raw, problems))
+        if (problem := _job_name_problem(release, name)) is not None:
+            problems.append(problem)
+    try:
+        settings = read_settings(ScalerSettings, document)
+    except SettingsError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
     return ScalerConfig(
         namespace=namespace,
         release=release,
-        poll_interval_seconds=top["pollIntervalSeconds"],
-        broker_stale_after_seconds=top["brokerStaleAfterSeconds"],
-        max_total_workers=top["maxTotalWorkers"],
+        settings=settings,
         leader_election=LeaderElectionSettings(
             enabled=election["enabled"],
             lease_name=election.get("leaseName") or f"{release}-jobtide-scaler",

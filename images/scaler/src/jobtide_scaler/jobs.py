@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jobtide_scaler.config import PipelineSettings
+from jobtide_scaler.config import PipelineConfig
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -34,13 +34,14 @@ def cache_selector(release: str) -> str:
     return f"{LABEL_INSTANCE}={release},{LABEL_COMPONENT}=worker"
 
 
-def worker_env(pipeline: PipelineSettings) -> list[dict[str, str]]:
+def worker_env(pipeline: PipelineConfig) -> list[dict[str, str]]:
+    settings = pipeline.settings
     return [
         {"name": "JOBTIDE_PIPELINE", "value": pipeline.name},
         {"name": "JOBTIDE_QUEUE", "value": pipeline.queue},
-        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": _number(pipeline.idle_timeout_seconds)},
-        {"name": "JOBTIDE_MAX_ATTEMPTS", "value": str(pipeline.max_attempts)},
-        {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": _number(pipeline.max_task_seconds)},
+        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": _number(settings.idle_timeout_seconds)},
+        {"name": "JOBTIDE_MAX_ATTEMPTS", "value": str(settings.max_attempts)},
+        {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": _number(settings.max_task_seconds)},
     ]
 
 
@@ -56,7 +57,7 @@ def _merge_env(container: dict[str, Any], ours: list[dict[str, str]]) -> None:
     container["env"] = kept + ours
 
 
-def build_job(pipeline: PipelineSettings, release: str, create_id: str) -> dict[str, Any]:
+def build_job(pipeline: PipelineConfig, release: str, create_id: str) -> dict[str, Any]:
     """The Job to POST for one new worker of `pipeline`."""
     job: dict[str, Any] = json.loads(pipeline.job_template_json)
     labels = job_labels(release, pipeline.name)
@@ -76,8 +77,8 @@ def build_job(pipeline: PipelineSettings, release: str, create_id: str) -> dict[
     job.pop("status", None)
 
     spec = job["spec"]
-    spec["backoffLimit"] = pipeline.backoff_limit
-    spec["ttlSecondsAfterFinished"] = pipeline.ttl_seconds_after_finished
+    spec["backoffLimit"] = pipeline.settings.backoff_limit
+    spec["ttlSecondsAfterFinished"] = pipeline.settings.ttl_seconds_after_finished
     template = spec["template"]
     pod_metadata = template.setdefault("metadata", {}) or {}
     template["metadata"] = pod_metadata

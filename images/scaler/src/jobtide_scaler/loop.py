@@ -6,7 +6,7 @@ lost after sending, a 5xx), the Job may exist or not. The pipeline then stays "i
 creates nothing until either the cache sees a Job with that create id (it landed, and is
 counted like any other) or the cache has been synced while `doubt_seconds` passed since the
 call (by then the apiserver has answered or given up on it: it did not land). Jobs that were
-created for sure but are not in the cache yet count as active and pending, so a slow watch
+created for sure but are not in the cache yet count as active Jobs, so a slow watch
 event cannot cause a second Job either."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from jobtide_scaler.cluster import (
     JobCounts,
     JobRecord,
 )
-from jobtide_scaler.config import PipelineSettings, ScalerConfig
+from jobtide_scaler.config import PipelineConfig, ScalerConfig
 from jobtide_scaler.jobs import build_job
 from jobtide_scaler.metrics import Metrics
 from jobtide_scaler.policy import Observation, jobs_to_create
@@ -95,10 +95,7 @@ class CreateLedger:
 @dataclass(frozen=True)
 class PipelineDecision:
     pipeline: str
-    observation: Observation
-    wanted: int
     result: str  # the `result` label of jobtide_decisions_total
-    created: int
 
 
 class Scaler:
@@ -141,13 +138,12 @@ class Scaler:
             counts = snapshot.counts.get(p.name, JobCounts())
             uncounted = self.ledger.uncounted(p.name)
             fresh = reading is not None and (
-                now - reading.read_at <= self.config.broker_stale_after_seconds
+                now - reading.read_at <= self.config.settings.broker_stale_after_seconds
             )
             observations[p.name] = Observation(
                 ready=reading.ready if reading else 0,
                 unacked=reading.unacked if reading else 0,
                 active_jobs=counts.active + uncounted,
-                pending_jobs=counts.pending + uncounted,
                 broker_fresh=fresh,
             )
             m = self.metrics
@@ -164,39 +160,39 @@ class Scaler:
         snapshot = self.jobs.snapshot()
         observations = self._observe(snapshot)
         wanted = jobs_to_create(
-            {p.name: (p.policy, observations[p.name]) for p in self.config.pipelines},
-            self.config.max_total_workers,
+            {p.name: (p.settings, observations[p.name]) for p in self.config.pipelines},
+            self.config.settings.max_total_workers,
         )
         leading = self.leadership.is_leader()
         decisions = []
         for p in self.config.pipelines:
             observation = observations[p.name]
             count = wanted.get(p.name, 0)
-            result, created = self._act(p, observation, count, snapshot.synced, leading)
+            result = self._act(p, observation, count, snapshot.synced, leading)
             self.metrics.decisions.labels(p.name, result).inc()
-            decisions.append(PipelineDecision(p.name, observation, count, result, created))
+            decisions.append(PipelineDecision(p.name, result))
         if leading and snapshot.synced and not self.config.dry_run:
             self._trim_failed(snapshot)
         return decisions
 
     def _act(
         self,
-        p: PipelineSettings,
+        p: PipelineConfig,
         observation: Observation,
         count: int,
         synced: bool,
         leading: bool,
-    ) -> tuple[str, int]:
+    ) -> str:
         if not synced:
-            return "cache_unsynced", 0
+            return "cache_unsynced"
         if not observation.broker_fresh:
-            return "stale", 0
+            return "stale"
         if self.ledger.is_in_doubt(p.name):
-            return "in_doubt", 0
+            return "in_doubt"
         if not leading:
-            return "not_leader", 0  # the leader decides; this replica only watches
+            return "not_leader"  # the leader decides; this replica only watches
         if count == 0:
-            return "none", 0
+            return "none"
         if self.config.dry_run:
             log.info(
                 "dry run: would create %d Job(s) for pipeline %s (%s)",
@@ -204,7 +200,7 @@ class Scaler:
                 p.name,
                 _describe(observation),
             )
-            return "dry_run", 0
+            return "dry_run"
         created = self._create(p, count)
         log.info(
             "created %d of %d Job(s) for pipeline %s (%s)",
@@ -213,9 +209,9 @@ class Scaler:
             p.name,
             _describe(observation),
         )
-        return "create", created
+        return "create"
 
-    def _create(self, p: PipelineSettings, count: int) -> int:
+    def _create(self, p: PipelineConfig, count: int) -> int:
         cycle_id = self.new_id()
         created = 0
         for index in range(count):
@@ -246,7 +242,7 @@ class Scaler:
     def _trim_failed(self, snapshot: CacheSnapshot) -> None:
         for p in self.config.pipelines:
             failed = snapshot.failed.get(p.name, [])
-            excess = len(failed) - p.failed_jobs_history_limit
+            excess = len(failed) - p.settings.failed_jobs_history_limit
             if excess <= 0:
                 continue
             for record in oldest_first(failed)[:excess]:
@@ -260,7 +256,7 @@ class Scaler:
                 log.info(
                     "deleted failed Job %s (beyond failedJobsHistoryLimit %d)",
                     record.name,
-                    p.failed_jobs_history_limit,
+                    p.settings.failed_jobs_history_limit,
                 )
 
 
@@ -270,4 +266,4 @@ def oldest_first(records: Sequence[JobRecord]) -> list[JobRecord]:
 
 
 def _describe(o: Observation) -> str:
-    return f"ready={o.ready} unacked={o.unacked} active={o.active_jobs} pending={o.pending_jobs}"
+    return f"ready={o.ready} unacked={o.unacked} active={o.active_jobs}"

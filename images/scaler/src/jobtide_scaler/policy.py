@@ -2,7 +2,9 @@
 
 Pure: no Kubernetes, no RabbitMQ, no network, no clock. The scaler loop, the tests and the
 simulator (`jobtide_scaler.simulate`) all call `jobs_to_create`, so what the simulator
-measures is what the scaler does. The interface is a contract (docs/architecture.md).
+measures is what the scaler does. The interface is a contract (docs/architecture.md); a
+pipeline's settings are `jobtide_worker.pipeline_settings.PipelineSettings`, their one
+definition, validated when made.
 
 For each pipeline with fresh broker data:
 
@@ -43,49 +45,33 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Observation", "PipelinePolicy", "desired_workers", "jobs_to_create"]
+from jobtide_worker.pipeline_settings import PipelineSettings
 
-
-@dataclass(frozen=True)
-class PipelinePolicy:
-    """A pipeline's scaling settings (from the configuration file)."""
-
-    messages_per_worker: int
-    min_workers: int
-    max_workers: int
-    max_new_per_cycle: int
-    activation_messages: int
-
-    def __post_init__(self) -> None:
-        _require(self.messages_per_worker >= 1, "messages_per_worker must be at least 1")
-        _require(self.min_workers >= 0, "min_workers must not be negative")
-        _require(self.max_workers >= 0, "max_workers must not be negative")
-        _require(self.min_workers <= self.max_workers, "min_workers must not exceed max_workers")
-        _require(self.max_new_per_cycle >= 0, "max_new_per_cycle must not be negative")
-        _require(self.activation_messages >= 0, "activation_messages must not be negative")
+__all__ = ["Observation", "PipelineSettings", "desired_workers", "jobs_to_create"]
 
 
 @dataclass(frozen=True)
 class Observation:
-    """What the adapters saw for one pipeline in this cycle."""
+    """What the adapters saw for one pipeline in this cycle.
+
+    Pending Jobs (no pod running yet) are part of `active_jobs` and need no count of their
+    own. KEDA's `accurate` strategy keeps them apart because its queue length is ready
+    messages only: a running Job's message has left that count, so only pending Jobs may be
+    subtracted from it. Here the backlog includes the in-flight messages (`unacked`), so every
+    active Job, pending or running, is subtracted alike."""
 
     ready: int
     unacked: int
     active_jobs: int
-    pending_jobs: int
     broker_fresh: bool
 
     def __post_init__(self) -> None:
-        for name in ("ready", "unacked", "active_jobs", "pending_jobs"):
-            _require(getattr(self, name) >= 0, f"{name} must not be negative")
+        for name in ("ready", "unacked", "active_jobs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def desired_workers(policy: PipelinePolicy, observation: Observation) -> int:
+def desired_workers(policy: PipelineSettings, observation: Observation) -> int:
     """Active Jobs the pipeline should have for this backlog, within its own caps."""
     backlog = observation.ready + observation.unacked
     if backlog > policy.activation_messages:
@@ -95,7 +81,7 @@ def desired_workers(policy: PipelinePolicy, observation: Observation) -> int:
     return min(max(demand, policy.min_workers), policy.max_workers)
 
 
-def _wanted(policy: PipelinePolicy, observation: Observation) -> int:
+def _wanted(policy: PipelineSettings, observation: Observation) -> int:
     if not observation.broker_fresh:
         return 0
     missing = desired_workers(policy, observation) - observation.active_jobs
@@ -103,7 +89,7 @@ def _wanted(policy: PipelinePolicy, observation: Observation) -> int:
 
 
 def jobs_to_create(
-    pipelines: Mapping[str, tuple[PipelinePolicy, Observation]],
+    pipelines: Mapping[str, tuple[PipelineSettings, Observation]],
     max_total_workers: int,
 ) -> dict[str, int]:
     """New Jobs to create now for each pipeline (every name of `pipelines` is a key)."""

@@ -1,24 +1,39 @@
 """The worker's configuration: environment variables, validated once at start into one frozen
-object. The variables are documented in images/worker/README.md (one table)."""
+object. The variables are documented in images/worker/README.md (one table).
+
+`BrokerConfig.from_env` is the one parser of the `JOBTIDE_BROKER_*` variables and
+`BrokerConfig.connection_parameters` the one builder of pika's connection parameters: the
+worker, the publisher and the scaler all use them."""
 
 from __future__ import annotations
 
 import os
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import pika  # type: ignore[import-untyped]
+
+from jobtide_worker.pipeline_settings import PipelineSettings, setting_specs
+
 T = TypeVar("T")
+
+# What a worker started without the scaler's variables does: the pipeline settings' defaults.
+_PIPELINE_DEFAULTS = PipelineSettings()
+_PIPELINE_SPECS = setting_specs(PipelineSettings)
 
 
 class ConfigError(ValueError):
-    """A bad or missing variable; the message names it."""
+    """Bad or missing variables; each of `problems` starts with the variable it is about,
+    `variable` is the first of them."""
 
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"{variable}: {problem}")
-        self.variable = variable
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = [f"{variable}: {problem}" for variable, problem in problems]
+        super().__init__("; ".join(self.problems))
+        self.variable = problems[0][0]
 
 
 @dataclass(frozen=True)
@@ -30,18 +45,59 @@ class BrokerConfig:
     password: str = field(default="guest", repr=False)
     tls: bool = False
     heartbeat_seconds: int = 30
+    management_port: int = 15672  # the scaler reads queue counts from the management API
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BrokerConfig:
+        """The broker from `JOBTIDE_BROKER_*` (and `JOBTIDE_HEARTBEAT_SECONDS`); raises
+        ConfigError naming every bad variable."""
         e = _Env(os.environ if env is None else env)
+        broker = cls._read(e)
+        e.raise_problems()
+        return broker
+
+    @classmethod
+    def _read(cls, e: _Env) -> BrokerConfig:
         return cls(
             host=e.required("JOBTIDE_BROKER_HOST"),
-            port=e.number("JOBTIDE_BROKER_PORT", 5672, int, minimum=1, maximum=65535),
+            port=e.port("JOBTIDE_BROKER_PORT", 5672),
             vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
             username=e.secret("JOBTIDE_BROKER_USERNAME"),
             password=e.secret("JOBTIDE_BROKER_PASSWORD"),
             tls=e.boolean("JOBTIDE_BROKER_TLS", False),
             heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
+            management_port=e.port("JOBTIDE_BROKER_MANAGEMENT_PORT", 15672),
+        )
+
+    @property
+    def management_url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.management_port}"
+
+    def connection_parameters(
+        self,
+        connection_name: str,
+        *,
+        heartbeat_seconds: int | None = None,
+        socket_timeout: float = 10,
+        blocked_connection_timeout: float = 300,
+    ) -> pika.ConnectionParameters:
+        """pika's parameters for one connection attempt (callers retry as they see fit);
+        `heartbeat_seconds` 0 turns heartbeats off, None uses the configured value."""
+        ssl_options = None
+        if self.tls:
+            ssl_options = pika.SSLOptions(ssl.create_default_context(), self.host)
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(self.username, self.password),
+            heartbeat=self.heartbeat_seconds if heartbeat_seconds is None else heartbeat_seconds,
+            blocked_connection_timeout=blocked_connection_timeout,
+            ssl_options=ssl_options,
+            connection_attempts=1,
+            socket_timeout=socket_timeout,
+            client_properties={"connection_name": connection_name},
         )
 
 
@@ -51,9 +107,9 @@ class WorkerConfig:
     queue: str
     pipeline: str
     handler: str = "handler:handle"
-    idle_timeout_seconds: float = 5.0
-    max_attempts: int = 3
-    max_task_seconds: float = 3600.0
+    idle_timeout_seconds: float = _PIPELINE_DEFAULTS.idle_timeout_seconds
+    max_attempts: int = _PIPELINE_DEFAULTS.max_attempts
+    max_task_seconds: float = _PIPELINE_DEFAULTS.max_task_seconds
     prefetch: int = 1
     max_tasks: int = 0  # 0: no limit
     max_lifetime_seconds: float = 0.0  # 0: no limit
@@ -68,14 +124,16 @@ class WorkerConfig:
         source = os.environ if env is None else env
         e = _Env(source)
         queue = e.required("JOBTIDE_QUEUE")
-        return cls(
-            broker=BrokerConfig.from_env(source),
+        config = cls(
+            broker=BrokerConfig._read(e),
             queue=queue,
             pipeline=e.text("JOBTIDE_PIPELINE", queue),
             handler=e.handler("JOBTIDE_HANDLER", "handler:handle"),
-            idle_timeout_seconds=e.number("JOBTIDE_IDLE_TIMEOUT_SECONDS", 5.0, float, minimum=0),
-            max_attempts=e.number("JOBTIDE_MAX_ATTEMPTS", 3, int, minimum=1),
-            max_task_seconds=e.number("JOBTIDE_MAX_TASK_SECONDS", 3600.0, float, minimum=1),
+            idle_timeout_seconds=e.setting(
+                "JOBTIDE_IDLE_TIMEOUT_SECONDS", "idle_timeout_seconds", float
+            ),
+            max_attempts=e.setting("JOBTIDE_MAX_ATTEMPTS", "max_attempts", int),
+            max_task_seconds=e.setting("JOBTIDE_MAX_TASK_SECONDS", "max_task_seconds", float),
             prefetch=e.number("JOBTIDE_PREFETCH", 1, int, minimum=1, maximum=65535),
             max_tasks=e.number("JOBTIDE_MAX_TASKS", 0, int, minimum=0),
             max_lifetime_seconds=e.number("JOBTIDE_MAX_LIFETIME_SECONDS", 0.0, float, minimum=0),
@@ -89,6 +147,8 @@ class WorkerConfig:
             or source.get("HOSTNAME", "")
             or socket.gethostname(),
         )
+        e.raise_problems()
+        return config
 
     def summary(self) -> dict[str, object]:
         """Everything worth logging at start; the credentials are left out."""
@@ -111,22 +171,33 @@ class WorkerConfig:
         }
 
 
+# Accepted spellings of a boolean variable (any case), for every program reading them.
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
 class _Env:
+    """Reads variables, noting each problem (a bad value reads as its default) so that all
+    of them are reported together by `raise_problems`."""
+
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
+        self.problems: list[tuple[str, str]] = []
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems)
+
+    def _problem(self, name: str, problem: str, default: T) -> T:
+        self.problems.append((name, problem))
+        return default
 
     def text(self, name: str, default: str) -> str:
         return self.env.get(name, "").strip() or default
 
     def required(self, name: str) -> str:
         value = self.env.get(name, "").strip()
-        if not value:
-            raise ConfigError(name, "is required")
-        return value
+        return value or self._problem(name, "is required", "")
 
     def secret(self, name: str) -> str:
         """From `name` or the file named by `name_FILE`; never echoed in errors."""
@@ -135,16 +206,9 @@ class _Env:
             try:
                 value = Path(file_name).read_text().strip()
             except OSError as e:
-                raise ConfigError(
-                    f"{name}_FILE", f"cannot read {file_name}: {e.strerror}"
-                ) from None
-            if not value:
-                raise ConfigError(f"{name}_FILE", f"{file_name} is empty")
-            return value
-        value = self.env.get(name, "")
-        if not value:
-            raise ConfigError(name, f"is required (or {name}_FILE)")
-        return value
+                return self._problem(f"{name}_FILE", f"cannot read {file_name}: {e.strerror}", "")
+            return value or self._problem(f"{name}_FILE", f"{file_name} is empty", "")
+        return self.env.get(name, "") or self._problem(name, f"is required (or {name}_FILE)", "")
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self.env.get(name, "").strip().lower()
@@ -154,7 +218,7 @@ class _Env:
             return True
         if raw in _FALSE:
             return False
-        raise ConfigError(name, f"expected true or false, got {raw!r}")
+        return self._problem(name, f"expected true or false, got {raw!r}", default)
 
     def number(
         self,
@@ -163,6 +227,7 @@ class _Env:
         kind: Callable[[str], T],
         *,
         minimum: float | None = None,
+        exclusive_minimum: float | None = None,
         maximum: float | None = None,
     ) -> T:
         raw = self.env.get(name, "").strip()
@@ -171,25 +236,46 @@ class _Env:
         try:
             value = kind(raw)
         except ValueError:
-            raise ConfigError(name, f"expected {kind.__name__}, got {raw!r}") from None
+            return self._problem(name, f"expected {kind.__name__}, got {raw!r}", default)
         number = float(value)  # type: ignore[arg-type]
         if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(name, f"expected a finite number, got {raw!r}")
+            return self._problem(name, f"expected a finite number, got {raw!r}", default)
         if minimum is not None and number < minimum:
-            raise ConfigError(name, f"must be >= {minimum:g}, got {raw!r}")
+            return self._problem(name, f"must be >= {minimum:g}, got {raw!r}", default)
+        if exclusive_minimum is not None and number <= exclusive_minimum:
+            return self._problem(name, f"must be > {exclusive_minimum:g}, got {raw!r}", default)
         if maximum is not None and number > maximum:
-            raise ConfigError(name, f"must be <= {maximum:g}, got {raw!r}")
+            return self._problem(name, f"must be <= {maximum:g}, got {raw!r}", default)
         return value
+
+    def port(self, name: str, default: int) -> int:
+        return self.number(name, default, int, minimum=1, maximum=65535)
+
+    def setting(self, name: str, field_name: str, kind: Callable[[str], T]) -> T:
+        """A pipeline setting passed by the scaler, with the setting's own default and bounds
+        (jobtide_worker.pipeline_settings)."""
+        spec = _PIPELINE_SPECS[field_name]
+        default: T = getattr(_PIPELINE_DEFAULTS, field_name)
+        return self.number(
+            name,
+            default,
+            kind,
+            minimum=spec.minimum,
+            exclusive_minimum=spec.exclusive_minimum,
+            maximum=spec.maximum,
+        )
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()
         if value not in allowed:
-            raise ConfigError(name, f"expected one of {', '.join(allowed)}, got {value!r}")
+            return self._problem(
+                name, f"expected one of {', '.join(allowed)}, got {value!r}", default
+            )
         return value
 
     def handler(self, name: str, default: str) -> str:
         value = self.text(name, default)
         module, sep, function = value.partition(":")
         if not sep or not module or not function.isidentifier():
-            raise ConfigError(name, f"expected module:function, got {value!r}")
+            return self._problem(name, f"expected module:function, got {value!r}", default)
         return value

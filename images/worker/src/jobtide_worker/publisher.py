@@ -24,10 +24,8 @@ def publish(
     """Publish each task to `queue` and wait for the broker's confirm of each; return their
     message ids. A task that is `bytes` goes as it is (application/octet-stream); anything
     else is sent as JSON. The broker comes from the environment when not given."""
-    from jobtide_worker.runner import connection_parameters
-
     broker = broker or BrokerConfig.from_env()
-    connection = pika.BlockingConnection(connection_parameters(broker, "jobtide-publisher"))
+    connection = pika.BlockingConnection(broker.connection_parameters("jobtide-publisher"))
     message_ids: list[str] = []
     try:
         channel = connection.channel()

@@ -37,7 +37,7 @@ import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 
 from jobtide_worker import topology
-from jobtide_worker.config import BrokerConfig, WorkerConfig
+from jobtide_worker.config import WorkerConfig
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.task import PermanentError, Task, UndecodableBody
 
@@ -87,26 +87,6 @@ def load_handler(spec: str, path: str = HANDLER_PATH) -> Handler:
         raise HandlerLoadError(f"{module_name!r} has no callable {function_name!r}")
     handler: Handler = function
     return handler
-
-
-def connection_parameters(broker: BrokerConfig, name: str) -> pika.ConnectionParameters:
-    ssl_options = None
-    if broker.tls:
-        import ssl
-
-        ssl_options = pika.SSLOptions(ssl.create_default_context(), broker.host)
-    return pika.ConnectionParameters(
-        host=broker.host,
-        port=broker.port,
-        virtual_host=broker.vhost,
-        credentials=pika.PlainCredentials(broker.username, broker.password),
-        heartbeat=broker.heartbeat_seconds,
-        blocked_connection_timeout=300,
-        ssl_options=ssl_options,
-        connection_attempts=1,
-        socket_timeout=10,
-        client_properties={"connection_name": name},
-    )
 
 
 # NamedTuples rather than frozen dataclasses: a few are made for every task, and a frozen
@@ -344,8 +324,8 @@ class Runner:
             return self._exit(EXIT_OK, reason)
 
     def _connect(self) -> None:
-        params = connection_parameters(
-            self.config.broker, f"jobtide-worker {self.config.worker_name}"
+        params = self.config.broker.connection_parameters(
+            f"jobtide-worker {self.config.worker_name}"
         )
         connection = pika.BlockingConnection(params)
         try:

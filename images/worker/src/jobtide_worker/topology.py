@@ -1,8 +1,9 @@
 """The queue topology of docs/architecture.md ("Queue topology"), defined once.
 
-The worker and the publisher declare it over AMQP (`declare`); the chart renders the same
-objects as broker definitions, and its tests compare them with `definitions(...)`. Everything
-except `declare` is pure data, so the chart's tooling can import it without a broker.
+The worker and the publisher declare it over AMQP (`declare`). The chart's broker definitions
+are generated from `definitions(...)` (`python -m jobtide_scaler.contracts --write` writes the
+skeleton charts/jobtide/files/queue-topology.json, which the chart fills in per pipeline; a
+unit test fails when it is stale). Everything except `declare` is pure data.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def policy(queue: str, max_attempts: int) -> dict[str, Any]:
     deliveries even when no worker lives long enough to do it (crash loops)."""
     return {
         "name": policy_name(queue),
-        "pattern": f"^{_regex_escape(queue)}$",
+        "pattern": f"^{regex_escape(queue)}$",
         "apply-to": "queues",
         "priority": 0,
         "definition": {"delivery-limit": max_attempts},
@@ -116,8 +117,8 @@ def _queue_definition(name: str, vhost: str, arguments: dict[str, Any]) -> dict[
     }
 
 
-def _regex_escape(name: str) -> str:
-    # Queue names are plain text; escape what RabbitMQ's (PCRE) patterns treat specially.
+def regex_escape(name: str) -> str:
+    """`name` matched literally by a RabbitMQ (PCRE) pattern."""
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in name)
 
 

@@ -11,31 +11,23 @@ import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jobtide_worker.pipeline_settings import (
+    PipelineSettings,
+    SettingsError,
+    read_settings,
+    setting_specs,
+)
 
+from jobtide_scaler.settings import ScalerSettings
 from jobtide_scaler.simulate.engine import Settings
 from jobtide_scaler.simulate.report import Comparison, compare, format_table, plot
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload, read_trace
 
-__all__ = ["PIPELINE_VALUE_KEYS", "SCALER_VALUE_KEYS", "main", "settings_from_values"]
-
-# chart values key -> Settings field, for a pipeline (merged over `pipelineDefaults`).
-PIPELINE_VALUE_KEYS = {
-    "messagesPerWorker": "messages_per_worker",
-    "minWorkers": "min_workers",
-    "maxWorkers": "max_workers",
-    "maxNewPerCycle": "max_new_per_cycle",
-    "activationMessages": "activation_messages",
-    "idleTimeoutSeconds": "idle_timeout_seconds",
-}
-SCALER_VALUE_KEYS = {
-    "pollIntervalSeconds": "poll_interval_seconds",
-    "maxTotalWorkers": "max_total_workers",
-}
+__all__ = ["main", "settings_from_values"]
 
 
 def _section(values: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -48,9 +40,8 @@ def _section(values: Mapping[str, Any], key: str, where: str) -> Mapping[str, An
 def settings_from_values(
     values: Mapping[str, Any], pipeline: str | None, base: Settings
 ) -> Settings:
-    """Settings from a chart values file: `scaler.pollIntervalSeconds`,
-    `scaler.maxTotalWorkers`, and one pipeline's keys over `pipelineDefaults` (the only
-    pipeline, or the one named)."""
+    """Settings from a chart values file: the scaler's settings under `scaler`, and one
+    pipeline's keys over `pipelineDefaults` (the only pipeline, or the one named)."""
     pipelines = _section(values, "pipelines", "")
     if pipeline is None and len(pipelines) > 1:
         raise ValueError(f"several pipelines in the values ({', '.join(pipelines)}): name one")
@@ -60,19 +51,22 @@ def settings_from_values(
     merged = dict(_section(values, "pipelineDefaults", ""))
     if name is not None:
         merged.update(_section(pipelines, name, "pipelines."))
-    changes: dict[str, Any] = {}
-    for sources, where in (
-        ((merged, PIPELINE_VALUE_KEYS), f"pipelines.{name}." if name else "pipelineDefaults."),
-        ((_section(values, "scaler", ""), SCALER_VALUE_KEYS), "scaler."),
+    settings = base
+    for block, section, where in (
+        (PipelineSettings, merged, f"pipelines.{name}." if name else "pipelineDefaults."),
+        (ScalerSettings, _section(values, "scaler", ""), "scaler."),
     ):
-        section, keys = sources
-        for key, field_name in keys.items():
-            if key in section:
-                value = section[key]
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"{where}{key}: expected a number, got {value!r}")
-                changes[field_name] = value
-    return replace(base, **changes)
+        # Only the block's own keys: the rest of the values is not the simulator's business.
+        own = {spec.key for spec in setting_specs(block).values()}
+        try:
+            settings = read_settings(
+                Settings,
+                {key: value for key, value in section.items() if key in own},
+                base=settings,
+            )
+        except SettingsError as e:
+            raise ValueError("; ".join(where + problem for problem in e.problems)) from None
+    return settings
 
 
 def _provisioning(text: str) -> tuple[float, float]:

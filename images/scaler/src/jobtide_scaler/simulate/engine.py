@@ -33,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from jobtide_worker.pipeline_settings import PipelineSettings
+
+from jobtide_scaler.settings import ScalerSettings
 from jobtide_scaler.simulate.workloads import Workload
 
 __all__ = [
@@ -52,32 +55,18 @@ _GIVE_UP_AFTER_SECONDS = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a run depends on besides the workload: one pipeline's settings (the same
-    names as the chart's values, in seconds and counts) and the cluster's latencies."""
+class Settings(ScalerSettings, PipelineSettings):
+    """Everything a run depends on besides the workload: one pipeline's settings and the
+    scaler's (their single definitions, so the same names, defaults and bounds as the chart's
+    values) and the cluster's latencies."""
 
-    poll_interval_seconds: float = 5.0
-    messages_per_worker: int = 2
-    min_workers: int = 0
-    max_workers: int = 20
-    max_new_per_cycle: int = 10
-    activation_messages: int = 0
-    idle_timeout_seconds: float = 5.0
-    max_total_workers: int = 100
     startup_seconds: tuple[float, float] = (5.0, 15.0)
     pool_cooldown_seconds: float = 600.0
     keda_counts_unacked: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks = {
-            "poll_interval_seconds": self.poll_interval_seconds > 0,
-            "messages_per_worker": self.messages_per_worker >= 1,
-            "min_workers": 0 <= self.min_workers <= self.max_workers,
-            "max_workers": self.max_workers >= 1,
-            "max_new_per_cycle": self.max_new_per_cycle >= 1,
-            "activation_messages": self.activation_messages >= 0,
-            "idle_timeout_seconds": self.idle_timeout_seconds >= 0,
-            "max_total_workers": self.max_total_workers >= 1,
             "startup_seconds": 0 <= self.startup_seconds[0] <= self.startup_seconds[1],
             "pool_cooldown_seconds": self.pool_cooldown_seconds >= 0,
         }

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobtide_scaler.policy import Observation, PipelinePolicy, jobs_to_create
+from jobtide_scaler.policy import Observation, jobs_to_create
 from jobtide_scaler.simulate.engine import ClusterView, Scaler, Settings, WorkerModel
 
 __all__ = [
@@ -56,22 +56,12 @@ class JobtideScaler(_PollingScaler):
     initial_pods: int = 0
 
     def decide(self, now: float, view: ClusterView) -> int:
-        policy = PipelinePolicy(
-            messages_per_worker=self.settings.messages_per_worker,
-            min_workers=self.settings.min_workers,
-            max_workers=self.settings.max_workers,
-            max_new_per_cycle=self.settings.max_new_per_cycle,
-            activation_messages=self.settings.activation_messages,
-        )
         observation = Observation(
-            ready=view.ready,
-            unacked=view.unacked,
-            active_jobs=view.active,
-            pending_jobs=view.pending,
-            broker_fresh=True,
+            ready=view.ready, unacked=view.unacked, active_jobs=view.active, broker_fresh=True
         )
+        # The simulator's settings are a pipeline's settings (a subclass): the policy takes them.
         decision = jobs_to_create(
-            {_PIPELINE: (policy, observation)}, self.settings.max_total_workers
+            {_PIPELINE: (self.settings, observation)}, self.settings.max_total_workers
         )
         return decision[_PIPELINE]
 

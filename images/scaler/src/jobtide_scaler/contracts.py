@@ -1,0 +1,243 @@
+"""The files generated from the contracts' single definitions, and the command that writes them:
+
+    python -m jobtide_scaler.contracts --write [--repo DIR]   # regenerate
+    python -m jobtide_scaler.contracts --check [--repo DIR]   # exit 1 naming stale files
+
+From the settings (`jobtide_worker.pipeline_settings.PipelineSettings`,
+`jobtide_scaler.settings.ScalerSettings`): their blocks in the scaler's configuration schema,
+in the chart's values schema and in the chart's values.yaml (defaults and `# --` comments),
+and the list of setting keys the chart copies into the scaler's configuration. From the queue
+topology (`jobtide_worker.topology`): the chart's per-pipeline broker definitions, as a JSON
+skeleton whose placeholders the chart fills in for each pipeline (Helm cannot run Python).
+
+Only the generated parts of a file are replaced; the rest of it stays as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jobtide_worker import topology
+from jobtide_worker.pipeline_settings import PipelineSettings, SettingSpec, setting_specs
+
+from jobtide_scaler.settings import ScalerSettings
+
+COMMAND = "python -m jobtide_scaler.contracts --write"
+SCALER_SCHEMA = "images/scaler/src/jobtide_scaler/config.schema.json"
+CHART_SCHEMA = "charts/jobtide/values.schema.json"
+CHART_VALUES = "charts/jobtide/values.yaml"
+CHART_SETTING_KEYS = "charts/jobtide/templates/_setting-keys.tpl"
+CHART_TOPOLOGY = "charts/jobtide/files/queue-topology.json"
+
+# Placeholders of the topology skeleton, replaced by the chart (rabbitmq-configmap.yaml). The
+# queue's stands for a name with a regex-special character, so that its escaped form (in
+# policy patterns) differs from it and gets its own placeholder.
+_QUEUE_SAMPLE = "queue.sample"
+_MAX_ATTEMPTS_SAMPLE = 987654321
+_VHOST_SAMPLE = "vhost.sample"
+QUEUE = "__QUEUE__"
+QUEUE_PATTERN = "__QUEUE_PATTERN__"
+MAX_ATTEMPTS = "__MAX_ATTEMPTS__"
+VHOST = "__VHOST__"
+
+_LINE_WIDTH = 100
+
+
+def pipeline_specs() -> list[SettingSpec]:
+    return list(setting_specs(PipelineSettings).values())
+
+
+def scaler_specs() -> list[SettingSpec]:
+    return list(setting_specs(ScalerSettings).values())
+
+
+def _properties(specs: Iterable[SettingSpec]) -> dict[str, Any]:
+    return {spec.key: spec.json_schema() for spec in specs}
+
+
+def _json_text(document: Any) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+def scaler_schema(current: str) -> str:
+    schema = json.loads(current)
+    schema["properties"].update(_properties(scaler_specs()))
+    schema["$defs"]["pipeline"]["properties"].update(_properties(pipeline_specs()))
+    return _json_text(schema)
+
+
+def chart_schema(current: str) -> str:
+    schema = json.loads(current)
+    schema["properties"]["scaler"]["properties"].update(_properties(scaler_specs()))
+    pipeline = _properties(pipeline_specs())
+    schema["properties"]["pipelineDefaults"]["properties"].update(pipeline)
+    schema["definitions"]["pipeline"]["properties"].update(pipeline)
+    return _json_text(schema)
+
+
+def _yaml_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _documented_lines(spec: SettingSpec, indent: str) -> list[str]:
+    comment = textwrap.wrap(
+        spec.doc,
+        width=_LINE_WIDTH - len(indent),
+        initial_indent="# -- ",
+        subsequent_indent="# ",
+        break_on_hyphens=False,
+    )
+    return [f"{indent}{line}" for line in comment] + [
+        f"{indent}{spec.key}: {_yaml_number(spec.default)}"
+    ]
+
+
+def _replace_settings(lines: list[str], section: str, specs: list[SettingSpec]) -> list[str]:
+    """Replace the settings of the top-level `section`, which stand together, by their
+    generated lines; the section's other keys stay as written."""
+    indent = "  "
+    try:
+        start_of_section = lines.index(f"{section}:")
+    except ValueError:
+        raise ValueError(f"{CHART_VALUES}: no top-level {section}: section") from None
+    key_lines = {}
+    for number in range(start_of_section + 1, len(lines)):
+        line = lines[number]
+        if line and not line.startswith((" ", "#")):
+            break  # the next top-level key
+        if match := re.match(rf"^{indent}([A-Za-z0-9_]+):", line):
+            key_lines[match.group(1)] = number
+    keys = [spec.key for spec in specs]
+    missing = [key for key in keys if key not in key_lines]
+    if missing:
+        raise ValueError(f"{CHART_VALUES}: {section}.{missing[0]} is missing")
+    first, last = key_lines[keys[0]], key_lines[keys[-1]]
+    between = sorted(key for key, number in key_lines.items() if first <= number <= last)
+    if between != sorted(keys):
+        raise ValueError(
+            f"{CHART_VALUES}: the keys {', '.join(keys)} of {section} must stand together, "
+            f"in this order"
+        )
+    while first > 0 and lines[first - 1].startswith(f"{indent}#"):
+        first -= 1  # the key's comment
+    generated = [line for spec in specs for line in _documented_lines(spec, indent)]
+    return [*lines[:first], *generated, *lines[last + 1 :]]
+
+
+def chart_values(current: str) -> str:
+    lines = current.splitlines()
+    lines = _replace_settings(lines, "scaler", scaler_specs())
+    lines = _replace_settings(lines, "pipelineDefaults", pipeline_specs())
+    return "\n".join(lines) + "\n"
+
+
+def chart_setting_keys() -> str:
+    def define(name: str, specs: list[SettingSpec]) -> str:
+        keys = json.dumps([spec.key for spec in specs])
+        return f'{{{{- define "{name}" -}}}}\n{keys}\n{{{{- end }}}}\n'
+
+    return (
+        f"{{{{- /*\nGenerated by `{COMMAND}` from jobtide_worker.pipeline_settings and\n"
+        f"jobtide_scaler.settings: do not edit. The setting keys (JSON lists) that the chart\n"
+        f"copies into the scaler's configuration.\n*/}}}}\n"
+        + define("jobtide.pipelineSettingKeys", pipeline_specs())
+        + define("jobtide.scalerSettingKeys", scaler_specs())
+    )
+
+
+def _placeholders(value: Any) -> Any:
+    """The samples of a topology object replaced by the chart's placeholders."""
+    if isinstance(value, dict):
+        return {key: _placeholders(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_placeholders(item) for item in value]
+    if value == _MAX_ATTEMPTS_SAMPLE:
+        return MAX_ATTEMPTS
+    if isinstance(value, str):
+        escaped = topology.regex_escape(_QUEUE_SAMPLE)
+        return (
+            value.replace(escaped, QUEUE_PATTERN)
+            .replace(_QUEUE_SAMPLE, QUEUE)
+            .replace(_VHOST_SAMPLE, VHOST)
+        )
+    return value
+
+
+def chart_topology() -> str:
+    """`shared`: the definitions every release has; `perPipeline`: those of one pipeline,
+    with placeholders for its queue, the queue's regex-escaped name, its maxAttempts and the
+    vhost."""
+    shared = topology.definitions([], _VHOST_SAMPLE)
+    one = topology.definitions([(_QUEUE_SAMPLE, _MAX_ATTEMPTS_SAMPLE)], _VHOST_SAMPLE)
+    per_pipeline = {
+        kind: [item for item in items if item not in shared[kind]] for kind, items in one.items()
+    }
+    document = {
+        "_comment": f"Generated by `{COMMAND}` from jobtide_worker.topology: do not edit.",
+        "shared": _placeholders(shared),
+        "perPipeline": _placeholders(per_pipeline),
+    }
+    return _json_text(document)
+
+
+# Generated file (relative to the repository) -> its content, made from the current content.
+GENERATORS: dict[str, Callable[[str], str]] = {
+    SCALER_SCHEMA: scaler_schema,
+    CHART_SCHEMA: chart_schema,
+    CHART_VALUES: chart_values,
+    CHART_SETTING_KEYS: lambda _current: chart_setting_keys(),
+    CHART_TOPOLOGY: lambda _current: chart_topology(),
+}
+
+
+def expected_files(repo: Path) -> dict[str, str]:
+    """Each generated file's path (relative to `repo`) and the content it should have."""
+    expected = {}
+    for path, generate in GENERATORS.items():
+        file = repo / path
+        expected[path] = generate(file.read_text() if file.exists() else "")
+    return expected
+
+
+def stale_files(repo: Path) -> list[str]:
+    return [
+        path
+        for path, content in expected_files(repo).items()
+        if not (repo / path).exists() or (repo / path).read_text() != content
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobtide_scaler.contracts", description=__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="regenerate the files")
+    action.add_argument("--check", action="store_true", help="exit 1 if a file is stale")
+    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the repository's root")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            stale = stale_files(args.repo)
+            for path in stale:
+                print(f"{path} is stale: run `{COMMAND}`", file=sys.stderr)
+            return 1 if stale else 0
+        for path, content in expected_files(args.repo).items():
+            file = args.repo / path
+            if not file.exists() or file.read_text() != content:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                file.write_text(content)
+                print(f"wrote {path}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"contracts: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Each contract has one definition; what is generated from it is current, and the one parser
+of the broker environment accepts and rejects the same values for every program."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from jobtide_scaler import contracts
+from jobtide_worker.config import BrokerConfig, ConfigError, WorkerConfig
+from jobtide_worker.pipeline_settings import PipelineSettings, SettingsError, read_settings
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parent.parent
+BROKER_ENV = {
+    "JOBTIDE_BROKER_HOST": "rabbit",
+    "JOBTIDE_BROKER_USERNAME": "jobtide",
+    "JOBTIDE_BROKER_PASSWORD": "hunter2-secret",
+}
+
+
+@pytest.mark.parametrize("path", sorted(contracts.GENERATORS))
+def test_generated_file_is_current(path: str) -> None:
+    expected = contracts.expected_files(REPO)[path]
+    assert (REPO / path).read_text() == expected, f"{path} is stale: run `{contracts.COMMAND}`"
+
+
+def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
+    for path in contracts.GENERATORS:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / path, tmp_path / path)
+    values = tmp_path / contracts.CHART_VALUES
+    values.write_text(values.read_text().replace("  maxWorkers: 20\n", "  maxWorkers: 7\n"))
+    (tmp_path / contracts.CHART_TOPOLOGY).unlink()
+    assert contracts.stale_files(tmp_path) == [contracts.CHART_VALUES, contracts.CHART_TOPOLOGY]
+    assert contracts.main(["--check", "--repo", str(tmp_path)]) == 1
+    assert contracts.main(["--write", "--repo", str(tmp_path)]) == 0
+    assert contracts.stale_files(tmp_path) == []
+    assert values.read_text() == (REPO / contracts.CHART_VALUES).read_text()
+
+
+def test_values_whose_settings_are_split_up_are_refused() -> None:
+    text = (REPO / contracts.CHART_VALUES).read_text()
+    moved = text.replace("  maxAttempts: 3\n", "").replace(
+        "\n  env: []", "\n  env: []\n  maxAttempts: 3"
+    )
+    with pytest.raises(ValueError, match="must stand together"):
+        contracts.chart_values(moved)
+
+
+def test_setting_errors_name_the_key() -> None:
+    with pytest.raises(SettingsError) as raised:
+        read_settings(
+            PipelineSettings, {"maxWorkers": -1, "idleTimeoutSeconds": 0, "maxAttempts": True}
+        )
+    assert sorted(p.split(":")[0] for p in raised.value.problems) == [
+        "idleTimeoutSeconds",
+        "maxAttempts",
+        "maxWorkers",
+    ]
+    with pytest.raises(SettingsError, match=r"^minWorkers: must not exceed maxWorkers"):
+        PipelineSettings(min_workers=3, max_workers=2)
+    assert read_settings(PipelineSettings, {"maxWorkers": 0, "queue": "q"}).max_workers == 0
+
+
+def test_a_workers_pipeline_variables_have_the_settings_bounds() -> None:
+    base = {**BROKER_ENV, "JOBTIDE_QUEUE": "q"}
+    assert (
+        WorkerConfig.from_env(base).idle_timeout_seconds == PipelineSettings().idle_timeout_seconds
+    )
+    with pytest.raises(ConfigError) as raised:
+        WorkerConfig.from_env({**base, "JOBTIDE_IDLE_TIMEOUT_SECONDS": "0"})
+    assert raised.value.variable == "JOBTIDE_IDLE_TIMEOUT_SECONDS"
+
+
+@pytest.mark.parametrize(
+    ("value", "tls"),
+    [
+        ("", False),
+        ("true", True),
+        ("TRUE", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("Off", False),
+    ],
+)
+def test_tls_spellings_accepted(value: str, tls: bool) -> None:
+    broker = BrokerConfig.from_env({**BROKER_ENV, "JOBTIDE_BROKER_TLS": value})
+    assert broker.tls is tls
+    assert broker.management_url == f"{'https' if tls else 'http'}://rabbit:15672"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("JOBTIDE_BROKER_TLS", "maybe"),
+        ("JOBTIDE_BROKER_TLS", "2"),
+        ("JOBTIDE_BROKER_PORT", "amqp"),
+        ("JOBTIDE_BROKER_PORT", "0"),
+        ("JOBTIDE_BROKER_PORT", "65536"),
+        ("JOBTIDE_BROKER_MANAGEMENT_PORT", "-1"),
+        ("JOBTIDE_BROKER_HOST", " "),
+        ("JOBTIDE_BROKER_USERNAME", ""),
+        ("JOBTIDE_BROKER_PASSWORD", ""),
+        ("JOBTIDE_BROKER_PASSWORD_FILE", "/nonexistent/password"),
+    ],
+)
+def test_bad_broker_variables_are_named(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        BrokerConfig.from_env({**BROKER_ENV, variable: value})
+    assert raised.value.variable == variable
+    assert raised.value.problems == [str(raised.value)]
+    assert str(raised.value).startswith(f"{variable}:")
+    assert "hunter2-secret" not in str(raised.value)
+
+
+def test_every_bad_broker_variable_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as raised:
+        BrokerConfig.from_env({"JOBTIDE_BROKER_TLS": "maybe", "JOBTIDE_BROKER_PORT": "x"})
+    variables = [p.split(":")[0] for p in raised.value.problems]
+    assert variables == [
+        "JOBTIDE_BROKER_HOST",
+        "JOBTIDE_BROKER_PORT",
+        "JOBTIDE_BROKER_USERNAME",
+        "JOBTIDE_BROKER_PASSWORD",
+        "JOBTIDE_BROKER_TLS",
+    ]
+
+
+def test_one_set_of_connection_parameters() -> None:
+    broker = BrokerConfig.from_env({**BROKER_ENV, "JOBTIDE_BROKER_TLS": "true"})
+    worker = broker.connection_parameters("worker")
+    scaler = broker.connection_parameters("scaler", heartbeat_seconds=0, socket_timeout=3)
+    assert (worker.host, worker.port, worker.heartbeat) == ("rabbit", 5672, 30)
+    assert (scaler.heartbeat, scaler.socket_timeout) == (0, 3)
+    assert worker.ssl_options is not None
+    assert scaler.ssl_options is not None
+    assert worker.credentials.password == BROKER_ENV["JOBTIDE_BROKER_PASSWORD"]
