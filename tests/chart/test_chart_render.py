@@ -396,6 +396,37 @@ def test_definitions_match_the_worker_topology(values: Path) -> None:
     assert definitions["vhosts"] == [{"name": "/"}]
 
 
+def test_definitions_fill_in_the_vhost_and_escape_queue_names(tmp_path: Path) -> None:
+    # The chart fills in the skeleton generated from the topology (files/queue-topology.json);
+    # a queue name with a regex-special character and fractional seconds take the same path.
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "rabbitmq": {"vhost": "jobs"},
+                "pipelines": {
+                    "a": {"queue": "a.b:c", "maxAttempts": 7},
+                    "b": {"queue": "bq", "maxTaskSeconds": 5400.5, "idleTimeoutSeconds": 2.5},
+                },
+            }
+        )
+    )
+    docs = render([values])
+    files = rabbitmq_files(docs)
+    definitions = json.loads(files["definitions.json"])
+    expected = topology.definitions([("a.b:c", 7), ("bq", 3)], "jobs")
+
+    def as_text(items: list[dict[str, Any]]) -> list[str]:
+        return sorted(json.dumps(item, sort_keys=True) for item in items)
+
+    for key, items in expected.items():
+        assert as_text(definitions[key]) == as_text(items), key
+    assert definitions["vhosts"] == [{"name": "jobs"}]
+    timeout = topology.broker_consumer_timeout_ms([3600, 5400.5])
+    assert f"consumer_timeout = {timeout}\n" in files["rabbitmq.conf"]
+    assert scaler_config(docs)["pipelines"]["b"]["idleTimeoutSeconds"] == 2.5
+
+
 def test_consumer_timeout_covers_the_longest_task() -> None:
     docs = render([EXAMPLE_VALUES])
     conf = rabbitmq_files(docs)["rabbitmq.conf"]

@@ -82,7 +82,7 @@ def test_invalid_settings_name_the_field() -> None:
 
 
 policies = st.builds(
-    lambda per, low, extra, new, act: PipelineSettings(per, low, low + extra, new, act),
+    lambda per, low, extra, new, act: PipelineSettings(per, low, max(1, low + extra), new, act),
     st.integers(1, 20),
     st.integers(0, 10),
     st.integers(0, 30),

@@ -24,6 +24,6 @@ class ScalerSettings(SettingsBlock):
     )
     max_total_workers: int = setting(
         100,
-        minimum=0,
+        minimum=1,
         doc="Cap on worker Jobs running at once over all pipelines of the release.",
     )

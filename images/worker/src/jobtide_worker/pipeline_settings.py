@@ -177,9 +177,7 @@ class PipelineSettings(SettingsBlock):
     )
     min_workers: int = setting(0, minimum=0, doc="Workers kept running even with an empty queue.")
     max_workers: int = setting(
-        20,
-        minimum=0,
-        doc="Most worker Jobs of the pipeline running at once (0 pauses the pipeline).",
+        20, minimum=1, doc="Most worker Jobs of the pipeline running at once."
     )
     max_new_per_cycle: int = setting(
         10, minimum=1, doc="Most worker Jobs created in one scaling cycle."
