@@ -153,13 +153,6 @@ def read_settings(block: type[B], document: Mapping[str, Any], *, base: B | None
     caller), over `base` or the defaults. Raises SettingsError naming every bad key."""
     specs = setting_specs(block)
     changes = {name: document[spec.key] for name, spec in specs.items() if spec.key in document}
-    problems = [
-        problem
-        for name, value in changes.items()
-        if (problem := specs[name].problem(value)) is not None
-    ]
-    if problems:
-        raise SettingsError(problems)
     return dataclasses.replace(base, **changes) if base is not None else block(**changes)
 
 
