@@ -25,6 +25,7 @@ from chartlib import (
     worker_container,
     worker_pod_spec,
 )
+from jobtide_scaler.jobs import LABEL_PIPELINE, WORKER_CONTAINER, job_labels
 from jobtide_worker import topology
 
 pytestmark = pytest.mark.unit
@@ -32,6 +33,22 @@ pytestmark = pytest.mark.unit
 SCENARIO = {path.name.removesuffix("-values.yaml"): path for path in SCENARIOS}
 SCALER_CONFIG_SCHEMA = REPO / "images/scaler/src/jobtide_scaler/config.schema.json"
 ONE_PIPELINE = ["pipelines.resize.queue=resize"]
+NO_EVICTION = {
+    "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+    "karpenter.sh/do-not-disrupt": "true",
+}
+
+
+def render_values(tmp_path: Path, values: dict[str, Any], *set_values: str) -> list[dict[str, Any]]:
+    """Render with `values` written to a file, as a user's values file would be."""
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return render([path], set_values)
+
+
+def built_jobs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The Jobs the scaler builds from the rendered configuration, by pipeline."""
+    return {job["metadata"]["labels"][LABEL_PIPELINE]: job for job in scaler_jobs(docs)}
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -174,21 +191,28 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
             assert "app.kubernetes.io/version" not in selector  # selectors are immutable
 
 
-def test_worker_jobs_carry_the_labels_the_scaler_selects_on() -> None:
-    docs = render([SCENARIO["two-pipelines"]], ["commonLabels.team=data"])
-    for name, pipeline in scaler_config(docs)["pipelines"].items():
-        for metadata in (
-            pipeline["jobTemplate"]["metadata"],
-            pipeline["jobTemplate"]["spec"]["template"]["metadata"],
-        ):
-            assert metadata["labels"] == {
-                "app.kubernetes.io/name": "jobtide",
-                "app.kubernetes.io/instance": "jobs",
-                "app.kubernetes.io/component": "worker",
-                "app.kubernetes.io/managed-by": "jobtide-scaler",
-                "jobtide.io/pipeline": name,
-                "team": "data",
-            }
+@pytest.mark.parametrize("name", ["jobtide", "etl"])
+def test_worker_labels_follow_name_override_and_carry_what_the_scaler_selects_on(
+    name: str,
+) -> None:
+    override = [] if name == "jobtide" else [f"nameOverride={name}"]
+    docs = render([SCENARIO["two-pipelines"]], ["commonLabels.team=data", *override])
+    chart_labels = {
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/part-of": "jobtide",
+        "app.kubernetes.io/version": "0.1.0",
+        "team": "data",
+    }
+    jobs = built_jobs(docs)
+    assert set(jobs) == {"resize", "report"}
+    for pipeline, job in jobs.items():
+        expected = {**chart_labels, **job_labels("jobs", pipeline)}
+        assert job["metadata"]["labels"] == expected, pipeline
+        assert job["spec"]["template"]["metadata"]["labels"] == expected, pipeline
+    # The chart's own objects follow the same name.
+    scaler = find(docs, "Deployment", "-scaler")
+    assert scaler["metadata"]["labels"]["app.kubernetes.io/name"] == name
+    assert scaler["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == name
 
 
 def test_two_releases_share_no_object_name() -> None:
@@ -352,24 +376,178 @@ def test_pipeline_pod_template_overrides_the_node_pool_key_by_key() -> None:
     metadata = scaler_config(docs)["pipelines"]["gpu"]["jobTemplate"]["spec"]["template"][
         "metadata"
     ]
-    assert metadata["annotations"] == {
-        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
-        "example.com/cost-center": "research",
-    }
+    assert metadata["annotations"] == {**NO_EVICTION, "example.com/cost-center": "research"}
     assert worker_container(docs, "gpu")["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_worker_pods_ask_the_cluster_autoscaler_not_to_evict_them() -> None:
+def test_worker_pods_ask_every_node_autoscaler_not_to_evict_them() -> None:
     docs = render([EXAMPLE_VALUES])
     for name in ("resize-images", "train-models"):
         template = scaler_config(docs)["pipelines"][name]["jobTemplate"]["spec"]["template"]
-        assert template["metadata"]["annotations"] == {
-            "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"
-        }
+        assert template["metadata"]["annotations"] == NO_EVICTION
         assert template["spec"]["nodeSelector"]["jobtide.io/pool"] == "jobs"
     train = worker_pod_spec(docs, "train-models")
     assert train["terminationGracePeriodSeconds"] == 600
     assert {"name": "scratch", "emptyDir": {"sizeLimit": "50Gi"}} in train["volumes"]
+    # Each annotation can be dropped on its own.
+    dropped = render(
+        set_values=[*ONE_PIPELINE, "nodePool.podAnnotations.karpenter\\.sh/do-not-disrupt=null"]
+    )
+    pod = built_jobs(dropped)["resize"]["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {
+        "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"
+    }
+
+
+# -- packing the workers ----------------------------------------------------------------
+
+
+def packing_selector(pod: dict[str, Any]) -> dict[str, str]:
+    """The label selector of the one preferred pod affinity term, checked to be a packing one."""
+    assert set(pod["affinity"]) == {"podAffinity"}
+    (term,) = pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["weight"] == 100
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert set(term["podAffinityTerm"]["labelSelector"]) == {"matchLabels"}
+    selector: dict[str, str] = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    return selector
+
+
+@pytest.mark.parametrize("override", [[], ["nameOverride=etl"]], ids=["name", "nameOverride"])
+def test_workers_prefer_nodes_running_workers_of_the_release(override: list[str]) -> None:
+    docs = render([SCENARIO["two-pipelines"]], override)
+    jobs = built_jobs(docs)
+    selectors = [packing_selector(job["spec"]["template"]["spec"]) for job in jobs.values()]
+    assert len(selectors) == 2
+    other_release = built_jobs(render([SCENARIO["two-pipelines"]], override, release="other"))
+    for selector in selectors:
+        # It matches the worker pods the scaler creates, of every pipeline of the release ...
+        for job in jobs.values():
+            assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+        # ... and no pod of another release or component.
+        for job in other_release.values():
+            assert not selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+        assert selector["app.kubernetes.io/component"] == "worker"
+
+
+def test_own_affinity_or_pack_workers_false_turns_packing_off(tmp_path: Path) -> None:
+    # The node pool's affinity replaces it for every pipeline.
+    node_pool = render([SCENARIO["node-pool"]])
+    for pipeline in ("resize", "gpu"):
+        affinity = worker_pod_spec(node_pool, pipeline)["affinity"]
+        assert set(affinity) == {"nodeAffinity"}, pipeline
+    # A pipeline's own affinity replaces it for that pipeline only.
+    in_zone_b = {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["b"]}
+    zone = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [in_zone_b]}]
+            }
+        }
+    }
+    docs = render_values(tmp_path, {"pipelines": {
+        "pinned": {"queue": "pinned", "podTemplate": {"spec": {"affinity": zone}}},
+        "free": {"queue": "free"},
+    }})  # fmt: skip
+    assert worker_pod_spec(docs, "pinned")["affinity"] == zone
+    packing_selector(worker_pod_spec(docs, "free"))
+    # Or switched off.
+    off = render(set_values=[*ONE_PIPELINE, "nodePool.packWorkers=false"])
+    assert "affinity" not in worker_pod_spec(off, "resize")
+
+
+# -- the pass-through pod template: containers by name, sidecars, secure defaults --------
+
+
+def test_pod_template_containers_merge_by_name_with_the_worker(tmp_path: Path) -> None:
+    sidecar = {"name": "proxy", "image": "envoy:1.31", "args": ["--config", "/etc/envoy.yaml"]}
+    worker_fields = {
+        "name": "worker",
+        "command": ["python", "-m", "wrapper"],
+        "envFrom": [{"secretRef": {"name": "storage-credentials"}}],
+        "livenessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 30},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "2"]}}},
+    }
+    docs = render_values(tmp_path, {"pipelines": {"resize": {
+        "queue": "resize",
+        "image": {"repository": "registry.example.com/resize", "tag": "2"},
+        "env": [{"name": "OUTPUT_BUCKET", "value": "thumbs"}],
+        "extraVolumes": [{"name": "shared", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        "podTemplate": {"spec": {"containers": [sidecar, worker_fields]}},
+    }}})  # fmt: skip
+    pod = worker_pod_spec(docs, "resize")
+    assert [c["name"] for c in pod["containers"]] == ["proxy", "worker"]  # the user's order
+    proxy, worker = pod["containers"]
+    # The sidecar as given, with the secure defaults added.
+    assert {k: v for k, v in proxy.items() if k != "securityContext"} == sidecar
+    # The worker: the user's fields, and jobtide's.
+    assert {k: worker[k] for k in worker_fields} == worker_fields
+    assert worker["image"] == "registry.example.com/resize:2"
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["OUTPUT_BUCKET"] == "thumbs"
+    assert env["JOBTIDE_HANDLER"] == "handler:handle"
+    assert "JOBTIDE_BROKER_PASSWORD" in env
+    assert worker["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "shared", "mountPath": "/shared"},
+    ]
+    assert {"name": "shared", "emptyDir": {}} in pod["volumes"]
+    # The scaler finds the worker by name, not by position: its variables go there only.
+    built = built_jobs(docs)["resize"]["spec"]["template"]["spec"]["containers"]
+    by_name = {c["name"]: c for c in built}
+    assert "env" not in by_name["proxy"]
+    assert "JOBTIDE_QUEUE" in {e["name"] for e in by_name[WORKER_CONTAINER]["env"]}
+
+
+def test_without_a_worker_entry_the_worker_comes_first(tmp_path: Path) -> None:
+    docs = render_values(tmp_path, {"pipelines": {"resize": {
+        "queue": "resize",
+        "podTemplate": {"spec": {"containers": [{"name": "agent", "image": "agent:1"}]}},
+    }}})  # fmt: skip
+    assert [c["name"] for c in worker_pod_spec(docs, "resize")["containers"]] == [
+        "worker",
+        "agent",
+    ]
+
+
+def test_secure_defaults_merge_under_overrides(tmp_path: Path) -> None:
+    docs = render_values(tmp_path, {"pipelines": {"resize": {
+        "queue": "resize",
+        "podTemplate": {"spec": {
+            "securityContext": {"runAsUser": 20000, "supplementalGroups": [5]},
+            "containers": [
+                {"name": "worker",
+                 "securityContext": {"capabilities": {"add": ["NET_BIND_SERVICE"]}}},
+                {"name": "cache", "image": "cache:1",
+                 "securityContext": {"readOnlyRootFilesystem": False}},
+            ],
+            "initContainers": [{"name": "shipper", "image": "shipper:1",
+                                "restartPolicy": "Always"}],
+        }},
+    }}})  # fmt: skip
+    pod = worker_pod_spec(docs, "resize")
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 20000,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "supplementalGroups": [5],
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    contexts = {c["name"]: c["securityContext"] for c in pod["containers"] + pod["initContainers"]}
+    defaults = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert contexts == {
+        "worker": {**defaults, "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+        # An explicit false wins over the default's true.
+        "cache": {**defaults, "readOnlyRootFilesystem": False},
+        "shipper": defaults,
+    }
+    assert pod["initContainers"][0]["restartPolicy"] == "Always"
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------

@@ -102,8 +102,15 @@ def test_scenarios_cover_the_documented_cases() -> None:
     }  # fmt: skip
 
 
-# Objects deliberately passed through to Kubernetes (their own API validates them).
-PASS_THROUGH = {"/definitions/podTemplate/properties/spec", "/definitions/envList/items"}
+# Objects deliberately passed through to Kubernetes (their own API validates them), and the
+# condition that picks out the worker container among podTemplate's containers.
+PASS_THROUGH = {
+    "/definitions/podTemplate/properties/spec",
+    "/definitions/envList/items",
+    "/definitions/container",
+    "/definitions/podTemplateContainer/allOf/1/if",
+    "/definitions/podTemplateContainer/allOf/1/then",
+}
 
 
 def test_schema_closes_every_object_it_describes() -> None:

@@ -5,17 +5,21 @@ from __future__ import annotations
 import pytest
 from helpers import BROKER_ENV, config_document, pipeline_document
 from jobtide_scaler.config import build_config
-from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, build_job, cache_selector
+from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, build_job, cache_selector, job_labels
 
 pytestmark = pytest.mark.unit
 
-LABELS = {
-    "app.kubernetes.io/name": "jobtide",
-    "app.kubernetes.io/instance": "rel",
-    "app.kubernetes.io/component": "worker",
-    "app.kubernetes.io/managed-by": "jobtide-scaler",
-    "jobtide.io/pipeline": "resize",
-}
+LABELS = job_labels("rel", "resize")
+
+
+def test_worker_labels_are_the_documented_ones() -> None:
+    # docs/architecture.md, "Labels on worker Jobs and their pods".
+    assert LABELS == {
+        "app.kubernetes.io/instance": "rel",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "jobtide-scaler",
+        "jobtide.io/pipeline": "resize",
+    }
 
 
 def test_manifest_merges_jobtide_into_the_users_template() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+from jobtide_scaler.jobs import job_labels
 from scaler_bed import RELEASE, ScalerBed, job_template, pipeline
 from testbed.process import wait_for
 
@@ -45,14 +46,7 @@ def test_published_messages_get_that_many_jobs_with_the_right_spec(bed: ScalerBe
     for job in jobs:
         meta = job.metadata
         assert meta.name.startswith(f"{RELEASE}-resize-")
-        assert meta.labels == {
-            "team": "test",
-            "app.kubernetes.io/name": "jobtide",
-            "app.kubernetes.io/instance": RELEASE,
-            "app.kubernetes.io/component": "worker",
-            "app.kubernetes.io/managed-by": "jobtide-scaler",
-            "jobtide.io/pipeline": "resize",
-        }
+        assert meta.labels == {"team": "test", **job_labels(RELEASE, "resize")}
         assert meta.annotations["jobtide.io/create-id"]
         assert job.spec.backoff_limit == 1
         assert job.spec.ttl_seconds_after_finished == 120

@@ -20,19 +20,29 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels: standard app.kubernetes.io set; selectors use name + instance + component. */}}
-{{- define "jobtide.labels" -}}
-helm.sh/chart: {{ include "jobtide.chart" . }}
-app.kubernetes.io/name: {{ include "jobtide.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: jobtide
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{/*
+Labels every object of the release carries, whoever creates it (the chart, or the scaler for
+worker Jobs): the app's name (it follows nameOverride), version and suite, over commonLabels.
+*/}}
+{{- define "jobtide.appLabels" -}}
+{{- $labels := dict "app.kubernetes.io/name" (include "jobtide.name" .) "app.kubernetes.io/version" .Chart.AppVersion "app.kubernetes.io/part-of" "jobtide" }}
+{{- toYaml (mustMergeOverwrite (deepCopy (.Values.commonLabels | default dict)) $labels) }}
 {{- end }}
 
+{{/*
+Labels of an object the chart renders, as YAML:
+  include "jobtide.labels" (dict "root" $ "component" "scaler" "extra" $podLabels)
+`extra` (optional) goes under the chart's labels, so it can never change a selector label.
+*/}}
+{{- define "jobtide.labels" -}}
+{{- $labels := include "jobtide.appLabels" .root | fromYaml }}
+{{- $_ := set $labels "helm.sh/chart" (include "jobtide.chart" .root) }}
+{{- $_ := set $labels "app.kubernetes.io/managed-by" .root.Release.Service }}
+{{- $labels = mustMergeOverwrite $labels (include "jobtide.selectorLabels" . | fromYaml) }}
+{{- toYaml (mustMergeOverwrite (deepCopy (.extra | default dict)) $labels) }}
+{{- end }}
+
+{{/* The labels that select a component's pods: (dict "root" $ "component" "worker"). */}}
 {{- define "jobtide.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "jobtide.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
@@ -98,20 +108,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.rabbitmq.enabled }}{{ .Values.rabbitmq.service.managementPort }}{{ else }}{{ .Values.externalBroker.managementPort }}{{ end }}
 {{- end }}
 
-{{/* Pipelines with pipelineDefaults merged under each one, as YAML of a name -> settings map. */}}
-{{- define "jobtide.pipelines" -}}
-{{- $out := dict }}
-{{- range $name, $pipeline := .Values.pipelines }}
-{{- /* Key by key, not mergeOverwrite: that would ignore a pipeline's explicit 0 or false. */}}
-{{- $merged := deepCopy $.Values.pipelineDefaults }}
-{{- range $key, $value := $pipeline }}
-{{- if and (kindIs "map" $value) (kindIs "map" (get $merged $key)) }}
-{{- $_ := set $merged $key (mustMergeOverwrite (deepCopy (get $merged $key)) (deepCopy $value)) }}
+{{/*
+`over` merged into a copy of `base`, as YAML: maps merge key by key at every depth, anything
+else in `over` replaces, and a key set in `over` wins even when false, 0 or empty (sprig's
+merge functions skip those, which would keep a default the user turned off).
+  include "jobtide.merge" (dict "base" $defaults "over" $userValues) | fromYaml
+*/}}
+{{- define "jobtide.merge" -}}
+{{- $merged := deepCopy (.base | default dict) }}
+{{- range $key, $value := (.over | default dict) }}
+{{- $current := get $merged $key }}
+{{- if and (kindIs "map" $value) (kindIs "map" $current) }}
+{{- $_ := set $merged $key (include "jobtide.merge" (dict "base" $current "over" $value) | fromYaml) }}
 {{- else }}
 {{- $_ := set $merged $key $value }}
 {{- end }}
 {{- end }}
-{{- $_ := set $out $name $merged }}
+{{- toYaml $merged }}
+{{- end }}
+
+{{/* Pipelines with pipelineDefaults merged under each one, as YAML of a name -> settings map. */}}
+{{- define "jobtide.pipelines" -}}
+{{- $out := dict }}
+{{- range $name, $pipeline := .Values.pipelines }}
+{{- $_ := set $out $name (include "jobtide.merge" (dict "base" $.Values.pipelineDefaults "over" $pipeline) | fromYaml) }}
 {{- end }}
 {{- toYaml $out }}
 {{- end }}

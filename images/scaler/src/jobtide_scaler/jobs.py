@@ -8,11 +8,15 @@ from typing import Any
 
 from jobtide_scaler.config import PipelineConfig
 
-LABEL_NAME = "app.kubernetes.io/name"
+# The labels the scaler puts on every worker Job and its pod, the one place they are built: the
+# ones its Job cache selects on, its own name as the manager, and the pipeline. The rest of a
+# worker's labels (app name, version, commonLabels) come with the chart's jobTemplate.
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PIPELINE = "jobtide.io/pipeline"
+WORKER_COMPONENT = "worker"
+MANAGER = "jobtide-scaler"
 # Unique per create call: lets the scaler recognise, in its Job cache, a Job whose create
 # call had an unknown outcome (see loop.CreateLedger).
 ANNOTATION_CREATE_ID = "jobtide.io/create-id"
@@ -20,18 +24,18 @@ WORKER_CONTAINER = "worker"
 
 
 def job_labels(release: str, pipeline: str) -> dict[str, str]:
+    """The labels of a worker Job and its pod; they win over the template's."""
     return {
-        LABEL_NAME: "jobtide",
         LABEL_INSTANCE: release,
-        LABEL_COMPONENT: "worker",
-        LABEL_MANAGED_BY: "jobtide-scaler",
+        LABEL_COMPONENT: WORKER_COMPONENT,
+        LABEL_MANAGED_BY: MANAGER,
         LABEL_PIPELINE: pipeline,
     }
 
 
 def cache_selector(release: str) -> str:
     """The label selector of the scaler's Job cache: every pipeline of the release."""
-    return f"{LABEL_INSTANCE}={release},{LABEL_COMPONENT}=worker"
+    return f"{LABEL_INSTANCE}={release},{LABEL_COMPONENT}={WORKER_COMPONENT}"
 
 
 def worker_env(pipeline: PipelineConfig) -> list[dict[str, str]]:

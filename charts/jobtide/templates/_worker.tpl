@@ -1,0 +1,143 @@
+{{/*
+A pipeline's worker Job template, which the scaler fills in for every worker it starts
+(docs/architecture.md, "Scaler configuration file" and "Labels"). Each helper below takes
+(dict "root" $ "pipeline" $mergedPipeline) and returns YAML.
+
+Who owns what: the scaler adds the labels it selects Jobs by and the per-pipeline variables;
+the chart renders everything else here, from the node pool defaults, the pipeline's values and
+its pass-through `podTemplate`, which the user owns:
+  - pod spec fields of `podTemplate.spec` replace the node pool's, except `securityContext`,
+    which merges over `podSecurityContext` key by key (secure defaults stay unless overridden);
+  - `podTemplate.spec.containers` are merged by name: the one named `worker` is merged with
+    the generated worker container, whose fields win; others (sidecars) pass through;
+  - every container, init containers included, gets `securityContext` merged the same way.
+*/}}
+{{- define "jobtide.worker.jobTemplate" -}}
+{{- $podMetadata := .pipeline.podTemplate.metadata | default dict }}
+{{- $appLabels := include "jobtide.appLabels" .root | fromYaml }}
+metadata:
+  labels:
+    {{- toYaml $appLabels | nindent 4 }}
+spec:
+  template:
+    metadata:
+      labels:
+        {{- include "jobtide.merge" (dict "base" $podMetadata.labels "over" $appLabels) | nindent 8 }}
+      annotations:
+        {{- include "jobtide.merge" (dict "base" .root.Values.nodePool.podAnnotations "over" $podMetadata.annotations) | nindent 8 }}
+    spec:
+      {{- include "jobtide.worker.podSpec" . | nindent 6 }}
+{{- end }}
+
+{{- define "jobtide.worker.podSpec" -}}
+{{- $given := .pipeline.podTemplate.spec | default dict }}
+{{- $spec := include "jobtide.worker.podDefaults" . | fromYaml }}
+{{- range $key, $value := omit $given "containers" "initContainers" "securityContext" }}
+{{- $_ := set $spec $key $value }}
+{{- end }}
+{{- $_ := set $spec "securityContext" (include "jobtide.merge" (dict "base" .pipeline.podSecurityContext "over" $given.securityContext) | fromYaml) }}
+{{- $_ := set $spec "containers" (include "jobtide.worker.containers" . | fromYamlArray) }}
+{{- with $given.initContainers }}
+{{- $_ := set $spec "initContainers" (include "jobtide.worker.secured" (dict "containers" . "securityContext" $.pipeline.securityContext) | fromYamlArray) }}
+{{- end }}
+{{- toYaml $spec }}
+{{- end }}
+
+{{/* The pod spec before the pipeline's podTemplate.spec: jobtide's settings, then the node pool's. */}}
+{{- define "jobtide.worker.podDefaults" -}}
+{{- $pool := .root.Values.nodePool }}
+restartPolicy: Never
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $pool.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- if $pool.affinity }}
+affinity:
+  {{- toYaml $pool.affinity | nindent 2 }}
+{{- else if $pool.packWorkers }}
+{{- /* The default scheduler spreads pods over the least-allocated nodes, so the tail of a
+burst would keep many nodes up for a few workers each; preferring nodes that already run a
+worker of the release leaves the others empty for the node autoscaler to remove. */}}
+affinity:
+  podAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels:
+              {{- include "jobtide.selectorLabels" (dict "root" .root "component" "worker") | nindent 14 }}
+{{- end }}
+volumes:
+  - name: tmp
+    emptyDir: {sizeLimit: 1Gi}
+  {{- with .pipeline.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* The worker container's fields jobtide sets; they win over the same fields in podTemplate. */}}
+{{- define "jobtide.worker.container" -}}
+{{- $p := .pipeline }}
+name: worker
+image: {{ include "jobtide.image" (dict "image" $p.image "root" .root) | quote }}
+imagePullPolicy: {{ $p.image.pullPolicy }}
+env:
+  {{- include "jobtide.broker.env" .root | trim | nindent 2 }}
+  - name: JOBTIDE_HANDLER
+    value: {{ $p.handler | quote }}
+  {{- with $p.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with $p.resources }}
+resources:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumeMounts:
+  - {name: tmp, mountPath: /tmp}
+  {{- with $p.extraVolumeMounts }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+
+{{/* podTemplate.spec.containers merged by name with the worker container (listed first when absent). */}}
+{{- define "jobtide.worker.containers" -}}
+{{- $worker := include "jobtide.worker.container" . | fromYaml }}
+{{- $containers := list }}
+{{- $listed := false }}
+{{- range (.pipeline.podTemplate.spec | default dict).containers }}
+{{- if eq .name $worker.name }}
+{{- $listed = true }}
+{{- $containers = append $containers (include "jobtide.merge" (dict "base" . "over" $worker) | fromYaml) }}
+{{- else }}
+{{- $containers = append $containers . }}
+{{- end }}
+{{- end }}
+{{- if not $listed }}
+{{- $containers = prepend $containers $worker }}
+{{- end }}
+{{- include "jobtide.worker.secured" (dict "containers" $containers "securityContext" .pipeline.securityContext) }}
+{{- end }}
+
+{{/* Containers with the secure defaults merged under each one's own securityContext. */}}
+{{- define "jobtide.worker.secured" -}}
+{{- $secured := list }}
+{{- range .containers }}
+{{- $context := include "jobtide.merge" (dict "base" $.securityContext "over" .securityContext) | fromYaml }}
+{{- $secured = append $secured (set (deepCopy .) "securityContext" $context) }}
+{{- end }}
+{{- toYaml $secured }}
+{{- end }}
