@@ -10,6 +10,7 @@ from jobtide_scaler.simulate.engine import Settings
 from jobtide_scaler.simulate.ideal import ideal_pod_seconds, ideal_wait_p95
 from jobtide_scaler.simulate.report import Comparison, compare, format_table
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload
+from simlib import show
 
 pytestmark = pytest.mark.bench
 
@@ -108,8 +109,7 @@ def test_all_policies_on_all_workloads(capsys: pytest.CaptureFixture[str]) -> No
         f"{len(comparisons)} workloads x {len(comparisons[0].results)} policies "
         f"simulated in {elapsed:.1f} s"
     )
-    with capsys.disabled():
-        print("\n" + "\n".join(report))
+    show(capsys, report)
     for comparison in comparisons:
         jobtide = comparison.results["jobtide"].metrics
         assert jobtide.tasks_unfinished == 0

@@ -15,6 +15,11 @@
   it chooses to bridge (a gap shorter than a start-up is cheaper kept than restarted). Pods
   are assigned greedily in arrival order, each task to the pod that frees up latest within
   its budget (best fit), which minimises start-ups for this kind of interval schedule.
+- Nodes: the omniscient schedule's pods packed at every instant onto as few nodes as hold them
+  (pods move freely between nodes), each node launched its mean provisioning latency before
+  it is needed (billed) and removed the moment it is empty unless it is needed again within
+  that latency. It is a reference, not a proof: the schedule minimises pod-seconds, not
+  node-seconds, and bounds every wait while the policies are compared on the p95.
 """
 
 from __future__ import annotations
@@ -24,19 +29,32 @@ import heapq
 import math
 
 from jobtide_scaler.simulate.engine import Settings, percentile
+from jobtide_scaler.simulate.nodes import NodePool
 from jobtide_scaler.simulate.workloads import Workload
 
-__all__ = ["ideal_pod_seconds", "ideal_wait_p95", "unavoidable_waits"]
+__all__ = ["ideal_node_seconds", "ideal_pod_seconds", "ideal_wait_p95", "unavoidable_waits"]
 
 
 def unavoidable_waits(
-    workload: Workload, settings: Settings, workers: int | None = None
+    workload: Workload,
+    settings: Settings,
+    workers: int | None = None,
+    pool: NodePool | None = None,
 ) -> list[float]:
-    """Each task's least wait, with any number of pods or at most `workers`."""
+    """Each task's least wait, with any number of pods or at most `workers`. On a node pool
+    the pool is cold once its last node is gone: the idle timeout and the autoscaler's delay
+    for an empty node after the last task."""
     startup = settings.mean_startup_seconds
-    provisioning = (
-        sum(workload.node_provisioning_seconds) / 2 if workload.node_provisioning_seconds else 0.0
-    )
+    if pool is not None:
+        provisioning = sum(pool.provisioning_seconds) / 2
+        cooldown = settings.idle_timeout_seconds + pool.empty_node_kept_seconds
+    else:
+        provisioning = (
+            sum(workload.node_provisioning_seconds) / 2
+            if workload.node_provisioning_seconds
+            else 0.0
+        )
+        cooldown = settings.pool_cooldown_seconds
     waits: list[float] = []
     episode_end = -math.inf
     pods_free_at: list[float] = []  # a heap; unused without a cap
@@ -44,7 +62,7 @@ def unavoidable_waits(
     for task in workload.tasks:
         if task.arrival > episode_end:
             idle_for = task.arrival - episode_end
-            cold = provisioning > 0 and idle_for > settings.pool_cooldown_seconds
+            cold = provisioning > 0 and idle_for > cooldown
             pods_up_at = task.arrival + startup + (provisioning if cold else 0.0)
             pods_free_at = [pods_up_at] * (workers or 0)
         if workers is None:
@@ -57,26 +75,78 @@ def unavoidable_waits(
     return waits
 
 
-def ideal_wait_p95(workload: Workload, settings: Settings, workers: int | None = None) -> float:
-    return percentile(unavoidable_waits(workload, settings, workers), 0.95)
+def ideal_wait_p95(
+    workload: Workload,
+    settings: Settings,
+    workers: int | None = None,
+    pool: NodePool | None = None,
+) -> float:
+    return percentile(unavoidable_waits(workload, settings, workers, pool), 0.95)
 
 
 def ideal_pod_seconds(workload: Workload, settings: Settings, wait_budget: float) -> float:
+    return sum(stop - start for start, stop in _ideal_pods(workload, settings, wait_budget))
+
+
+def _ideal_pods(
+    workload: Workload, settings: Settings, wait_budget: float
+) -> list[tuple[float, float]]:
+    """The omniscient schedule's pods as (start-up begins, last task ends) intervals."""
     startup = settings.mean_startup_seconds
-    cost = 0.0
-    free_at: list[float] = []  # sorted times at which the ideal's pods fall idle
+    pods: list[list[float]] = []  # [start-up begins, free at]
+    free: list[tuple[float, int]] = []  # sorted (free at, pod) of pods that may be reused
     for task in workload.tasks:
-        cost += task.duration
         # A pod idle longer than a start-up before this arrival is cheaper stopped; arrivals
         # are in order, so it is of no use to any later task either.
-        del free_at[: bisect.bisect_left(free_at, task.arrival - startup)]
-        best = bisect.bisect_right(free_at, task.arrival + wait_budget) - 1
+        del free[: bisect.bisect_left(free, (task.arrival - startup, -1))]
+        best = bisect.bisect_right(free, (task.arrival + wait_budget, len(pods))) - 1
         if best >= 0:
-            freed = free_at.pop(best)
-            cost += max(0.0, task.arrival - freed)
+            freed, number = free.pop(best)
             start = max(freed, task.arrival)
         else:
-            cost += startup
+            number = len(pods)
+            pods.append([task.arrival - startup, task.arrival])
             start = task.arrival
-        bisect.insort(free_at, start + task.duration)
+        pods[number][1] = start + task.duration
+        bisect.insort(free, (pods[number][1], number))
+    # A pod is kept across gaps shorter than a start-up only: one interval per pod.
+    return [(begin, end) for begin, end in pods]
+
+
+def ideal_node_seconds(
+    workload: Workload, settings: Settings, pool: NodePool, wait_budget: float
+) -> float:
+    """An omniscient placement and dispatch on the node pool: the pods of the omniscient
+    schedule (`ideal_pod_seconds`), packed at every instant onto as few nodes as hold them
+    (pods move freely), each node launched its mean provisioning latency before it is needed
+    and removed the moment it is empty, unless it is needed again within that latency (then
+    it is cheaper kept)."""
+    per_node = pool.pods_per_node
+    provisioning = sum(pool.provisioning_seconds) / 2
+    changes: list[tuple[float, int]] = []
+    for begin, end in _ideal_pods(workload, settings, wait_budget):
+        changes += [(begin, 1), (end, -1)]
+    changes.sort()
+    # Node k (1-based) is needed while more than (k - 1) * per_node pods are up; its needed
+    # stretches are merged across gaps shorter than a launch, and each stretch pays a launch.
+    up_since: dict[int, float] = {}
+    stretches: dict[int, list[list[float]]] = {}
+    pods = 0
+    for at, change in changes:
+        before = math.ceil(pods / per_node)
+        pods += change
+        after = math.ceil(pods / per_node)
+        for level in range(before + 1, after + 1):
+            up_since[level] = at
+        for level in range(after + 1, before + 1):
+            stretches.setdefault(level, []).append([up_since.pop(level), at])
+    cost = 0.0
+    for level_stretches in stretches.values():
+        merged: list[list[float]] = []
+        for begin, end in level_stretches:
+            if merged and begin - merged[-1][1] < provisioning:
+                merged[-1][1] = end
+            else:
+                merged.append([begin, end])
+        cost += sum(end - begin + provisioning for begin, end in merged)
     return cost

@@ -1,0 +1,180 @@
+"""Benchmark: the node bill. jobtide's defaults against the cheapest KEDA ScaledJob
+configuration that waits no longer (jobtide_scaler.simulate.sweep) and against the HPA, on
+every workload and both node autoscalers, beside an omniscient node-level reference; prints the
+goal table of issue 12 and checks its goals (docs/simulator.md records the figures).
+
+A goal counts as met, or as out of reach when the node-seconds it asks for lie below the
+omniscient reference at the same p95 wait: what no placement and dispatch could reach even
+knowing every task in advance. Anything else fails the benchmark."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import pairwise
+
+import pytest
+from jobtide_scaler.simulate.engine import Metrics, Settings, simulate
+from jobtide_scaler.simulate.ideal import ideal_node_seconds, ideal_wait_p95
+from jobtide_scaler.simulate.nodes import Autoscaler, NodePool
+from jobtide_scaler.simulate.scalers import HpaScaler, JobtideScaler
+from jobtide_scaler.simulate.sweep import KedaSweep, best_keda
+from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload
+from simlib import show
+
+pytestmark = pytest.mark.bench
+
+SEED = 1
+POOLS = {
+    "karpenter": NodePool(autoscaler=Autoscaler.KARPENTER),
+    "ca": NodePool(autoscaler=Autoscaler.CLUSTER_AUTOSCALER),
+}
+# Goals (issue 12): node-seconds below the best KEDA configuration at equal or lower p95.
+KARPENTER_SAVINGS = {"declining": 0.25, "diurnal": 0.15}
+MOST_AGAINST_KEDA = 1.02
+LEAST_SAVING_AGAINST_HPA = 0.40
+# A workload has idle gaps when it has 10 minutes without an arrival.
+IDLE_GAP_SECONDS = 600.0
+
+
+def has_idle_gaps(workload: Workload) -> bool:
+    arrivals = [task.arrival for task in workload.tasks] + [workload.horizon_seconds]
+    return any(later - earlier >= IDLE_GAP_SECONDS for earlier, later in pairwise(arrivals))
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: Workload
+    autoscaler: str
+    jobtide: Metrics
+    keda: KedaSweep
+    hpa: Metrics
+    reference: float  # omniscient node-seconds at jobtide's p95 wait
+
+    @property
+    def keda_ratio(self) -> float | None:
+        if self.keda.best is None:
+            return None
+        return self.jobtide.node_seconds / self.keda.best[1].node_seconds
+
+    @property
+    def hpa_saving(self) -> float:
+        return 1 - self.jobtide.node_seconds / self.hpa.node_seconds
+
+    def line(self) -> str:
+        ours = self.jobtide
+        if self.keda.best is None:
+            config, theirs = self.keda.fastest
+            keda = f"none as fast (fastest: {theirs.node_seconds:6.0f} at {theirs.wait_p95:5.1f})"
+        else:
+            config, theirs = self.keda.best
+            keda = f"{theirs.node_seconds:6.0f} at {theirs.wait_p95:5.1f} = x{self.keda_ratio:.2f}"
+        return (
+            f"{self.workload.name:11} {self.autoscaler:9} {ours.node_seconds:7.0f} "
+            f"{ours.wait_p95:6.1f} {ours.busy_pods_disrupted:3} | {keda:38} "
+            f"[{config.describe()}; {theirs.busy_pods_disrupted} disrupted] | "
+            f"hpa {self.hpa.node_seconds:6.0f} at {self.hpa.wait_p95:5.1f} "
+            f"({self.hpa_saving:+.0%} less) | ref {self.reference:6.0f} "
+            f"(x{ours.node_seconds / self.reference:.2f})"
+        )
+
+
+def measure(workload: Workload, autoscaler: str, settings: Settings) -> Row:
+    pool = POOLS[autoscaler]
+    ours = simulate(workload, settings, JobtideScaler(settings), SEED, pool).metrics
+    budget = max(ours.wait_p95, ideal_wait_p95(workload, settings, pool=pool))
+    return Row(
+        workload=workload,
+        autoscaler=autoscaler,
+        jobtide=ours,
+        keda=best_keda(workload, settings, pool, SEED, ours.wait_p95),
+        hpa=simulate(workload, settings, HpaScaler(settings), SEED, pool).metrics,
+        reference=ideal_node_seconds(workload, settings, pool, budget),
+    )
+
+
+def verdicts(row: Row) -> list[tuple[bool, str]]:
+    """(met or out of reach, words) for every goal that applies to this row."""
+    found: list[tuple[bool, str]] = []
+    ours = row.jobtide.node_seconds
+    where = f"{row.workload.name}/{row.autoscaler}"
+
+    def beyond_reference(asked: float) -> str:
+        if asked < row.reference:
+            return (
+                f"out of reach: it asks for <= {asked:.0f} node-s, the omniscient reference at "
+                f"p95 {row.jobtide.wait_p95:.1f} s needs {row.reference:.0f}"
+            )
+        return ""
+
+    if row.keda.best is not None:
+        theirs = row.keda.best[1].node_seconds
+        ratio = ours / theirs
+        saving = KARPENTER_SAVINGS.get(row.workload.name) if row.autoscaler == "karpenter" else None
+        if saving is not None:
+            asked = theirs * (1 - saving)
+            reach = beyond_reference(asked)
+            met = ours <= asked
+            found.append(
+                (
+                    met or bool(reach),
+                    f"{where}: >= {saving:.0%} below the best KEDA: {1 - ratio:.1%} "
+                    + ("met" if met else reach or "MISSED"),
+                )
+            )
+        met = ratio <= MOST_AGAINST_KEDA
+        found.append(
+            (
+                met,
+                f"{where}: <= {MOST_AGAINST_KEDA} x the best KEDA: x{ratio:.3f} "
+                + ("met" if met else "MISSED"),
+            )
+        )
+    else:
+        found.append((True, f"{where}: no KEDA configuration waits as little: met"))
+    if has_idle_gaps(row.workload):
+        asked = row.hpa.node_seconds * (1 - LEAST_SAVING_AGAINST_HPA)
+        met = ours <= asked
+        slower = row.jobtide.wait_p95 > row.hpa.wait_p95
+        note = (
+            f" (the HPA waits less, p95 {row.hpa.wait_p95:.1f} s: its replica keeps a node warm)"
+            if slower
+            else ""
+        )
+        reach = beyond_reference(asked)
+        found.append(
+            (
+                met or bool(reach),
+                f"{where}: >= 40% below the HPA: {row.hpa_saving:.0%}{note} "
+                + ("met" if met else reach or "MISSED"),
+            )
+        )
+    disrupted = row.jobtide.busy_pods_disrupted
+    found.append((disrupted == 0, f"{where}: busy workers disrupted: {disrupted}"))
+    return found
+
+
+def test_the_node_bill(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings()
+    started = time.perf_counter()
+    rows = [
+        measure(make_workload(name, SEED), autoscaler, settings)
+        for name in WORKLOADS
+        for autoscaler in POOLS
+    ]
+    elapsed = time.perf_counter() - started
+    header = (
+        f"{'workload':11} {'scaler':9} {'node-s':>7} {'p95':>6} {'dis':>3} | best KEDA at <= "
+        "jobtide's p95: node-s at p95 = jobtide / KEDA | HPA | omniscient node-level reference"
+    )
+    results = [verdict for row in rows for verdict in verdicts(row)]
+    report = [header, *(row.line() for row in rows), "", "goals:"]
+    report += [f"  {'ok  ' if ok else 'FAIL'} {words}" for ok, words in results]
+    runs = sum(row.keda.runs for row in rows)
+    report.append(
+        f"{len(rows)} workload x autoscaler pairs, {runs} KEDA runs in the sweeps, {elapsed:.0f} s"
+    )
+    show(capsys, report)
+    for row in rows:
+        assert row.jobtide.tasks_unfinished == 0
+    assert [words for ok, words in results if not ok] == []
