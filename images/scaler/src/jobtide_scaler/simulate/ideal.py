@@ -17,8 +17,8 @@
   its budget (best fit), which minimises start-ups for this kind of interval schedule.
 - Nodes: the omniscient schedule's pods packed at every instant onto as few nodes as hold them
   (pods move freely between nodes), each node launched its mean provisioning latency before
-  it is needed (billed) and removed the moment it is empty unless it is needed again within
-  that latency. It is a reference, not a proof: the schedule minimises pod-seconds, not
+  it is needed (billed) and removed as soon as the autoscaler removes an empty node, unless
+  it is needed again before a new launch would be cheaper. It is a reference, not a proof: the schedule minimises pod-seconds, not
   node-seconds, and bounds every wait while the policies are compared on the p95.
 """
 
@@ -119,10 +119,12 @@ def ideal_node_seconds(
     """An omniscient placement and dispatch on the node pool: the pods of the omniscient
     schedule (`ideal_pod_seconds`), packed at every instant onto as few nodes as hold them
     (pods move freely), each node launched its mean provisioning latency before it is needed
-    and removed the moment it is empty, unless it is needed again within that latency (then
-    it is cheaper kept)."""
+    and removed by the autoscaler as early as it removes an empty node (Karpenter's
+    consolidateAfter, the cluster autoscaler's 10 minutes), unless it is needed again before
+    a new launch would be cheaper."""
     per_node = pool.pods_per_node
     provisioning = sum(pool.provisioning_seconds) / 2
+    kept = pool.empty_node_kept_seconds
     changes: list[tuple[float, int]] = []
     for begin, end in _ideal_pods(workload, settings, wait_budget):
         changes += [(begin, 1), (end, -1)]
@@ -144,9 +146,9 @@ def ideal_node_seconds(
     for level_stretches in stretches.values():
         merged: list[list[float]] = []
         for begin, end in level_stretches:
-            if merged and begin - merged[-1][1] < provisioning:
+            if merged and begin - merged[-1][1] < provisioning + kept:
                 merged[-1][1] = end
             else:
                 merged.append([begin, end])
-        cost += sum(end - begin + provisioning for begin, end in merged)
+        cost += sum(end - begin + provisioning + kept for begin, end in merged)
     return cost

@@ -9,9 +9,9 @@ their eviction.
 
 A full grid is 12 x 10 x 9 = 1,080 runs per workload and node pool, too many for a benchmark on
 two shared cores. The search is in two stages, every run remembered:
-1. a coarse grid for every strategy, count mode and polling interval: targets 1, 3 and 10,
-   idle timeouts 5 and 30 s (72 runs);
-2. from the best point of the few cheapest combinations that meet the wait limit (or, when
+1. a coarse grid for every strategy, count mode and polling interval: targets 1 and 4, idle
+   timeouts 5 and 20 s (48 runs);
+2. from the best point of the two cheapest combinations that meet the wait limit (or, when
    none does, that wait least), a local search over the full target and idle-timeout ranges:
    move to the cheapest neighbour that meets the limit (target +-1, the next idle timeout of
    the list) until none is cheaper.
@@ -38,9 +38,9 @@ __all__ = ["IDLE_TIMEOUTS", "TARGETS", "KedaConfig", "KedaSweep", "best_keda"]
 
 TARGETS = tuple(range(1, 11))
 IDLE_TIMEOUTS = (5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0)
-_COARSE_TARGETS = (1, 3, 10)
-_COARSE_IDLE_TIMEOUTS = (5.0, 30.0)
-_REFINED_COMBINATIONS = 3
+_COARSE_TARGETS = (1, 4)
+_COARSE_IDLE_TIMEOUTS = (5.0, 20.0)
+_REFINED_COMBINATIONS = 2
 
 
 @dataclass(frozen=True, order=True)
