@@ -1,5 +1,6 @@
-"""Benchmark: every policy on every workload with jobtide's default settings; prints the tables
-and checks the goals of issue 7 (docs/simulator.md records the figures)."""
+"""Benchmark: the policies on every workload with jobtide's default settings, pods only (no
+node pool: the bill of issue 7, pod-seconds); prints the tables and checks the goals of issue 7
+(docs/simulator.md records the figures). The node bill is test_bench_nodes.py's."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ KEDA_ALL = (
     "keda-eager",
     "keda-eager-drain",
 )
+POLICIES = ("jobtide", *KEDA_ALL, "hpa", "demo")
 
 
 def goal_failures(comparison: Comparison, settings: Settings) -> list[str]:
@@ -95,7 +97,9 @@ def goal_failures(comparison: Comparison, settings: Settings) -> list[str]:
 def test_all_policies_on_all_workloads(capsys: pytest.CaptureFixture[str]) -> None:
     settings = Settings()
     started = time.perf_counter()
-    comparisons = [compare(make_workload(name, SEED), settings, SEED) for name in WORKLOADS]
+    comparisons = [
+        compare(make_workload(name, SEED), settings, SEED, POLICIES) for name in WORKLOADS
+    ]
     elapsed = time.perf_counter() - started
     report = []
     for comparison in comparisons:

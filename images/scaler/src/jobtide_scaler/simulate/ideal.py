@@ -18,8 +18,9 @@
 - Nodes: the omniscient schedule's pods packed at every instant onto as few nodes as hold them
   (pods move freely between nodes), each node launched its mean provisioning latency before
   it is needed (billed) and removed as soon as the autoscaler removes an empty node, unless
-  it is needed again before a new launch would be cheaper. It is a reference, not a proof: the schedule minimises pod-seconds, not
-  node-seconds, and bounds every wait while the policies are compared on the p95.
+  it is needed again before a new launch would be cheaper. It is a reference, not a proof:
+  the schedule minimises pod-seconds, not node-seconds (it never delays a task to share a
+  node launch), and bounds every wait while the policies are compared on the p95.
 """
 
 from __future__ import annotations

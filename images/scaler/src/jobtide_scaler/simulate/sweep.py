@@ -4,8 +4,9 @@ KEDA is given its best chance: any strategy (default, accurate, eager), either c
 (AMQP: ready; HTTP: ready + unacked), jobtide's polling interval or KEDA's default 30 s,
 drain-until-idle workers (jobtide's own, the cheaper worker model), a target value (messages
 per Job) from 1 to 10 and a worker idle timeout from 5 to 120 s. Its pods keep KEDA's
-defaults otherwise: the default scheduler spreads them, the broker round-robins, nothing blocks
-their eviction.
+defaults otherwise: the default scheduler spreads them, the broker round-robins, and nothing
+blocks their eviction unless `levers` gives them the do-not-evict annotations (the same
+guarantee as jobtide's: no busy worker disrupted).
 
 A full grid is 12 x 10 x 9 = 1,080 runs per workload and node pool, too many for a benchmark on
 two shared cores. The search is in two stages, every run remembered:
@@ -26,10 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jobtide_scaler.simulate.engine import Metrics, Settings, simulate
-from jobtide_scaler.simulate.nodes import NodePool
+from jobtide_scaler.simulate.nodes import Levers, NodePool
 from jobtide_scaler.simulate.scalers import (
     KEDA_DEFAULT_POLLING_SECONDS,
     KEDA_STRATEGIES,
+    NO_LEVERS,
     KedaScaler,
 )
 from jobtide_scaler.simulate.workloads import Workload
@@ -94,6 +96,7 @@ def best_keda(
     pool: NodePool | None,
     seed: int,
     wait_limit: float,
+    levers: Levers = NO_LEVERS,
 ) -> KedaSweep:
     """The cheapest KEDA configuration (node-seconds with a pool, else pod-seconds) whose p95
     wait is at most `wait_limit`."""
@@ -101,7 +104,9 @@ def best_keda(
 
     def run(config: KedaConfig) -> Metrics:
         if config not in seen:
-            scaler = KedaScaler(config.settings(settings), config.strategy, drain=True)
+            scaler = KedaScaler(
+                config.settings(settings), config.strategy, drain=True, levers=levers
+            )
             seen[config] = simulate(workload, config.settings(settings), scaler, seed, pool).metrics
         return seen[config]
 
