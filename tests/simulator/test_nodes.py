@@ -24,7 +24,7 @@ from jobtide_scaler.simulate.nodes import (
     requests_from_resources,
 )
 from jobtide_scaler.simulate.report import compare
-from jobtide_scaler.simulate.scalers import JOBTIDE_LEVERS, HpaScaler, JobtideScaler
+from jobtide_scaler.simulate.scalers import JOBTIDE_LEVERS, HpaScaler, JobtideScaler, KedaScaler
 from jobtide_scaler.simulate.workloads import Task, Workload, make_workload
 from simlib import FIXED
 
@@ -92,6 +92,25 @@ def underutilized_run(levers: Levers) -> tuple[int, int]:
 def test_consolidation_evicts_busy_workers_unless_they_say_do_not_disrupt() -> None:
     assert underutilized_run(NO_LEVERS) == (2, 2)
     assert underutilized_run(GUARDED) == (0, 2)
+
+
+@pytest.mark.parametrize(("retried", "jobs", "longest_wait"), [(True, 8, 75), (False, 6, 336)])
+def test_a_job_with_retries_left_replaces_its_evicted_pod(
+    retried: bool, jobs: int, longest_wait: float
+) -> None:
+    # underutilized_run's six pods under KEDA's default strategy (target 1). At 70 the second
+    # node is consolidated and its two busy workers evicted; their tasks go back to the queue.
+    # KEDA then sees 2 ready messages and 4 running Jobs and creates nothing. A Job with
+    # retries left (Kubernetes' default backoffLimit 6) starts a new pod at once, bound on the
+    # first node and up at 75, which takes a requeued task; without, the tasks wait for the
+    # first node's workers, busy until 336.
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    levers = Levers(evicted_pod_retried=retried)
+    scaler = KedaScaler(FIXED, "default", drain=True, levers=levers)
+    metrics = simulate(workload, FIXED, scaler, pool=POOL).metrics
+    assert (metrics.busy_pods_disrupted, metrics.jobs_created) == (2, jobs)
+    assert metrics.wait_p99 == pytest.approx(longest_wait)
+    assert metrics.tasks_unfinished == 0
 
 
 def test_when_empty_never_moves_a_busy_worker() -> None:
@@ -204,7 +223,9 @@ def test_levers_and_requests_from_values() -> None:
         "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
     }
     values["pipelines"]["resize"]["env"] = [{"name": "JOBTIDE_CONSUMER_PRIORITY", "value": "none"}]
-    assert levers_from_values(values, None) == Levers(ca_safe_to_evict=False)
+    assert levers_from_values(values, None) == Levers(
+        ca_safe_to_evict=False, evicted_pod_retried=False
+    )
     values["pipelines"]["resize"]["resources"] = {"requests": {"memory": "a lot"}}
     with pytest.raises(ValueError, match=r"pipelines\.resize\.resources\.requests\.memory"):
         pool_from_values(values, None, NodePool())

@@ -112,8 +112,9 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
     """jobtide's levers as the values set them: the packing affinity (`nodePool.packWorkers`,
     replaced by any affinity of `nodePool` or the pipeline's `podTemplate.spec`, which packs
     only if it has a `podAffinity`), the pods' annotations (`nodePool.podAnnotations` under
-    the pipeline's `podTemplate.metadata.annotations`) and the worker's consumer priority
-    (`JOBTIDE_CONSUMER_PRIORITY` in the pipeline's `env`, `age` unless `none`)."""
+    the pipeline's `podTemplate.metadata.annotations`), the worker's consumer priority
+    (`JOBTIDE_CONSUMER_PRIORITY` in the pipeline's `env`, `age` unless `none`) and whether a
+    Job retries an evicted pod (`backoffLimit` above 0; the chart's default is 0)."""
     merged, where = _pipeline(values, pipeline)
     node_pool = _section(values, "nodePool", "")
     template = _section(merged, "podTemplate", where)
@@ -128,6 +129,9 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
             "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
         }
     annotations.update(_section(_section(template, "metadata", ""), "annotations", ""))
+    backoff_limit = merged.get("backoffLimit", 0)
+    if isinstance(backoff_limit, bool) or not isinstance(backoff_limit, int) or backoff_limit < 0:
+        raise ValueError(f"{where}backoffLimit: expected a count, got {backoff_limit!r}")
     priorities = JOBTIDE_LEVERS.consumer_priorities
     for variable in merged.get("env") or []:
         if isinstance(variable, Mapping) and variable.get("name") == "JOBTIDE_CONSUMER_PRIORITY":
@@ -141,6 +145,7 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
             annotations.get("cluster-autoscaler.kubernetes.io/safe-to-evict")
         ).lower()
         != "false",
+        evicted_pod_retried=backoff_limit > 0,
     )
 
 

@@ -21,7 +21,8 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
   demo, KEDA's "-drain" variants); `one-message` takes one message and exits (KEDA's model;
   with no message it waits the idle timeout); `deployment` runs until the scaler deletes it,
   busy or not (the HPA); a deleted or evicted busy pod's message goes back to the head of the
-  queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet.
+  queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet,
+  an evicted Job pod by its Job when the Job has retries left (`backoffLimit` above 0).
 - The run lasts until every task is done, the workload's horizon has passed, the scaler is
   back at its minimum (no pod, or the HPA's one replica) and no node is left without a pod.
 
@@ -486,8 +487,9 @@ class _Run:
         for number in sorted(node.pods):
             pod = self.pods[number]
             self.busy_disrupted += self.stop(pod)
-            if self.scaler.worker is WorkerModel.DEPLOYMENT:
-                self.create_pod()  # the ReplicaSet replaces an evicted pod
+            # The ReplicaSet replaces an evicted pod; so does a Job with retries left.
+            if self.scaler.worker is WorkerModel.DEPLOYMENT or self.levers.evicted_pod_retried:
+                self.create_pod()
         self.dispatch()
 
     def on_autoscaler_check(self) -> None:

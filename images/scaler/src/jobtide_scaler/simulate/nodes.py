@@ -25,6 +25,8 @@ Stated once here (docs/simulator.md has the long form):
     `ca_unneeded_seconds` unneeded it is removed (its pods evicted), but no node is removed
     within `ca_delay_after_add_seconds` of a scale-up.
 - An evicted worker exits; a busy one's message goes back to the queue and its work is lost.
+  A Job with retries left (`backoffLimit` above 0, Kubernetes' default) starts a new pod for
+  it at once (the Job controller's first back-off of 10 s is not modelled).
 """
 
 from __future__ import annotations
@@ -141,12 +143,15 @@ class Levers:
     robin). pack: a preferred pod affinity to the other workers. karpenter_do_not_disrupt:
     the pods carry `karpenter.sh/do-not-disrupt: "true"`; ca_safe_to_evict False: they carry
     `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`. Either keeps that autoscaler
-    from evicting them."""
+    from evicting them. evicted_pod_retried: the Job's `backoffLimit` is above 0 (Kubernetes'
+    default is 6, as in KEDA's ScaledJob examples), so the Job controller replaces an evicted
+    worker pod with a new one, which starts up again; jobtide's Jobs have `backoffLimit: 0`."""
 
     consumer_priorities: bool = False
     pack: bool = False
     karpenter_do_not_disrupt: bool = False
     ca_safe_to_evict: bool = True
+    evicted_pod_retried: bool = True
 
     @property
     def scheduler(self) -> Scheduler:

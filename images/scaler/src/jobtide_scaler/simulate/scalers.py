@@ -44,10 +44,15 @@ _PIPELINE = "simulated"
 # the chart gives the worker pods a preferred pod affinity to the release's other workers and
 # both node autoscalers' do-not-evict annotations.
 JOBTIDE_LEVERS = Levers(
-    consumer_priorities=True, pack=True, karpenter_do_not_disrupt=True, ca_safe_to_evict=False
+    consumer_priorities=True,
+    pack=True,
+    karpenter_do_not_disrupt=True,
+    ca_safe_to_evict=False,
+    evicted_pod_retried=False,
 )
 KEDA_DEFAULT_POLLING_SECONDS = 30.0
-# Everyone else's pods: spread by the default scheduler, round robin, evictable.
+# Everyone else's pods: spread by the default scheduler, round robin, evictable, and their
+# Jobs keep Kubernetes' default backoffLimit (6), so an evicted pod is started again.
 NO_LEVERS = Levers()
 
 
