@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from jobtide_scaler.simulate.cli import levers_from_values, main, pool_from_values
 from jobtide_scaler.simulate.engine import Settings, simulate
-from jobtide_scaler.simulate.ideal import ideal_node_seconds
+from jobtide_scaler.simulate.ideal import ideal_node_seconds, node_seconds_lower_bound
 from jobtide_scaler.simulate.nodes import (
     Autoscaler,
     Consolidation,
@@ -113,6 +113,27 @@ def test_a_job_with_retries_left_replaces_its_evicted_pod(
     assert metrics.tasks_unfinished == 0
 
 
+@pytest.mark.parametrize(
+    ("grace", "disrupted", "node_seconds", "longest_wait"), [(600, 0, 714, 36), (100, 2, 678, 175)]
+)
+def test_an_evicted_worker_finishes_its_task_within_its_grace(
+    grace: float, disrupted: int, node_seconds: float, longest_wait: float
+) -> None:
+    # underutilized_run's consolidation at 70, the workers without do-not-disrupt but with a
+    # grace on SIGTERM (jobtide's Jobs: no retry). The second node is cordoned; its two
+    # workers finish their tasks at 336 and leave, and the node goes then (335 node-s); the
+    # first node's workers leave at 341, it is settled at 371 and removed at 380 (379). With
+    # a grace of 100 s the tasks are cut off at 170 and run again from 175 on the first
+    # node's two new workers (the scaler's decision at 170).
+    levers = Levers(eviction_grace_seconds=grace, evicted_pod_retried=False)
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    metrics = simulate(workload, FIXED, JobtideScaler(FIXED, levers=levers), pool=POOL).metrics
+    assert (metrics.busy_pods_disrupted, metrics.nodes_launched) == (disrupted, 2)
+    assert metrics.node_seconds == pytest.approx(node_seconds)
+    assert metrics.wait_p99 == pytest.approx(longest_wait)
+    assert metrics.tasks_unfinished == 0
+
+
 def test_when_empty_never_moves_a_busy_worker() -> None:
     pool = replace(POOL, consolidation=Consolidation.WHEN_EMPTY)
     workload = tasks(1, 1, 300, 300, 300, 300)
@@ -189,6 +210,16 @@ def test_ideal_node_seconds_by_hand() -> None:
     assert ideal_node_seconds(tasks(*[100] * 5), settings, pool, 0.0) == pytest.approx(
         2 * (110 + 60 + 30), abs=0.01
     )
+
+
+def test_node_lower_bound_by_hand() -> None:
+    # One 10 s task: its pod starts up at least 5 s and idles 5 s, alone on a node of four
+    # slots (20 / 4 = 5 node-s), and the node takes at least 30 s to launch and is kept 30 s
+    # empty: 65. The simulated run (test_one_node_from_launch_to_consolidation) takes 89.
+    workload = tasks(10)
+    assert node_seconds_lower_bound(workload, FIXED, POOL) == pytest.approx(65)
+    metrics = simulate(workload, FIXED, JobtideScaler(FIXED), pool=POOL).metrics
+    assert metrics.node_seconds >= node_seconds_lower_bound(workload, FIXED, POOL)
 
 
 @pytest.mark.parametrize(

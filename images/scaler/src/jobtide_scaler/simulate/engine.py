@@ -214,7 +214,8 @@ class _Event(enum.IntEnum):
     POOL_COLD = 5
     LAUNCH_BATCH = 6
     AUTOSCALER_CHECK = 7
-    DECIDE = 8
+    GRACE_OVER = 8
+    DECIDE = 9
 
 
 class _Pod:
@@ -228,6 +229,7 @@ class _Pod:
         "ready",
         "running_at",
         "startup_seconds",
+        "stopping",
         "task",
         "task_started_at",
     )
@@ -244,6 +246,7 @@ class _Pod:
         self.startup_seconds = 0.0
         self.idle_token = 0
         self.node: Node | None = None
+        self.stopping = False  # evicted, finishing its task within its grace
 
 
 class _Run:
@@ -450,7 +453,10 @@ class _Run:
         if pod.node is None:
             self.pending.remove(pod)
             return
-        pod.node.unbind(pod.number, self.pool, self.now)
+        node = pod.node
+        node.unbind(pod.number, self.pool, self.now)
+        if node.cordoned and not node.pods:
+            self.remove(node)
         self.bind_pending()
 
     def on_node_ready(self, number: int) -> None:
@@ -480,17 +486,35 @@ class _Run:
         blocked = bool(node.pods) and self.levers.blocks_eviction(self.pool.autoscaler)
         return not blocked and self.room_elsewhere(node) >= len(node.pods)
 
-    def terminate(self, node: Node) -> None:
-        # Gone from the pool first: no evicted pod's replacement may land on it.
+    def remove(self, node: Node) -> None:
         node.terminated_at = self.now
         del self.alive[node.number]
+
+    def terminate(self, node: Node) -> None:
+        """The autoscaler removes the node, evicting its pods. Cordoned first: no evicted
+        pod's replacement may land on it. A busy worker with a grace finishes its task first,
+        and the node stays until its last pod has left."""
+        node.cordoned = True
+        grace = self.levers.eviction_grace_seconds
         for number in sorted(node.pods):
             pod = self.pods[number]
+            if pod.task is not None and grace > 0:
+                pod.stopping = True
+                self.schedule(self.now + grace, _Event.GRACE_OVER, pod.number)
+                continue
             self.busy_disrupted += self.stop(pod)
             # The ReplicaSet replaces an evicted pod; so does a Job with retries left.
             if self.scaler.worker is WorkerModel.DEPLOYMENT or self.levers.evicted_pod_retried:
                 self.create_pod()
+        if not node.pods and node.terminated_at is None:
+            self.remove(node)  # (a node emptied by the evictions is already removed)
         self.dispatch()
+
+    def on_grace_over(self, pod: _Pod) -> None:
+        """The pod's grace after its eviction is over: a task still running is cut off."""
+        if pod.exited_at is None:
+            self.busy_disrupted += self.stop(pod)
+            self.dispatch()
 
     def on_autoscaler_check(self) -> None:
         assert self.pool is not None
@@ -515,7 +539,7 @@ class _Run:
         if self.pending:
             return  # pods still wait for room: no node is underutilized
         candidates = sorted(
-            (node for node in settled if node.pods and node.terminated_at is None),
+            (node for node in settled if node.pods and node.ready),
             key=lambda node: (len(node.pods), node.number),
         )
         for node in candidates:
@@ -542,7 +566,7 @@ class _Run:
         removed_busy_node = False
         for node in list(self.alive.values()):
             since = node.unneeded_since
-            if since is None or self.now - since < self.pool.ca_unneeded_seconds:
+            if node.cordoned or since is None or self.now - since < self.pool.ca_unneeded_seconds:
                 continue
             if node.pods:
                 # Non-empty nodes go one at a time; re-check, an earlier removal took room.
@@ -565,7 +589,11 @@ class _Run:
         self.waits[task] = pod.task_started_at - self.tasks[task].arrival
         self.done += 1
         pod.task = None
-        if self.scaler.worker is WorkerModel.ONE_MESSAGE:
+        if pod.stopping:
+            self.exit(pod)
+            if self.levers.evicted_pod_retried:
+                self.create_pod()  # its Job, with retries left, starts a new pod
+        elif self.scaler.worker is WorkerModel.ONE_MESSAGE:
             self.exit(pod)
         else:
             self.look_for_work(pod)
@@ -653,6 +681,8 @@ class _Run:
                 self.on_launch_batch()
             elif event is _Event.AUTOSCALER_CHECK:
                 self.on_autoscaler_check()
+            elif event is _Event.GRACE_OVER:
+                self.on_grace_over(self.pods[subject])
             else:
                 self.on_pool_cold(subject)
         return self.result(end)

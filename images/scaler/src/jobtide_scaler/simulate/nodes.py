@@ -24,7 +24,9 @@ Stated once here (docs/simulator.md has the long form):
     annotated `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`; after
     `ca_unneeded_seconds` unneeded it is removed (its pods evicted), but no node is removed
     within `ca_delay_after_add_seconds` of a scale-up.
-- An evicted worker exits; a busy one's message goes back to the queue and its work is lost.
+- An evicted worker exits; a busy one's message goes back to the queue and its work is lost,
+  unless the worker finishes its task within its grace on SIGTERM (`eviction_grace_seconds`):
+  the node is then cordoned and drained, and removed when its last pod has left.
   A Job with retries left (`backoffLimit` above 0, Kubernetes' default) starts a new pod for
   it at once (the Job controller's first back-off of 10 s is not modelled).
 """
@@ -145,13 +147,18 @@ class Levers:
     `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`. Either keeps that autoscaler
     from evicting them. evicted_pod_retried: the Job's `backoffLimit` is above 0 (Kubernetes'
     default is 6, as in KEDA's ScaledJob examples), so the Job controller replaces an evicted
-    worker pod with a new one, which starts up again; jobtide's Jobs have `backoffLimit: 0`."""
+    worker pod with a new one, which starts up again; jobtide's Jobs have `backoffLimit: 0`.
+    eviction_grace_seconds: how long an evicted busy worker may still work on its task (the
+    worker's SIGTERM handling: it takes no new message and finishes its task within this
+    grace, below the pod's `terminationGracePeriodSeconds`, then exits); the node is drained
+    until then. 0: the worker dies at once and its task's work is lost."""
 
     consumer_priorities: bool = False
     pack: bool = False
     karpenter_do_not_disrupt: bool = False
     ca_safe_to_evict: bool = True
     evicted_pod_retried: bool = True
+    eviction_grace_seconds: float = 0.0
 
     @property
     def scheduler(self) -> Scheduler:
@@ -168,6 +175,7 @@ class Node:
 
     __slots__ = (
         "changed_at",
+        "cordoned",
         "cpu_used",
         "launched_at",
         "memory_used",
@@ -190,10 +198,11 @@ class Node:
         self.nominated = 0  # pending pods this launching node was started for
         self.changed_at = launched_at
         self.unneeded_since: float | None = None
+        self.cordoned = False  # being drained for removal: no pod is bound to it any more
 
     @property
     def ready(self) -> bool:
-        return self.ready_at is not None and self.terminated_at is None
+        return self.ready_at is not None and self.terminated_at is None and not self.cordoned
 
     def fits(self, pool: NodePool, extra_pods: int = 1) -> bool:
         return (
