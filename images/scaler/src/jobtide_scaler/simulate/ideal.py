@@ -1,4 +1,5 @@
-"""Ideal references for a workload: what no reactive scaler can beat (docs/simulator.md).
+"""Ideal references for a workload (what an omniscient scaler reaches: references, which a
+reactive scaler can occasionally beat) and a true lower bound on node-seconds (docs/simulator.md).
 
 - Wait: a scaler that knew of every task the instant it arrived and could start any number of
   pods at once still leaves the first tasks of each episode (a stretch of time in which the
