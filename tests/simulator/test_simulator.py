@@ -18,16 +18,9 @@ from jobtide_scaler.simulate.scalers import (
     keda_new_jobs,
 )
 from jobtide_scaler.simulate.workloads import Task, Workload, make_workload, read_trace
+from simlib import FIXED
 
 pytestmark = pytest.mark.unit
-
-FIXED = Settings(
-    poll_interval_seconds=5,
-    messages_per_worker=1,
-    idle_timeout_seconds=5,
-    startup_seconds=(5, 5),
-    max_workers=20,
-)
 
 
 def one_task(provisioning: tuple[float, float] | None = None) -> Workload:
@@ -177,10 +170,14 @@ def test_trace_and_values_through_the_command(
     assert code == 0
     document = json.loads(capsys.readouterr().out)
     assert document["workload"] == "trace:trace.csv"
-    assert set(document["ideal"]) == {"pod_seconds", "wait_p95"}
+    assert set(document["ideal"]) == {"node_seconds", "pod_seconds", "wait_p95"}
     jobtide = document["policies"]["jobtide"]
     assert jobtide["jobs_created"] <= 2  # maxWorkers of the pipeline wins over the default
     assert set(jobtide) == {
+        "node_seconds",
+        "peak_nodes",
+        "nodes_launched",
+        "busy_pods_disrupted",
         "pod_seconds",
         "idle_pod_seconds",
         "wait_p50",

@@ -1,8 +1,9 @@
 """`jobtide-scaler simulate`: compare the policies on a workload, a trace or all workloads.
 
-JSON output: one object per workload (`{"workload", "tasks", "ideal": {"pod_seconds",
-"wait_p95"}, "policies": {name: figures}}`); with several workloads (`--compare` without
-`--workload`/`--trace`), a list of those objects in the order of the table.
+JSON output: one object per workload (`{"workload", "tasks", "ideal": {"node_seconds",
+"pod_seconds", "wait_p95"}, "policies": {name: figures}}`); with several workloads
+(`--compare` without `--workload`/`--trace`), a list of those objects in the order of the
+table. Without a node pool (`--autoscaler none`) the node figures are left out.
 """
 
 from __future__ import annotations
@@ -24,10 +25,24 @@ from jobtide_worker.pipeline_settings import (
 
 from jobtide_scaler.settings import ScalerSettings
 from jobtide_scaler.simulate.engine import Settings
+from jobtide_scaler.simulate.nodes import (
+    Autoscaler,
+    Consolidation,
+    Levers,
+    NodePool,
+    requests_from_resources,
+    with_requests,
+)
 from jobtide_scaler.simulate.report import Comparison, compare, format_table, plot
+from jobtide_scaler.simulate.scalers import JOBTIDE_LEVERS
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload, read_trace
 
-__all__ = ["main", "settings_from_values"]
+__all__ = [
+    "levers_from_values",
+    "main",
+    "pool_from_values",
+    "settings_from_values",
+]
 
 
 def _section(values: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
@@ -37,11 +52,9 @@ def _section(values: Mapping[str, Any], key: str, where: str) -> Mapping[str, An
     return section
 
 
-def settings_from_values(
-    values: Mapping[str, Any], pipeline: str | None, base: Settings
-) -> Settings:
-    """Settings from a chart values file: the scaler's settings under `scaler`, and one
-    pipeline's keys over `pipelineDefaults` (the only pipeline, or the one named)."""
+def _pipeline(values: Mapping[str, Any], pipeline: str | None) -> tuple[dict[str, Any], str]:
+    """One pipeline's keys over `pipelineDefaults` (the only pipeline, or the one named), and
+    where they are, for error messages."""
     pipelines = _section(values, "pipelines", "")
     if pipeline is None and len(pipelines) > 1:
         raise ValueError(f"several pipelines in the values ({', '.join(pipelines)}): name one")
@@ -51,9 +64,18 @@ def settings_from_values(
     merged = dict(_section(values, "pipelineDefaults", ""))
     if name is not None:
         merged.update(_section(pipelines, name, "pipelines."))
+    return merged, f"pipelines.{name}." if name else "pipelineDefaults."
+
+
+def settings_from_values(
+    values: Mapping[str, Any], pipeline: str | None, base: Settings
+) -> Settings:
+    """Settings from a chart values file: the scaler's settings under `scaler`, and one
+    pipeline's keys over `pipelineDefaults` (the only pipeline, or the one named)."""
+    merged, where_pipeline = _pipeline(values, pipeline)
     settings = base
     for block, section, where in (
-        (PipelineSettings, merged, f"pipelines.{name}." if name else "pipelineDefaults."),
+        (PipelineSettings, merged, where_pipeline),
         (ScalerSettings, _section(values, "scaler", ""), "scaler."),
     ):
         # Only the block's own keys: the rest of the values is not the simulator's business.
@@ -67,6 +89,57 @@ def settings_from_values(
         except SettingsError as e:
             raise ValueError("; ".join(where + problem for problem in e.problems)) from None
     return settings
+
+
+def pool_from_values(values: Mapping[str, Any], pipeline: str | None, base: NodePool) -> NodePool:
+    """The worker pod's requests from the pipeline's `resources` (requests, else limits);
+    the node shape and autoscaler stay the command's."""
+    merged, where = _pipeline(values, pipeline)
+    resources = merged.get("resources") or {}
+    if not isinstance(resources, Mapping):
+        raise ValueError(f"{where}resources: expected a mapping")
+    return with_requests(base, *requests_from_resources(resources, f"{where}resources."))
+
+
+def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Levers:
+    """jobtide's levers as the values set them: the packing affinity (`nodePool.packWorkers`,
+    replaced by any affinity of `nodePool` or the pipeline's `podTemplate.spec`, which packs
+    only if it has a `podAffinity`), the pods' annotations (`nodePool.podAnnotations` under
+    the pipeline's `podTemplate.metadata.annotations`), the worker's consumer priority
+    (`JOBTIDE_CONSUMER_PRIORITY` in the pipeline's `env`, `age` unless `none`) and whether a
+    Job retries an evicted pod (`backoffLimit` above 0; the chart's default is 0)."""
+    merged, where = _pipeline(values, pipeline)
+    node_pool = _section(values, "nodePool", "")
+    template = _section(merged, "podTemplate", where)
+    affinity = _section(_section(template, "spec", f"{where}podTemplate."), "affinity", "") or (
+        _section(node_pool, "affinity", "nodePool.")
+    )
+    pack = "podAffinity" in affinity if affinity else bool(node_pool.get("packWorkers", True))
+    annotations = dict(_section(node_pool, "podAnnotations", "nodePool.") or {})
+    if "podAnnotations" not in node_pool:
+        annotations = {
+            "karpenter.sh/do-not-disrupt": "true",
+            "cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+        }
+    annotations.update(_section(_section(template, "metadata", ""), "annotations", ""))
+    backoff_limit = merged.get("backoffLimit", 0)
+    if isinstance(backoff_limit, bool) or not isinstance(backoff_limit, int) or backoff_limit < 0:
+        raise ValueError(f"{where}backoffLimit: expected a count, got {backoff_limit!r}")
+    priorities = JOBTIDE_LEVERS.consumer_priorities
+    for variable in merged.get("env") or []:
+        if isinstance(variable, Mapping) and variable.get("name") == "JOBTIDE_CONSUMER_PRIORITY":
+            priorities = str(variable.get("value", "")).strip().lower() != "none"
+    return Levers(
+        consumer_priorities=priorities,
+        pack=pack,
+        karpenter_do_not_disrupt=str(annotations.get("karpenter.sh/do-not-disrupt")).lower()
+        == "true",
+        ca_safe_to_evict=str(
+            annotations.get("cluster-autoscaler.kubernetes.io/safe-to-evict")
+        ).lower()
+        != "false",
+        evicted_pod_retried=backoff_limit > 0,
+    )
 
 
 def _provisioning(text: str) -> tuple[float, float]:
@@ -91,11 +164,50 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipeline", help="the pipeline of --values to simulate")
     parser.add_argument("--trace", type=Path, help="CSV: arrival seconds[,duration seconds]")
-    parser.add_argument(
+    pool = NodePool()
+    nodes = parser.add_argument_group("node pool (docs/simulator.md)")
+    nodes.add_argument(
+        "--autoscaler",
+        choices=[a.value for a in Autoscaler] + ["none"],
+        default=pool.autoscaler.value,
+        help="the node autoscaler; none: pods only, on a pool that is always warm (or, with "
+        "--node-provisioning, cold after 10 minutes without pods)",
+    )
+    nodes.add_argument(
+        "--consolidation",
+        choices=[c.value for c in Consolidation],
+        default=pool.consolidation.value,
+        help="Karpenter's consolidationPolicy",
+    )
+    nodes.add_argument(
+        "--consolidate-after",
+        type=float,
+        default=pool.consolidate_after_seconds,
+        metavar="SECONDS",
+        help="Karpenter's consolidateAfter",
+    )
+    nodes.add_argument(
         "--node-provisioning",
         type=_provisioning,
         metavar="LOW-HIGH",
-        help="with --trace: seconds to bring up a node when the pool is at zero",
+        help=f"seconds from a node's launch to its readiness (default "
+        f"{pool.provisioning_seconds[0]:.0f}-{pool.provisioning_seconds[1]:.0f})",
+    )
+    nodes.add_argument("--node-cpu", type=float, default=pool.node_cpu, help="allocatable CPUs")
+    nodes.add_argument(
+        "--node-memory", type=float, default=pool.node_memory_gib, help="allocatable GiB"
+    )
+    nodes.add_argument("--node-max-pods", type=int, default=pool.node_max_pods)
+    nodes.add_argument(
+        "--pod-cpu",
+        type=float,
+        help=f"a worker's CPU request (default: the pipeline's in --values, else {pool.pod_cpu})",
+    )
+    nodes.add_argument(
+        "--pod-memory",
+        type=float,
+        help=f"a worker's memory request in GiB (default: the pipeline's, else "
+        f"{pool.pod_memory_gib})",
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), help="a built-in workload")
     parser.add_argument(
@@ -104,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", action="append", help="only these policies (repeatable)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument(
-        "--plot", type=Path, metavar="FILE.png", help="backlog and workers over time"
+        "--plot", type=Path, metavar="FILE.png", help="backlog, workers and nodes over time"
     )
     parser.add_argument("--seed", type=int, default=1)
     return parser
@@ -115,14 +227,22 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     try:
         settings = Settings()
+        pool = _pool(args)
+        levers = JOBTIDE_LEVERS
         if args.values is not None:
             values = yaml.safe_load(args.values.read_text()) or {}
             if not isinstance(values, Mapping):
                 raise ValueError(f"{args.values}: expected a mapping at the top")
             settings = settings_from_values(values, args.pipeline, settings)
+            levers = levers_from_values(values, args.pipeline)
+            if pool is not None:
+                pool = pool_from_values(values, args.pipeline, pool)
+        if pool is not None:
+            pool = with_requests(pool, args.pod_cpu, args.pod_memory)
         workloads: list[Workload]
         if args.trace is not None:
-            workloads = [read_trace(args.trace, args.seed, args.node_provisioning)]
+            provisioning = args.node_provisioning if pool is None else None
+            workloads = [read_trace(args.trace, args.seed, provisioning)]
         elif args.workload is not None:
             workloads = [make_workload(args.workload, args.seed)]
         elif args.compare:
@@ -130,7 +250,7 @@ def main(argv: Sequence[str]) -> int:
         else:
             parser.error("name a --workload or a --trace, or use --compare")
         policies = tuple(args.policy) if args.policy else None
-        comparisons = [compare(w, settings, args.seed, policies) for w in workloads]
+        comparisons = [compare(w, settings, args.seed, policies, pool, levers) for w in workloads]
     except (OSError, ValueError, yaml.YAMLError) as error:
         print(f"simulate: {error}", file=sys.stderr)
         return 2
@@ -138,6 +258,22 @@ def main(argv: Sequence[str]) -> int:
     if args.plot is not None:
         plot(comparisons, args.plot)
     return 0
+
+
+def _pool(args: argparse.Namespace) -> NodePool | None:
+    if args.autoscaler == "none":
+        return None
+    changes: dict[str, Any] = {
+        "autoscaler": Autoscaler(args.autoscaler),
+        "consolidation": Consolidation(args.consolidation),
+        "consolidate_after_seconds": args.consolidate_after,
+        "node_cpu": args.node_cpu,
+        "node_memory_gib": args.node_memory,
+        "node_max_pods": args.node_max_pods,
+    }
+    if args.node_provisioning is not None:
+        changes["provisioning_seconds"] = args.node_provisioning
+    return NodePool(**changes)
 
 
 def _print(comparisons: list[Comparison], output_format: str) -> None:

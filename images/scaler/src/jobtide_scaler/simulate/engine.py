@@ -1,25 +1,34 @@
-"""The event-driven core: one queue, one scaler, worker pods and a node pool.
+"""The event-driven core: one queue, one scaler, worker pods and, optionally, a node pool.
 
 Time advances from event to event (a heap), never in fixed ticks, so a day of traffic takes
 milliseconds. The model, stated once (docs/simulator.md has the long form):
 
 - Tasks arrive on one FIFO queue. A worker takes one message at a time (prefetch 1), so
   `unacked` is the number of busy workers. An idle worker takes a message the moment it is
-  there; the worker idle longest is served first, as RabbitMQ's round robin does.
-- A pod created by the scaler is bound to a node at once when the pool is warm. When the pool
-  is cold (no node), the first pod starts node provisioning and every pod created until the
-  node is ready waits for it. After `pool_cooldown` seconds without any pod, the pool is cold
-  again. Workloads without node provisioning have a pool that is always warm.
+  there: the idle-longest first, as RabbitMQ's round robin does, or, when the workers consume
+  with consumer priorities (older workers higher), the oldest idle worker.
+- Without a node pool (`pool=None`) a pod created by the scaler is bound at once when the pool
+  is warm. When it is cold (no node), the first pod starts node provisioning and every pod
+  created until the node is ready waits for it; after `pool_cooldown` seconds without any pod
+  the pool is cold again. Workloads without node provisioning are always warm.
+- With a node pool (`jobtide_scaler.simulate.nodes`), pods are scheduled onto nodes, pending
+  pods make the autoscaler launch nodes, and the autoscaler removes nodes; nodes are billed.
 - A bound pod spends its start-up latency (image, interpreter, broker connection) and then
-  works. Pending = created and not yet working (waiting for a node or starting up).
+  works. Its container runs `CONNECT_SECONDS` before the end of its start-up (the interpreter
+  and the broker connection): until then the pod is pending, for jobtide (its Job has no
+  Ready pod) as for KEDA (no Running pod).
 - Worker models: `drain` works until it has been idle for the idle timeout (jobtide, the
   demo, KEDA's "-drain" variants); `one-message` takes one message and exits (KEDA's model;
   with no message it waits the idle timeout); `deployment` runs until the scaler deletes it,
-  busy or not (the HPA); a deleted busy pod's message goes back to the head of the queue and
-  its work so far is lost.
+  busy or not (the HPA); a deleted or evicted busy pod's message goes back to the head of the
+  queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet,
+  an evicted Job pod by its Job when the Job has retries left (`backoffLimit` above 0).
+- The run lasts until every task is done, the workload's horizon has passed, the scaler is
+  back at its minimum (no pod, or the HPA's one replica) and no node is left without a pod.
 
 Cost: a pod's seconds run from its binding to a node until it exits (or the end of the
 simulation), start-up included; time waiting for a node is not billed, as no node exists.
+A node's seconds run from its launch to its termination (or the end of the simulation).
 """
 
 from __future__ import annotations
@@ -36,9 +45,20 @@ from typing import Protocol
 from jobtide_worker.pipeline_settings import PipelineSettings
 
 from jobtide_scaler.settings import ScalerSettings
+from jobtide_scaler.simulate.nodes import (
+    AUTOSCALER_CHECK_SECONDS,
+    Autoscaler,
+    Consolidation,
+    Levers,
+    Node,
+    NodePool,
+    choose_node,
+    reject_invalid,
+)
 from jobtide_scaler.simulate.workloads import Workload
 
 __all__ = [
+    "CONNECT_SECONDS",
     "ClusterView",
     "Metrics",
     "Scaler",
@@ -52,6 +72,9 @@ __all__ = [
 # A run whose tasks are not all done this long after the workload's horizon is stopped: a
 # scaler that never starts a worker must not hang the simulator.
 _GIVE_UP_AFTER_SECONDS = 7 * 24 * 3600.0
+# The end of a worker's start-up after its container runs: the interpreter and the broker
+# connection. Kubernetes (and so KEDA and jobtide) see the pod as pending until then.
+CONNECT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -70,9 +93,7 @@ class Settings(ScalerSettings, PipelineSettings):
             "startup_seconds": 0 <= self.startup_seconds[0] <= self.startup_seconds[1],
             "pool_cooldown_seconds": self.pool_cooldown_seconds >= 0,
         }
-        for name, valid in checks.items():
-            if not valid:
-                raise ValueError(f"invalid simulator setting {name}: {getattr(self, name)!r}")
+        reject_invalid("simulator setting", self, checks)
 
     @property
     def mean_startup_seconds(self) -> float:
@@ -111,6 +132,9 @@ class Scaler(Protocol):
     @property
     def initial_pods(self) -> int: ...
 
+    @property
+    def levers(self) -> Levers: ...
+
     def decide(self, now: float, view: ClusterView) -> int: ...
 
 
@@ -126,10 +150,18 @@ class Metrics:
     busy_pods_killed: int
     jobs_created: int
     tasks_unfinished: int
+    node_seconds: float = 0.0
+    peak_nodes: int = 0
+    nodes_launched: int = 0
+    busy_pods_disrupted: int = 0
 
     def summary(self) -> dict[str, float | int]:
         """The figures of the JSON report, rounded for people."""
         return {
+            "node_seconds": round(self.node_seconds, 1),
+            "peak_nodes": self.peak_nodes,
+            "nodes_launched": self.nodes_launched,
+            "busy_pods_disrupted": self.busy_pods_disrupted,
             "pod_seconds": round(self.pod_seconds, 1),
             "idle_pod_seconds": round(self.idle_pod_seconds, 1),
             "wait_p50": round(self.wait_p50, 2),
@@ -144,8 +176,8 @@ class Metrics:
 @dataclass(frozen=True)
 class SimulationResult:
     metrics: Metrics
-    # (time, ready messages, active pods) at every decision of the scaler, for plots.
-    timeline: tuple[tuple[float, int, int], ...]
+    # (time, ready messages, active pods, nodes) at every decision of the scaler, for plots.
+    timeline: tuple[tuple[float, int, int, int], ...]
     waits: tuple[float, ...] = field(repr=False)
 
 
@@ -161,14 +193,18 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 class _Event(enum.IntEnum):
     # The value orders events at the same instant: work finishes before new work arrives,
-    # and the scaler decides last, on the state of that instant.
+    # nodes change before the scaler looks, and the scaler decides last, on the state of
+    # that instant.
     TASK_DONE = 0
     NODE_READY = 1
     POD_READY = 2
     ARRIVAL = 3
     IDLE_TIMEOUT = 4
     POOL_COLD = 5
-    DECIDE = 6
+    LAUNCH_BATCH = 6
+    AUTOSCALER_CHECK = 7
+    GRACE_OVER = 8
+    DECIDE = 9
 
 
 class _Pod:
@@ -177,9 +213,12 @@ class _Pod:
         "busy_seconds",
         "exited_at",
         "idle_token",
+        "node",
         "number",
         "ready",
+        "running_at",
         "startup_seconds",
+        "stopping",
         "task",
         "task_started_at",
     )
@@ -187,6 +226,7 @@ class _Pod:
     def __init__(self, number: int) -> None:
         self.number = number
         self.bound_at: float | None = None
+        self.running_at = math.inf
         self.ready = False
         self.exited_at: float | None = None
         self.task: int | None = None
@@ -194,14 +234,25 @@ class _Pod:
         self.busy_seconds = 0.0
         self.startup_seconds = 0.0
         self.idle_token = 0
+        self.node: Node | None = None
+        self.stopping = False  # evicted, finishing its task within its grace
 
 
 class _Run:
-    def __init__(self, workload: Workload, settings: Settings, scaler: Scaler, seed: int) -> None:
+    def __init__(
+        self,
+        workload: Workload,
+        settings: Settings,
+        scaler: Scaler,
+        seed: int,
+        pool: NodePool | None,
+    ) -> None:
         self.tasks = workload.tasks
         self.workload = workload
         self.settings = settings
         self.scaler = scaler
+        self.levers = scaler.levers
+        self.pool = pool
         self.rng = random.Random(seed)
         self.now = 0.0
         self.heap: list[tuple[float, int, int, int, int]] = []
@@ -214,11 +265,20 @@ class _Run:
         self.done = 0
         self.max_backlog = 0
         self.busy_killed = 0
+        self.busy_disrupted = 0
         self.pool_warm = workload.node_provisioning_seconds is None
         self.provisioning = False
         self.waiting_for_node: list[_Pod] = []
         self.pool_token = 0
-        self.timeline: list[tuple[float, int, int]] = []
+        self.timeline: list[tuple[float, int, int, int]] = []
+        # The node pool (unused without one).
+        self.nodes: list[Node] = []
+        self.alive: dict[int, Node] = {}  # launched and not terminated, oldest first
+        self.pending: list[_Pod] = []  # created, fitting no ready node, oldest first
+        self.batch_opened_at: float | None = None
+        self.last_pending_at = 0.0
+        self.last_scale_up = -math.inf
+        self.peak_nodes = 0
 
     # -- event plumbing -------------------------------------------------------------------
     def schedule(self, at: float, event: _Event, subject: int, token: int = 0) -> None:
@@ -230,6 +290,9 @@ class _Run:
         pod = _Pod(len(self.pods))
         self.pods.append(pod)
         self.live[pod.number] = pod
+        if self.pool is not None:
+            self.place(pod)
+            return
         if self.pool_warm:
             self.bind(pod)
             return
@@ -237,11 +300,12 @@ class _Run:
         if not self.provisioning:
             self.provisioning = True
             low, high = self.workload.node_provisioning_seconds or (0.0, 0.0)
-            self.schedule(self.now + self.rng.uniform(low, high), _Event.NODE_READY, 0)
+            self.schedule(self.now + self.rng.uniform(low, high), _Event.NODE_READY, -1)
 
     def bind(self, pod: _Pod) -> None:
         pod.bound_at = self.now
         pod.startup_seconds = self.rng.uniform(*self.settings.startup_seconds)
+        pod.running_at = self.now + max(0.0, pod.startup_seconds - CONNECT_SECONDS)
         self.schedule(self.now + pod.startup_seconds, _Event.POD_READY, pod.number)
 
     def exit(self, pod: _Pod) -> None:
@@ -250,23 +314,31 @@ class _Run:
         self.idle.pop(pod.number, None)
         if pod in self.waiting_for_node:
             self.waiting_for_node.remove(pod)
-        if not self.live and self.workload.node_provisioning_seconds is not None:
+        if self.pool is not None:
+            self.leave_node(pod)
+        elif not self.live and self.workload.node_provisioning_seconds is not None:
             self.pool_token += 1
             self.schedule(
                 self.now + self.settings.pool_cooldown_seconds, _Event.POOL_COLD, self.pool_token
             )
+
+    def stop(self, pod: _Pod) -> bool:
+        """Stops a pod from outside (deleted or evicted); a busy pod's message goes back to
+        the head of the queue and its work is lost. Returns whether it was busy."""
+        busy = pod.task is not None
+        if pod.task is not None:
+            pod.busy_seconds += self.now - pod.task_started_at
+            self.queue.appendleft(pod.task)
+            pod.task = None
+        self.exit(pod)
+        return busy
 
     def delete(self, count: int) -> None:
         """A ReplicaSet scaling down: pods not yet working go first, then the newest; whether
         a pod is busy is invisible to it."""
         victims = sorted(self.live.values(), key=lambda pod: (pod.ready, -pod.number))
         for pod in victims[:count]:
-            if pod.task is not None:
-                self.busy_killed += 1
-                pod.busy_seconds += self.now - pod.task_started_at
-                self.queue.appendleft(pod.task)
-                pod.task = None
-            self.exit(pod)
+            self.busy_killed += self.stop(pod)
         self.dispatch()
 
     def start_task(self, pod: _Pod, task: int) -> None:
@@ -275,10 +347,10 @@ class _Run:
         self.schedule(self.now + self.tasks[task].duration, _Event.TASK_DONE, pod.number)
 
     def look_for_work(self, pod: _Pod) -> None:
-        if self.queue:
-            self.start_task(pod, self.queue.popleft())
-            return
         self.idle[pod.number] = pod
+        self.dispatch()
+        if pod.task is not None:
+            return
         pod.idle_token += 1
         if self.scaler.worker is not WorkerModel.DEPLOYMENT:
             self.schedule(
@@ -289,9 +361,208 @@ class _Run:
             )
 
     def dispatch(self) -> None:
+        """The broker delivers waiting messages to idle consumers: with consumer priorities
+        the oldest worker (the highest `x-priority`) first, else the idle-longest."""
         while self.queue and self.idle:
-            pod = self.idle.pop(next(iter(self.idle)))
+            oldest_first = self.levers.consumer_priorities
+            number = min(self.idle) if oldest_first else next(iter(self.idle))
+            pod = self.idle.pop(number)
             self.start_task(pod, self.queue.popleft())
+
+    # -- the node pool ----------------------------------------------------------------------
+    def place(self, pod: _Pod) -> None:
+        assert self.pool is not None
+        node = choose_node(self.alive.values(), self.pool, self.levers.scheduler)
+        if node is None:
+            self.pending.append(pod)
+            self.on_pending()
+            return
+        node.bind(pod.number, self.pool, self.now)
+        pod.node = node
+        self.bind(pod)
+
+    def on_pending(self) -> None:
+        """A pod became pending: Karpenter opens (or extends) a launch batch; the cluster
+        autoscaler sees it at its next scan."""
+        assert self.pool is not None
+        if self.pool.autoscaler is not Autoscaler.KARPENTER:
+            return
+        self.last_pending_at = self.now
+        if self.batch_opened_at is None:
+            self.batch_opened_at = self.now
+            self.schedule(self.now + self.pool.batch_max_seconds, _Event.LAUNCH_BATCH, 0)
+        self.schedule(self.now + self.pool.batch_idle_seconds, _Event.LAUNCH_BATCH, 0)
+
+    def on_launch_batch(self) -> None:
+        assert self.pool is not None
+        if self.batch_opened_at is None:
+            return
+        closes = min(
+            self.last_pending_at + self.pool.batch_idle_seconds,
+            self.batch_opened_at + self.pool.batch_max_seconds,
+        )
+        if self.now >= closes:
+            self.batch_opened_at = None
+            self.launch_for_pending()
+
+    def launch_for_pending(self) -> None:
+        """Launches the nodes the pending pods fill, beyond the room of nodes on their way."""
+        assert self.pool is not None
+        per_node = self.pool.pods_per_node
+        on_the_way = sum(1 for node in self.alive.values() if node.ready_at is None)
+        missing = len(self.pending) - on_the_way * per_node
+        if missing <= 0:
+            return
+        for _ in range(math.ceil(missing / per_node)):
+            node = Node(len(self.nodes), self.now)
+            self.nodes.append(node)
+            self.alive[node.number] = node
+            self.schedule(
+                self.now + self.rng.uniform(*self.pool.provisioning_seconds),
+                _Event.NODE_READY,
+                node.number,
+            )
+        self.last_scale_up = self.now
+        self.peak_nodes = max(self.peak_nodes, len(self.alive))
+
+    def bind_pending(self) -> None:
+        """kube-scheduler retries pending pods, oldest first, when room appears."""
+        assert self.pool is not None
+        while self.pending:
+            node = choose_node(self.alive.values(), self.pool, self.levers.scheduler)
+            if node is None:
+                return  # all worker pods request the same: if the first fits nowhere, none does
+            pod = self.pending.pop(0)
+            node.bind(pod.number, self.pool, self.now)
+            pod.node = node
+            self.bind(pod)
+
+    def leave_node(self, pod: _Pod) -> None:
+        assert self.pool is not None
+        if pod.node is None:
+            self.pending.remove(pod)
+            return
+        node = pod.node
+        node.unbind(pod.number, self.pool, self.now)
+        if node.cordoned and not node.pods:
+            self.remove(node)
+        self.bind_pending()
+
+    def on_node_ready(self, number: int) -> None:
+        if self.pool is None:
+            self.pool_warm = True
+            self.provisioning = False
+            waiting, self.waiting_for_node = self.waiting_for_node, []
+            for pod in waiting:
+                self.bind(pod)
+            return
+        node = self.nodes[number]
+        node.ready_at = node.changed_at = self.now
+        self.bind_pending()
+
+    def room_elsewhere(self, node: Node) -> int:
+        assert self.pool is not None
+        per_node = self.pool.pods_per_node
+        return sum(
+            per_node - len(other.pods)
+            for other in self.alive.values()
+            if other is not node and other.ready
+        )
+
+    def removable(self, node: Node) -> bool:
+        """The node's pods may be evicted and fit on the other ready nodes."""
+        assert self.pool is not None
+        blocked = bool(node.pods) and self.levers.blocks_eviction(self.pool.autoscaler)
+        return not blocked and self.room_elsewhere(node) >= len(node.pods)
+
+    def remove(self, node: Node) -> None:
+        node.terminated_at = self.now
+        del self.alive[node.number]
+
+    def terminate(self, node: Node) -> None:
+        """The autoscaler removes the node, evicting its pods. Cordoned first: no evicted
+        pod's replacement may land on it. A busy worker with a grace finishes its task first,
+        and the node stays until its last pod has left."""
+        node.cordoned = True
+        grace = self.levers.eviction_grace_seconds
+        for number in sorted(node.pods):
+            pod = self.pods[number]
+            if pod.task is not None and grace > 0:
+                pod.stopping = True
+                self.schedule(self.now + grace, _Event.GRACE_OVER, pod.number)
+                continue
+            self.busy_disrupted += self.stop(pod)
+            # The ReplicaSet replaces an evicted pod; so does a Job with retries left.
+            if self.scaler.worker is WorkerModel.DEPLOYMENT or self.levers.evicted_pod_retried:
+                self.create_pod()
+        if not node.pods and node.terminated_at is None:
+            self.remove(node)  # (a node emptied by the evictions is already removed)
+        self.dispatch()
+
+    def on_grace_over(self, pod: _Pod) -> None:
+        """The pod's grace after its eviction is over: a task still running is cut off."""
+        if pod.exited_at is None:
+            self.busy_disrupted += self.stop(pod)
+            self.dispatch()
+
+    def on_autoscaler_check(self) -> None:
+        assert self.pool is not None
+        if self.pool.autoscaler is Autoscaler.KARPENTER:
+            self.karpenter_disruption()
+        else:
+            self.cluster_autoscaler_scan()
+        self.schedule(self.now + AUTOSCALER_CHECK_SECONDS, _Event.AUTOSCALER_CHECK, 0)
+
+    def karpenter_disruption(self) -> None:
+        assert self.pool is not None
+        settled = [
+            node
+            for node in self.alive.values()
+            if node.ready and self.now - node.changed_at >= self.pool.consolidate_after_seconds
+        ]
+        for node in settled:
+            if not node.pods:
+                self.terminate(node)
+        if self.pool.consolidation is not Consolidation.WHEN_EMPTY_OR_UNDERUTILIZED:
+            return
+        if self.pending:
+            return  # pods still wait for room: no node is underutilized
+        candidates = sorted(
+            (node for node in settled if node.pods and node.ready),
+            key=lambda node: (len(node.pods), node.number),
+        )
+        for node in candidates:
+            if self.removable(node):
+                self.terminate(node)  # one consolidation decision per check
+                return
+
+    def cluster_autoscaler_scan(self) -> None:
+        assert self.pool is not None
+        if self.pending:
+            self.launch_for_pending()
+        for node in list(self.alive.values()):
+            if not node.ready:
+                continue
+            unneeded = node.allocated(
+                self.pool
+            ) < self.pool.ca_utilization_threshold and self.removable(node)
+            if not unneeded:
+                node.unneeded_since = None
+            elif node.unneeded_since is None:
+                node.unneeded_since = self.now
+        if self.now - self.last_scale_up < self.pool.ca_delay_after_add_seconds:
+            return
+        removed_busy_node = False
+        for node in list(self.alive.values()):
+            since = node.unneeded_since
+            if node.cordoned or since is None or self.now - since < self.pool.ca_unneeded_seconds:
+                continue
+            if node.pods:
+                # Non-empty nodes go one at a time; re-check, an earlier removal took room.
+                if removed_busy_node or not self.removable(node):
+                    continue
+                removed_busy_node = True
+            self.terminate(node)
 
     # -- events -----------------------------------------------------------------------------
     def on_arrival(self, task: int) -> None:
@@ -307,7 +578,11 @@ class _Run:
         self.waits[task] = pod.task_started_at - self.tasks[task].arrival
         self.done += 1
         pod.task = None
-        if self.scaler.worker is WorkerModel.ONE_MESSAGE:
+        if pod.stopping:
+            self.exit(pod)
+            if self.levers.evicted_pod_retried:
+                self.create_pod()  # its Job, with retries left, starts a new pod
+        elif self.scaler.worker is WorkerModel.ONE_MESSAGE:
             self.exit(pod)
         else:
             self.look_for_work(pod)
@@ -321,33 +596,35 @@ class _Run:
         if pod.exited_at is None and pod.number in self.idle and pod.idle_token == token:
             self.exit(pod)
 
-    def on_node_ready(self) -> None:
-        self.pool_warm = True
-        self.provisioning = False
-        waiting, self.waiting_for_node = self.waiting_for_node, []
-        for pod in waiting:
-            self.bind(pod)
-
     def on_pool_cold(self, token: int) -> None:
         if not self.live and token == self.pool_token:
             self.pool_warm = False
 
     def view(self) -> ClusterView:
         busy = sum(1 for pod in self.live.values() if pod.task is not None)
-        pending = sum(1 for pod in self.live.values() if not pod.ready)
+        pending = sum(1 for pod in self.live.values() if self.now < pod.running_at)
         return ClusterView(
             ready=len(self.queue), unacked=busy, active=len(self.live), pending=pending
         )
 
+    def at_rest(self) -> bool:
+        """The scaler is back at its minimum and no node is left without a pod."""
+        if self.scaler.worker is WorkerModel.DEPLOYMENT:
+            if len(self.live) > self.scaler.initial_pods:
+                return False
+        elif self.live:
+            return False
+        return not self.pending and all(node.pods for node in self.alive.values())
+
     def finished(self) -> bool:
         if self.done < len(self.tasks) or self.now < self.workload.horizon_seconds:
             return False
-        return self.scaler.worker is WorkerModel.DEPLOYMENT or not self.live
+        return self.at_rest()
 
     def on_decide(self) -> bool:
         """Returns False when the run is over."""
         view = self.view()
-        self.timeline.append((self.now, view.ready, view.active))
+        self.timeline.append((self.now, view.ready, view.active, len(self.alive)))
         if self.finished() or self.now > self.workload.horizon_seconds + _GIVE_UP_AFTER_SECONDS:
             return False
         change = self.scaler.decide(self.now, view)
@@ -368,6 +645,8 @@ class _Run:
         for _ in range(self.scaler.initial_pods):
             self.create_pod()
         self.schedule(0.0, _Event.DECIDE, 0)
+        if self.pool is not None:
+            self.schedule(0.0, _Event.AUTOSCALER_CHECK, 0)
         end = 0.0
         while self.heap:
             at, kind, _, subject, token = heapq.heappop(self.heap)
@@ -386,7 +665,13 @@ class _Run:
             elif event is _Event.IDLE_TIMEOUT:
                 self.on_idle_timeout(self.pods[subject], token)
             elif event is _Event.NODE_READY:
-                self.on_node_ready()
+                self.on_node_ready(subject)
+            elif event is _Event.LAUNCH_BATCH:
+                self.on_launch_batch()
+            elif event is _Event.AUTOSCALER_CHECK:
+                self.on_autoscaler_check()
+            elif event is _Event.GRACE_OVER:
+                self.on_grace_over(self.pods[subject])
             else:
                 self.on_pool_cold(subject)
         return self.result(end)
@@ -404,6 +689,10 @@ class _Run:
             pod_seconds += lifetime
             startup += started
             idle += max(0.0, lifetime - started - pod.busy_seconds)
+        node_seconds = sum(
+            (end if node.terminated_at is None else node.terminated_at) - node.launched_at
+            for node in self.nodes
+        )
         waits = tuple(wait for wait in self.waits if wait is not None)
         metrics = Metrics(
             pod_seconds=pod_seconds,
@@ -416,12 +705,21 @@ class _Run:
             busy_pods_killed=self.busy_killed,
             jobs_created=len(self.pods),
             tasks_unfinished=len(self.tasks) - self.done,
+            node_seconds=node_seconds,
+            peak_nodes=self.peak_nodes,
+            nodes_launched=len(self.nodes),
+            busy_pods_disrupted=self.busy_disrupted,
         )
         return SimulationResult(metrics=metrics, timeline=tuple(self.timeline), waits=waits)
 
 
 def simulate(
-    workload: Workload, settings: Settings, scaler: Scaler, seed: int = 0
+    workload: Workload,
+    settings: Settings,
+    scaler: Scaler,
+    seed: int = 0,
+    pool: NodePool | None = None,
 ) -> SimulationResult:
-    """Run one scaler on one workload. The same arguments give the same result."""
-    return _Run(workload, settings, scaler, seed).run()
+    """Run one scaler on one workload, on a node pool if one is given. The same arguments
+    give the same result."""
+    return _Run(workload, settings, scaler, seed, pool).run()

@@ -1,12 +1,15 @@
 """The scaling policies compared by the simulator, all driven by the same `Settings`.
 
 - jobtide: `jobtide_scaler.policy.jobs_to_create`, the scaler's own code.
-- keda-<strategy>[-drain]: KEDA ScaledJob, replayed from its formulas
+- keda-<strategy>[-drain][-http][-30s]: KEDA ScaledJob, replayed from its formulas
   (pkg/scaling/executor/scale_jobs.go, /work/shared/notes/anchors.md). The queue length is
-  what KEDA's RabbitMQ trigger reads over AMQP, ready messages only, unless
-  `keda_counts_unacked` (the management API mode, ready + unacked). Without "-drain" each Job
+  what KEDA's RabbitMQ trigger reads over AMQP, ready messages only, or with "-http" (or
+  `keda_counts_unacked`) over the management API, ready + unacked. Without "-drain" each Job
   takes one message (KEDA's model, target value 1); with "-drain" the workers are jobtide's
-  (drain until idle) and the target value is `messages_per_worker`.
+  (drain until idle) and the target value is `messages_per_worker`. KEDA polls at jobtide's
+  interval, or with "-30s" at its own default `pollingInterval`. Its pods carry no lever:
+  the default scheduler spreads them, the broker round-robins, and nothing blocks their
+  eviction.
 - hpa: a Deployment under the HPA on queue length (ready + unacked), minimum one replica.
 - demo: the pattern's original scaler (saascipes/k8s-auto-scaler).
 """
@@ -16,13 +19,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jobtide_scaler.policy import Observation, jobs_to_create
 from jobtide_scaler.simulate.engine import ClusterView, Scaler, Settings, WorkerModel
+from jobtide_scaler.simulate.nodes import Levers
 
 __all__ = [
+    "JOBTIDE_LEVERS",
+    "KEDA_DEFAULT_POLLING_SECONDS",
     "KEDA_STRATEGIES",
+    "NO_LEVERS",
     "DemoScaler",
     "HpaScaler",
     "JobtideScaler",
@@ -32,6 +39,21 @@ __all__ = [
 ]
 
 _PIPELINE = "simulated"
+
+# What the product ships: the worker consumes with a consumer priority, older workers first;
+# the chart gives the worker pods a preferred pod affinity to the release's other workers and
+# both node autoscalers' do-not-evict annotations.
+JOBTIDE_LEVERS = Levers(
+    consumer_priorities=True,
+    pack=True,
+    karpenter_do_not_disrupt=True,
+    ca_safe_to_evict=False,
+    evicted_pod_retried=False,
+)
+KEDA_DEFAULT_POLLING_SECONDS = 30.0
+# Everyone else's pods: spread by the default scheduler, round robin, evictable, and their
+# Jobs keep Kubernetes' default backoffLimit (6), so an evicted pod is started again.
+NO_LEVERS = Levers()
 
 
 @dataclass
@@ -52,6 +74,7 @@ class _PollingScaler:
 
 @dataclass
 class JobtideScaler(_PollingScaler):
+    levers: Levers = JOBTIDE_LEVERS
     worker: WorkerModel = WorkerModel.DRAIN
     initial_pods: int = 0
 
@@ -101,6 +124,7 @@ class KedaScaler(_PollingScaler):
     strategy: str = "default"
     drain: bool = False
     initial_pods: int = 0
+    levers: Levers = NO_LEVERS
 
     @property
     def worker(self) -> WorkerModel:
@@ -132,7 +156,8 @@ class HpaScaler:
 
     settings: Settings
     worker: WorkerModel = WorkerModel.DEPLOYMENT
-    initial_pods: int = 1
+    initial_pods: int = 1  # also its minimum: the run bills it until it is back there
+    levers: Levers = NO_LEVERS
     replicas: int = 1
     recommendations: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -176,6 +201,7 @@ class DemoScaler:
     settings: Settings
     worker: WorkerModel = WorkerModel.DRAIN
     initial_pods: int = 0
+    levers: Levers = NO_LEVERS
 
     @property
     def interval_seconds(self) -> float:
@@ -191,15 +217,31 @@ class DemoScaler:
         return 0
 
 
-def policy_factories(settings: Settings) -> dict[str, Callable[[], Scaler]]:
+def policy_factories(
+    settings: Settings, jobtide_levers: Levers = JOBTIDE_LEVERS
+) -> dict[str, Callable[[], Scaler]]:
     """A fresh scaler per run (the HPA keeps state) for every compared policy, by name."""
-    factories: dict[str, Callable[[], Scaler]] = {"jobtide": lambda: JobtideScaler(settings)}
+    factories: dict[str, Callable[[], Scaler]] = {
+        "jobtide": lambda: JobtideScaler(settings, jobtide_levers)
+    }
     for strategy in KEDA_STRATEGIES:
         for drain in (False, True):
-            name = f"keda-{strategy}" + ("-drain" if drain else "")
-            factories[name] = lambda strategy=strategy, drain=drain: KedaScaler(  # type: ignore[misc]
-                settings, strategy, drain
-            )
+            for http in (False, True):
+                for polling in (None, KEDA_DEFAULT_POLLING_SECONDS):
+                    name = (
+                        f"keda-{strategy}"
+                        + ("-drain" if drain else "")
+                        + ("-http" if http else "")
+                        + ("-30s" if polling else "")
+                    )
+                    keda_settings = replace(
+                        settings,
+                        keda_counts_unacked=http,
+                        poll_interval_seconds=polling or settings.poll_interval_seconds,
+                    )
+                    factories[name] = lambda s=keda_settings, st=strategy, d=drain: KedaScaler(  # type: ignore[misc]
+                        s, st, d
+                    )
     factories["hpa"] = lambda: HpaScaler(settings)
     factories["demo"] = lambda: DemoScaler(settings)
     return factories

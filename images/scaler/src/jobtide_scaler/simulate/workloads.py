@@ -53,8 +53,10 @@ def _burst(rng: random.Random, at: float, count: int, spread: float) -> list[flo
     return [at + rng.uniform(0, spread) for _ in range(count)]
 
 
-def _tasks(rng: random.Random, arrivals: Iterable[float]) -> tuple[Task, ...]:
-    return tuple(Task(at, _duration(rng)) for at in sorted(arrivals))
+def _tasks(
+    rng: random.Random, arrivals: Iterable[float], mean: float = MEAN_TASK_SECONDS
+) -> tuple[Task, ...]:
+    return tuple(Task(at, _duration(rng, mean)) for at in sorted(arrivals))
 
 
 def steady(rng: random.Random) -> Workload:
@@ -111,6 +113,23 @@ def cold_pool(rng: random.Random) -> Workload:
     return Workload("cold-pool", _tasks(rng, arrivals), horizon, (60.0, 120.0))
 
 
+def declining(rng: random.Random) -> Workload:
+    """A 2-minute ramp to 4 tasks/s, 3 minutes flat, then a 15-minute linear decline to
+    nothing; tasks of 4 s on average, so the peak needs about 16 workers, under the cap."""
+    ramp, flat, decline, peak = 120.0, 180.0, 900.0, 4.0
+
+    def rate(at: float) -> float:
+        if at < ramp:
+            return peak * at / ramp
+        if at < ramp + flat:
+            return peak
+        return peak * max(0.0, 1 - (at - ramp - flat) / decline)
+
+    horizon = ramp + flat + decline
+    arrivals = [at for at in _poisson(rng, peak, 0, horizon) if rng.random() < rate(at) / peak]
+    return Workload("declining", _tasks(rng, arrivals, mean=4.0), horizon)
+
+
 WORKLOADS: dict[str, Callable[[random.Random], Workload]] = {
     "steady": steady,
     "bursty": bursty,
@@ -118,6 +137,7 @@ WORKLOADS: dict[str, Callable[[random.Random], Workload]] = {
     "giant-burst": giant_burst,
     "trickle": trickle,
     "cold-pool": cold_pool,
+    "declining": declining,
 }
 
 
@@ -151,9 +171,10 @@ def read_trace(
                 if line_number == 1:
                     continue  # a header
                 raise ValueError(f"{path}:{line_number}: expected numbers, got {row!r}") from None
-            if arrival < 0 or duration <= 0:
+            if arrival < 0 or duration < 0:
+                # A duration of 0 is a task shorter than the trace's resolution: valid.
                 raise ValueError(
-                    f"{path}:{line_number}: arrival must be >= 0 and duration > 0, got {row!r}"
+                    f"{path}:{line_number}: arrival and duration must be >= 0, got {row!r}"
                 )
             tasks.append(Task(arrival, duration))
     if not tasks:

@@ -1,0 +1,232 @@
+"""Benchmark: the node bill. jobtide's defaults against the cheapest KEDA ScaledJob
+configuration that waits no longer (jobtide_scaler.simulate.sweep) and against the HPA, on
+every workload and node autoscaler (Karpenter with each consolidation policy, the cluster
+autoscaler), beside an omniscient node-level reference and a true lower bound; prints the goal
+table of issue 12 and checks its goals (docs/simulator.md records the figures).
+
+KEDA is swept twice: as it runs by default (nothing stops a node autoscaler from evicting its
+busy workers, and its Jobs retry an evicted pod) and with jobtide's do-not-evict annotations
+(no lost work, as jobtide). The saving goals apply to Karpenter; they are judged under its
+default consolidation policy, WhenEmptyOrUnderutilized, the one users get, and reported under
+WhenEmpty too. A goal counts as met, or as out of reach when what it asks for lies below the
+lower bound (`ideal.node_seconds_lower_bound`: no policy that disrupts no busy worker goes
+below it). The goals known to be missed are listed in KNOWN_MISSES: they are printed with the
+bound, not asserted; every other goal is asserted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import pairwise
+
+import pytest
+from jobtide_scaler.simulate.engine import Metrics, Settings, simulate
+from jobtide_scaler.simulate.ideal import (
+    ideal_node_seconds,
+    ideal_wait_p95,
+    node_seconds_lower_bound,
+)
+from jobtide_scaler.simulate.nodes import Autoscaler, Consolidation, Levers, NodePool
+from jobtide_scaler.simulate.scalers import NO_LEVERS, HpaScaler, JobtideScaler
+from jobtide_scaler.simulate.sweep import KedaSweep, best_keda
+from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload
+from simlib import show
+
+pytestmark = pytest.mark.bench
+
+SEED = 1
+POOLS = {
+    "karpenter": NodePool(autoscaler=Autoscaler.KARPENTER),
+    "karpenter-when-empty": NodePool(
+        autoscaler=Autoscaler.KARPENTER, consolidation=Consolidation.WHEN_EMPTY
+    ),
+    "ca": NodePool(autoscaler=Autoscaler.CLUSTER_AUTOSCALER),
+}
+# Goals (issue 12): node-seconds below the best KEDA configuration at equal or lower p95,
+# under Karpenter (judged under its default consolidation policy, the pool named "karpenter").
+KARPENTER_SAVINGS = {"declining": 0.25, "diurnal": 0.15}
+SAVINGS_JUDGED_ON = "karpenter"
+MOST_AGAINST_KEDA = 1.02
+LEAST_SAVING_AGAINST_HPA = 0.40
+# KEDA's pods with jobtide's do-not-evict annotations: the same no-lost-work guarantee.
+GUARDED = Levers(karpenter_do_not_disrupt=True, ca_safe_to_evict=False)
+KEDA_KINDS = {"evictable": NO_LEVERS, "guarded": GUARDED}
+# A workload has idle gaps when it has 10 minutes without an arrival.
+IDLE_GAP_SECONDS = 600.0
+# The goals jobtide's defaults miss, and no bound shows out of reach (docs/simulator.md,
+# "Against the goals of issue 12"): printed with the bound, not asserted.
+KNOWN_MISSES = frozenset(
+    {
+        "declining/karpenter saving evictable",
+        "declining/karpenter saving guarded",
+        "declining/karpenter at-most evictable",
+        "declining/ca at-most evictable",
+        "diurnal/karpenter saving evictable",
+        "diurnal/karpenter saving guarded",
+        "diurnal/karpenter at-most evictable",
+        "diurnal/ca at-most evictable",
+        "steady/ca at-most evictable",
+        "diurnal/karpenter hpa",
+        "diurnal/karpenter-when-empty hpa",
+        "diurnal/ca hpa",
+        "trickle/ca hpa",
+        "cold-pool/ca hpa",
+    }
+)
+
+
+def has_idle_gaps(workload: Workload) -> bool:
+    arrivals = [task.arrival for task in workload.tasks] + [workload.horizon_seconds]
+    return any(later - earlier >= IDLE_GAP_SECONDS for earlier, later in pairwise(arrivals))
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: Workload
+    pool: str
+    jobtide: Metrics
+    # The cheapest KEDA at jobtide's p95 or less: as KEDA runs by default (its busy workers
+    # may be evicted), and with the same do-not-evict annotations as jobtide.
+    keda: dict[str, KedaSweep]
+    hpa: Metrics
+    reference: float  # omniscient node-seconds at jobtide's p95 wait (not a bound)
+    bound: float  # no policy that disrupts no busy worker goes below (a true bound)
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload.name}/{self.pool}"
+
+    @property
+    def hpa_saving(self) -> float:
+        return 1 - self.jobtide.node_seconds / self.hpa.node_seconds
+
+    def keda_cell(self, kind: str) -> str:
+        sweep = self.keda[kind]
+        if sweep.best is None:
+            config, theirs = sweep.fastest
+            return f"none as fast ({theirs.node_seconds:.0f} at {theirs.wait_p95:.1f})"
+        config, theirs = sweep.best
+        ratio = self.jobtide.node_seconds / theirs.node_seconds
+        return (
+            f"{theirs.node_seconds:.0f} at {theirs.wait_p95:.1f} = x{ratio:.2f} "
+            f"[{config.describe()}; {theirs.busy_pods_disrupted} disrupted]"
+        )
+
+    def lines(self) -> list[str]:
+        ours = self.jobtide
+        return [
+            f"{self.name}: jobtide {ours.node_seconds:.0f} node-s at p95 {ours.wait_p95:.1f} s, "
+            f"{ours.busy_pods_disrupted} disrupted | reference {self.reference:.0f} "
+            f"(x{ours.node_seconds / self.reference:.2f}) | bound {self.bound:.0f} | hpa "
+            f"{self.hpa.node_seconds:.0f} at {self.hpa.wait_p95:.1f} ({self.hpa_saving:.0%} less)",
+            *(f"    best KEDA, {kind}: {self.keda_cell(kind)}" for kind in KEDA_KINDS),
+        ]
+
+
+def measure(workload: Workload, pool_name: str, settings: Settings) -> Row:
+    pool = POOLS[pool_name]
+    ours = simulate(workload, settings, JobtideScaler(settings), SEED, pool).metrics
+    budget = max(ours.wait_p95, ideal_wait_p95(workload, settings, pool=pool))
+    return Row(
+        workload=workload,
+        pool=pool_name,
+        jobtide=ours,
+        keda={
+            kind: best_keda(workload, settings, pool, SEED, ours.wait_p95, levers)
+            for kind, levers in KEDA_KINDS.items()
+        },
+        hpa=simulate(workload, settings, HpaScaler(settings), SEED, pool).metrics,
+        reference=ideal_node_seconds(workload, settings, pool, budget),
+        bound=node_seconds_lower_bound(workload, settings, pool),
+    )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    key: str  # "<workload>/<pool> <goal>[ <KEDA kind>]", as in KNOWN_MISSES
+    ok: bool  # met, or out of reach by the lower bound
+    words: str
+
+
+def verdicts(row: Row) -> list[Verdict]:
+    """The goals that apply to this row, each met, out of reach, or missed."""
+    found: list[Verdict] = []
+    ours = row.jobtide.node_seconds
+
+    def judged(key: str, asked: float, words: str) -> Verdict:
+        if ours <= asked:
+            return Verdict(key, True, words + "met")
+        if asked < row.bound:
+            return Verdict(
+                key, True, words + f"out of reach: asks <= {asked:.0f}, bound {row.bound:.0f}"
+            )
+        return Verdict(
+            key,
+            False,
+            words + f"MISSED: asks <= {asked:.0f}; bound {row.bound:.0f}, reference "
+            f"{row.reference:.0f} (not a bound)",
+        )
+
+    for kind in KEDA_KINDS:
+        best = row.keda[kind].best
+        if best is None:
+            words = f"{row.name}: no {kind} KEDA waits as little: met"
+            found.append(Verdict(f"{row.name} at-most {kind}", True, words))
+            continue
+        theirs = best[1].node_seconds
+        saving = KARPENTER_SAVINGS.get(row.workload.name)
+        if saving is not None and row.pool == SAVINGS_JUDGED_ON:
+            words = f"{row.name}: >= {saving:.0%} below the best {kind} KEDA: "
+            words += f"{1 - ours / theirs:.1%} "
+            found.append(judged(f"{row.name} saving {kind}", theirs * (1 - saving), words))
+        words = f"{row.name}: <= {MOST_AGAINST_KEDA} x the best {kind} KEDA: x{ours / theirs:.3f} "
+        found.append(judged(f"{row.name} at-most {kind}", theirs * MOST_AGAINST_KEDA, words))
+    if has_idle_gaps(row.workload):
+        note = ""
+        if row.jobtide.wait_p95 > row.hpa.wait_p95:
+            note = f" (the HPA waits less, p95 {row.hpa.wait_p95:.1f} s: its replica keeps a node)"
+        words = f"{row.name}: >= 40% below the HPA: {row.hpa_saving:.0%}{note} "
+        asked = row.hpa.node_seconds * (1 - LEAST_SAVING_AGAINST_HPA)
+        found.append(judged(f"{row.name} hpa", asked, words))
+    disrupted = row.jobtide.busy_pods_disrupted
+    words = f"{row.name}: busy workers disrupted: {disrupted}"
+    found.append(Verdict(f"{row.name} disrupted", disrupted == 0, words))
+    return found
+
+
+@dataclass(frozen=True)
+class Bench:
+    rows: list[Row]
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def bench() -> Bench:
+    started = time.perf_counter()
+    rows = [
+        measure(make_workload(name, SEED), pool, Settings()) for name in WORKLOADS for pool in POOLS
+    ]
+    return Bench(rows, time.perf_counter() - started)
+
+
+def test_the_node_bill(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    """The goal table. Every goal not in KNOWN_MISSES is met (or out of reach by the bound);
+    the known misses are printed with the bound. No busy worker is disrupted, and no row goes
+    below the lower bound (else it would not be one)."""
+    rows = bench.rows
+    results = [verdict for row in rows for verdict in verdicts(row)]
+    report = [line for row in rows for line in row.lines()]
+    report += ["", "goals:"]
+    for verdict in results:
+        mark = "ok  " if verdict.ok else "miss" if verdict.key in KNOWN_MISSES else "FAIL"
+        report.append(f"  {mark} {verdict.words}")
+    runs = sum(sweep.runs for row in rows for sweep in row.keda.values())
+    report.append(
+        f"{len(rows)} workload x node pool pairs, {runs} KEDA runs in the sweeps, "
+        f"{bench.seconds:.0f} s"
+    )
+    show(capsys, report)
+    for row in rows:
+        assert row.jobtide.tasks_unfinished == 0
+        assert row.jobtide.node_seconds >= row.bound, row.name
+    assert [v.words for v in results if not v.ok and v.key not in KNOWN_MISSES] == []

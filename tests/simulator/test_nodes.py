@@ -1,0 +1,285 @@
+"""The node pool on cases small enough to work out by hand: one node, two nodes filling,
+consolidation timing, do-not-disrupt, the cluster autoscaler's 10 minutes, dispatch with and
+without consumer priorities, the HPA billed back to its minimum."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from jobtide_scaler.simulate.cli import levers_from_values, main, pool_from_values
+from jobtide_scaler.simulate.engine import Settings, simulate
+from jobtide_scaler.simulate.ideal import ideal_node_seconds, node_seconds_lower_bound
+from jobtide_scaler.simulate.nodes import (
+    Autoscaler,
+    Consolidation,
+    Levers,
+    Node,
+    NodePool,
+    Scheduler,
+    choose_node,
+    parse_quantity,
+    requests_from_resources,
+)
+from jobtide_scaler.simulate.report import compare
+from jobtide_scaler.simulate.scalers import JOBTIDE_LEVERS, HpaScaler, JobtideScaler, KedaScaler
+from jobtide_scaler.simulate.workloads import Task, Workload, make_workload
+from simlib import FIXED
+
+pytestmark = pytest.mark.unit
+
+# Four workers per node, nodes ready 30 s after their launch.
+POOL = NodePool(provisioning_seconds=(30, 30))
+NO_LEVERS = Levers()
+GUARDED = Levers(karpenter_do_not_disrupt=True, ca_safe_to_evict=False)
+
+
+def tasks(*durations: float) -> Workload:
+    """Tasks all queued at 0: the scaler's first decision sees them all, and worker n (up
+    n-th) takes task n."""
+    return Workload("hand", tuple(Task(0.0, duration) for duration in durations), 0.0)
+
+
+def test_one_node_from_launch_to_consolidation() -> None:
+    # Pod pending at 0; Karpenter's batch closes 1 s later (no further pending pod): node
+    # launched at 1, ready at 31. Pod up at 36, works 36..46, idle until 51 and exits. The
+    # node is empty and unchanged for 30 s at 81; the next 10 s check, at 90, removes it.
+    metrics = simulate(tasks(10), FIXED, JobtideScaler(FIXED), pool=POOL).metrics
+    assert metrics.wait_p95 == pytest.approx(36)
+    assert metrics.pod_seconds == pytest.approx(20)
+    assert (metrics.nodes_launched, metrics.peak_nodes) == (1, 1)
+    assert metrics.node_seconds == pytest.approx(89)
+
+
+def test_two_nodes_filling() -> None:
+    # Five pods pending at once: one launch decision, ceil(5 / 4) = 2 nodes.
+    metrics = simulate(tasks(*[10] * 5), FIXED, JobtideScaler(FIXED), pool=POOL).metrics
+    assert (metrics.nodes_launched, metrics.peak_nodes) == (2, 2)
+    assert metrics.tasks_unfinished == 0
+
+
+def test_spread_and_pack_choose_different_nodes() -> None:
+    pool = NodePool()
+    first, second = Node(0, 0.0), Node(1, 0.0)
+    for node in (first, second):
+        node.ready_at = 0.0
+    first.bind(100, pool, 0.0)
+    # The default scheduler picks the least allocated node, the packing affinity the node
+    # with workers; with equal nodes the oldest.
+    assert choose_node([first, second], pool, Scheduler.SPREAD) is second
+    assert choose_node([first, second], pool, Scheduler.PACK) is first
+    for pod in (101, 102, 103):
+        first.bind(pod, pool, 0.0)
+    assert choose_node([first, second], pool, Scheduler.PACK) is second  # first is full
+    second.ready_at = None
+    assert choose_node([first, second], pool, Scheduler.PACK) is None  # not ready: pending
+
+
+def underutilized_run(levers: Levers) -> tuple[int, int]:
+    """Six pods on two nodes (4 + 2). Two of the first node's tasks take 1 s, the others
+    300 s: at 42 two workers of the first node have left, so the second node's two busy
+    workers fit on the first. The second node has been unchanged since 31, settled at 61,
+    and is consolidated at the check at 70 unless its pods forbid it."""
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    scaler = JobtideScaler(FIXED, levers=levers)
+    metrics = simulate(workload, FIXED, scaler, pool=POOL).metrics
+    assert metrics.tasks_unfinished == 0
+    return metrics.busy_pods_disrupted, metrics.nodes_launched
+
+
+def test_consolidation_evicts_busy_workers_unless_they_say_do_not_disrupt() -> None:
+    assert underutilized_run(NO_LEVERS) == (2, 2)
+    assert underutilized_run(GUARDED) == (0, 2)
+
+
+@pytest.mark.parametrize(("retried", "jobs", "longest_wait"), [(True, 8, 75), (False, 6, 336)])
+def test_a_job_with_retries_left_replaces_its_evicted_pod(
+    retried: bool, jobs: int, longest_wait: float
+) -> None:
+    # underutilized_run's six pods under KEDA's default strategy (target 1). At 70 the second
+    # node is consolidated and its two busy workers evicted; their tasks go back to the queue.
+    # KEDA then sees 2 ready messages and 4 running Jobs and creates nothing. A Job with
+    # retries left (Kubernetes' default backoffLimit 6) starts a new pod at once, bound on the
+    # first node and up at 75, which takes a requeued task; without, the tasks wait for the
+    # first node's workers, busy until 336.
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    levers = Levers(evicted_pod_retried=retried)
+    scaler = KedaScaler(FIXED, "default", drain=True, levers=levers)
+    metrics = simulate(workload, FIXED, scaler, pool=POOL).metrics
+    assert (metrics.busy_pods_disrupted, metrics.jobs_created) == (2, jobs)
+    assert metrics.wait_p99 == pytest.approx(longest_wait)
+    assert metrics.tasks_unfinished == 0
+
+
+@pytest.mark.parametrize(
+    ("grace", "disrupted", "node_seconds", "longest_wait"), [(600, 0, 714, 36), (100, 2, 678, 175)]
+)
+def test_an_evicted_worker_finishes_its_task_within_its_grace(
+    grace: float, disrupted: int, node_seconds: float, longest_wait: float
+) -> None:
+    # underutilized_run's consolidation at 70, the workers without do-not-disrupt but with a
+    # grace on SIGTERM (jobtide's Jobs: no retry). The second node is cordoned; its two
+    # workers finish their tasks at 336 and leave, and the node goes then (335 node-s); the
+    # first node's workers leave at 341, it is settled at 371 and removed at 380 (379). With
+    # a grace of 100 s the tasks are cut off at 170 and run again from 175 on the first
+    # node's two new workers (the scaler's decision at 170).
+    levers = Levers(eviction_grace_seconds=grace, evicted_pod_retried=False)
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    metrics = simulate(workload, FIXED, JobtideScaler(FIXED, levers=levers), pool=POOL).metrics
+    assert (metrics.busy_pods_disrupted, metrics.nodes_launched) == (disrupted, 2)
+    assert metrics.node_seconds == pytest.approx(node_seconds)
+    assert metrics.wait_p99 == pytest.approx(longest_wait)
+    assert metrics.tasks_unfinished == 0
+
+
+def test_when_empty_never_moves_a_busy_worker() -> None:
+    pool = replace(POOL, consolidation=Consolidation.WHEN_EMPTY)
+    workload = tasks(1, 1, 300, 300, 300, 300)
+    metrics = simulate(workload, FIXED, JobtideScaler(FIXED, levers=NO_LEVERS), pool=pool)
+    assert metrics.metrics.busy_pods_disrupted == 0
+
+
+def test_cluster_autoscaler_keeps_an_empty_node_ten_minutes() -> None:
+    # The pod is created at 0, after the scan of 0; the scan at 10 launches a node, ready at
+    # 40. Pod up at 45, works 45..55, exits at 60. The scan at 60 finds the node unneeded;
+    # 600 s later (and 650 s after the scale-up) it is removed: 660 - 10 = 650 node-s.
+    pool = replace(POOL, autoscaler=Autoscaler.CLUSTER_AUTOSCALER)
+    metrics = simulate(tasks(10), FIXED, JobtideScaler(FIXED), pool=pool).metrics
+    assert metrics.wait_p95 == pytest.approx(45)
+    assert metrics.node_seconds == pytest.approx(650)
+
+
+def test_cluster_autoscaler_respects_safe_to_evict_false() -> None:
+    # Three 2000 s tasks on one node and one on a second: the second node is under 50 % and
+    # its pod fits on the first, so after 10 minutes the autoscaler evicts it, unless the
+    # pod says it is not safe to evict.
+    pool = replace(POOL, autoscaler=Autoscaler.CLUSTER_AUTOSCALER)
+    workload = tasks(2000, 2000, 2000, 1, 1, 2000)
+    for levers, disrupted in ((NO_LEVERS, 1), (GUARDED, 0)):
+        metrics = simulate(workload, FIXED, JobtideScaler(FIXED, levers=levers), pool=pool)
+        assert metrics.metrics.busy_pods_disrupted == disrupted
+        assert metrics.metrics.tasks_unfinished == 0
+
+
+@pytest.mark.parametrize(("priorities", "pod_seconds"), [(False, 265), (True, 246)])
+def test_dispatch_round_robin_or_oldest_worker_first(priorities: bool, pod_seconds: float) -> None:
+    # Two workers up at 5: worker 0 works 5..25, worker 1 5..6. A task arrives at 30 with
+    # both idle. Round robin gives it to the idle-longest (worker 1: exits at 140, worker 0
+    # at 125); with consumer priorities the oldest takes it (worker 0 exits at 140, worker 1
+    # at 106, 100 s after its last task).
+    settings = replace(FIXED, idle_timeout_seconds=100)
+    workload = Workload("hand", (Task(0, 20), Task(0, 1), Task(30, 10)), 0.0)
+    scaler = JobtideScaler(settings, levers=Levers(consumer_priorities=priorities))
+    metrics = simulate(workload, settings, scaler).metrics
+    assert metrics.pod_seconds == pytest.approx(pod_seconds)
+
+
+def test_the_hpa_is_billed_back_to_its_minimum_with_its_node() -> None:
+    # One replica from the start, a second at 0 for two tasks. Pods pending at 0: one node
+    # launched at 1, ready at 31; tasks 36..46. The metric is 2 at the syncs of 0 to 45, so
+    # the 300 s window lets the HPA scale down at 345; back at one replica at the sync of
+    # 360, the run ends. The node under the remaining replica is billed to that end.
+    settings = replace(FIXED, max_workers=10)
+    metrics = simulate(tasks(10, 10), settings, HpaScaler(settings), pool=POOL).metrics
+    assert metrics.pod_seconds == pytest.approx((345 - 31) + (360 - 31))
+    assert metrics.node_seconds == pytest.approx(360 - 1)
+
+
+def test_a_zero_duration_task_is_valid() -> None:
+    metrics = simulate(tasks(0, 0), FIXED, JobtideScaler(FIXED), pool=POOL).metrics
+    assert metrics.tasks_unfinished == 0
+    assert metrics.wait_p95 == pytest.approx(36)
+
+
+def test_same_seed_same_node_figures() -> None:
+    workload = make_workload("declining", 2)
+    policies = ("jobtide", "keda-default-drain", "hpa")
+    first = compare(workload, Settings(), 2, policies, NodePool()).as_json()
+    again = compare(workload, Settings(), 2, policies, NodePool()).as_json()
+    assert first == again
+    assert first["policies"]["jobtide"]["node_seconds"] > 0
+
+
+def test_ideal_node_seconds_by_hand() -> None:
+    settings = replace(FIXED, startup_seconds=(10, 10))
+    pool = NodePool(provisioning_seconds=(60, 60))
+    # Five simultaneous 100 s tasks, budget 0: five pods, each up 10 s before its task,
+    # 2 nodes for 110 s, each paying one 60 s launch and Karpenter's 30 s for an empty node.
+    assert ideal_node_seconds(tasks(*[100] * 5), settings, pool, 0.0) == pytest.approx(
+        2 * (110 + 60 + 30), abs=0.01
+    )
+
+
+def test_node_lower_bound_by_hand() -> None:
+    # One 10 s task: its pod starts up at least 5 s and idles 5 s, alone on a node of four
+    # slots (20 / 4 = 5 node-s), and the node takes at least 30 s to launch and is kept 30 s
+    # empty: 65. The simulated run (test_one_node_from_launch_to_consolidation) takes 89.
+    workload = tasks(10)
+    assert node_seconds_lower_bound(workload, FIXED, POOL) == pytest.approx(65)
+    metrics = simulate(workload, FIXED, JobtideScaler(FIXED), pool=POOL).metrics
+    assert metrics.node_seconds >= node_seconds_lower_bound(workload, FIXED, POOL)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("500m", 0.5), ("2", 2.0), (1, 1.0), ("1Gi", 2.0**30), ("512Mi", 2.0**29), ("1G", 1e9)],
+)
+def test_quantities(text: object, value: float) -> None:
+    assert parse_quantity(text, "x") == pytest.approx(value)
+
+
+def test_requests_from_resources_and_errors() -> None:
+    resources = {"requests": {"cpu": "250m"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+    assert requests_from_resources(resources, "r.") == (0.25, 2.0)
+    assert requests_from_resources({}, "r.") == (None, None)
+    with pytest.raises(ValueError, match=r"r\.requests\.cpu"):
+        requests_from_resources({"requests": {"cpu": "lots"}}, "r.")
+    with pytest.raises(ValueError, match="node_cpu"):
+        NodePool(node_cpu=0)
+
+
+def test_levers_and_requests_from_values() -> None:
+    values = {
+        "pipelineDefaults": {"resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}},
+        "pipelines": {"resize": {"queue": "resize"}},
+    }
+    # The chart's defaults: packing, both annotations, the worker's age priority.
+    assert levers_from_values(values, None) == JOBTIDE_LEVERS
+    pool = pool_from_values(values, None, NodePool())
+    assert (pool.pod_cpu, pool.pod_memory_gib, pool.pods_per_node) == (0.5, 0.25, 8)
+    values["nodePool"] = {
+        "affinity": {"nodeAffinity": {}},
+        "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+    }
+    values["pipelines"]["resize"]["env"] = [{"name": "JOBTIDE_CONSUMER_PRIORITY", "value": "none"}]
+    assert levers_from_values(values, None) == Levers(
+        ca_safe_to_evict=False, evicted_pod_retried=False
+    )
+    values["pipelines"]["resize"]["resources"] = {"requests": {"memory": "a lot"}}
+    with pytest.raises(ValueError, match=r"pipelines\.resize\.resources\.requests\.memory"):
+        pool_from_values(values, None, NodePool())
+
+
+def test_node_options_through_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("0,10\n0,0\n1,5\n")
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "pipelineDefaults: {resources: {requests: {cpu: 2}}}\n"
+        "pipelines: {resize: {queue: resize}}\n"
+    )
+    arguments = ["--trace", str(trace), "--values", str(values), "--format", "json"]
+    code = main([*arguments, "--autoscaler", "ca", "--node-cpu", "4", "--policy", "jobtide"])
+    assert code == 0
+    jobtide = json.loads(capsys.readouterr().out)["policies"]["jobtide"]
+    # Three tasks, two workers of 2 CPUs per 4-CPU node: one node, kept 10 minutes empty.
+    assert (jobtide["nodes_launched"], jobtide["busy_pods_disrupted"]) == (1, 0)
+    assert jobtide["node_seconds"] > 600
+    assert main([*arguments, "--autoscaler", "none", "--policy", "jobtide"]) == 0
+    assert "node_seconds" not in json.loads(capsys.readouterr().out)["policies"]["jobtide"]
+    assert main([*arguments, "--pod-cpu", "8", "--policy", "jobtide"]) == 2
+    assert "pod_cpu" in capsys.readouterr().err
