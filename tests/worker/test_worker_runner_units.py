@@ -17,6 +17,7 @@ from fakebroker import FakeBroker
 from jobtide_worker import BrokerConfig, Task, WorkerConfig
 from jobtide_worker.handover import State
 from jobtide_worker.logs import EventLog
+from jobtide_worker.priority import MAX_PRIORITY
 from jobtide_worker.runner import EXIT_BROKER, Runner
 from testbed.process import wait_for
 
@@ -181,7 +182,7 @@ def test_a_result_from_a_lost_channel_is_never_acked_on_the_next_one(
     assert broker.acked[0] == message_id
     assert len(broker.connections) == 2
     assert not broker.connections[0].is_open
-    # The same consume arguments on both channels.
+    # The same consume arguments (timeout, priority) on both channels.
     consumes = [c[1] for c in broker.calls if c[0] == "consume"]
     assert len(consumes) == 2
     assert consumes[0] == consumes[1]
@@ -297,3 +298,17 @@ def test_an_error_in_the_main_loop_stops_the_consumer_thread_too(broker: FakeBro
     )
     with pytest.raises(Broken):
         runner.run()
+
+
+@pytest.mark.parametrize(("mode", "sent"), [("age", True), ("none", False)])
+def test_the_consumer_priority_is_sent_only_when_asked_for(
+    broker: FakeBroker, mode: str, sent: bool
+) -> None:
+    run = Run(broker)
+    assert run.run(consumer_priority=mode) == 0
+    [arguments] = [c[1] for c in broker.calls if c[0] == "consume"]
+    assert ("x-priority" in arguments) is sent
+    if sent:
+        assert 0 <= arguments["x-priority"] <= MAX_PRIORITY
+    [consuming] = run.lines("consuming")
+    assert consuming["priority"] == arguments.get("x-priority", "none")

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from jobtide_worker import priority
+
 T = TypeVar("T")
 
 
@@ -62,6 +64,7 @@ class WorkerConfig:
     log_format: str = "text"
     declare_topology: bool = True
     worker_name: str = field(default_factory=socket.gethostname)
+    consumer_priority: str = priority.AGE  # jobtide_worker.priority: age or none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -88,6 +91,7 @@ class WorkerConfig:
             worker_name=e.text("JOBTIDE_WORKER_NAME", "")
             or source.get("HOSTNAME", "")
             or socket.gethostname(),
+            consumer_priority=e.choice("JOBTIDE_CONSUMER_PRIORITY", priority.AGE, priority.MODES),
         )
 
     def summary(self) -> dict[str, object]:
@@ -108,6 +112,7 @@ class WorkerConfig:
             "shutdown_grace_seconds": self.shutdown_grace_seconds,
             "reconnect_seconds": self.reconnect_seconds,
             "worker": self.worker_name,
+            "consumer_priority": self.consumer_priority,
         }
 
 

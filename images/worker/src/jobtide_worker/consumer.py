@@ -71,6 +71,7 @@ class Consumer:
         open_connection: OpenConnection,
         *,
         started: float,
+        priority: int | None,
     ) -> None:
         self.handler = handler
         self.config = config
@@ -81,6 +82,8 @@ class Consumer:
         self._consume_arguments: dict[str, int] = {
             "x-consumer-timeout": topology.consumer_timeout_ms(config.max_task_seconds)
         }
+        if priority is not None:
+            self._consume_arguments["x-priority"] = priority
         self._pending: collections.deque[Delivery] = collections.deque()
         self._generation = 0
         self._connection: Any = None
@@ -194,6 +197,7 @@ class Consumer:
             "consuming",
             queue=self.config.queue,
             prefetch=self.config.prefetch,
+            priority=self._consume_arguments.get("x-priority", "none"),
         )
 
     def _consume(self) -> State:

@@ -27,6 +27,7 @@ from jobtide_worker.consumer import BrokerUnreachable, Consumer, OpenConnection
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.outcome import Handler
+from jobtide_worker.priority import consumer_priority
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -103,6 +104,7 @@ class Runner:
             self.handover,
             open_connection,
             started=self._started,
+            priority=consumer_priority(config.consumer_priority, time.time()),
         )
 
     def run(self) -> int:
