@@ -8,13 +8,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
 from jobtide_worker import Task, WorkerConfig, run
 from testbed.process import wait_for
 from testbed.rabbitmq import wait_counts
-from workerbed import WorkerBed
+from workerbed import Worker, WorkerBed
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +291,55 @@ def test_handler_that_cannot_be_loaded_exits_3(bed: WorkerBed) -> None:
     worker = bed.start_worker(JOBTIDE_HANDLER="no_such_module:handle")
     assert worker.wait(30) == 3
     assert "no_such_module" in worker.log()
+
+
+def consumer_priority_of(worker: Worker) -> int:
+    wait_for(lambda: " consuming " in worker.log(), timeout=30, what="worker consuming")
+    found = re.search(r" consuming .*priority=(\S+)", worker.log())
+    assert found, worker.log()
+    return int(found.group(1))
+
+
+def start_two_workers_a_second_apart(bed: WorkerBed, **settings: str) -> tuple[Worker, Worker]:
+    """Priorities count whole seconds of start time: the younger starts in a later second."""
+    older = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="60", **settings)
+    wait_for(lambda: " consuming " in older.log(), timeout=30, what="older worker consuming")
+    time.sleep(1.05 - time.time() % 1)
+    younger = bed.start_worker(JOBTIDE_IDLE_TIMEOUT_SECONDS="60", **settings)
+    wait_for(lambda: " consuming " in younger.log(), timeout=30, what="younger worker consuming")
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0, consumers=2)
+    return older, younger
+
+
+def publish_one_at_a_time(bed: WorkerBed, count: int) -> list[int]:
+    """Each task once the one before is done: whoever takes it has a free slot; the pids."""
+    for number in range(count):
+        bed.publish({"id": number})
+        bed.wait_record("done", count=number + 1)
+    return [r["pid"] for r in bed.records("done")]
+
+
+def test_the_older_worker_gets_every_task_while_it_has_a_free_slot(bed: WorkerBed) -> None:
+    older, younger = start_two_workers_a_second_apart(bed)
+    assert consumer_priority_of(older) > consumer_priority_of(younger)
+
+    assert publish_one_at_a_time(bed, 6) == [older.popen.pid] * 6
+
+    # With the older one busy, the younger one takes the next task at once.
+    bed.publish({"id": "busy", "seconds": 2}, {"id": "overflow"})
+    [overflow] = [r for r in bed.wait_record("done", count=8) if r["id"] == "overflow"]
+    assert overflow["pid"] == younger.popen.pid
+    for worker in (older, younger):
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def test_without_consumer_priorities_both_workers_share_the_tasks(bed: WorkerBed) -> None:
+    older, younger = start_two_workers_a_second_apart(bed, JOBTIDE_CONSUMER_PRIORITY="none")
+    assert "priority=none" in older.log()
+
+    pids = publish_one_at_a_time(bed, 6)
+    assert set(pids) == {older.popen.pid, younger.popen.pid}
+    for worker in (older, younger):
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
 from jobtide_worker.logs import INFO, WARNING, EventLog
+from jobtide_worker.priority import EPOCH_UNIX_SECONDS, MAX_PRIORITY, consumer_priority
 from jobtide_worker.task import UndecodableBody, attempt_of
 
 pytestmark = pytest.mark.unit
@@ -30,6 +31,7 @@ def test_defaults() -> None:
     assert config.broker.port == 5672
     assert config.broker.vhost == "/"
     assert config.log_format == "text"
+    assert config.consumer_priority == "age"
 
 
 def test_every_variable_is_read() -> None:
@@ -53,6 +55,7 @@ def test_every_variable_is_read() -> None:
             "JOBTIDE_BROKER_VHOST": "jobs",
             "JOBTIDE_BROKER_TLS": "yes",
             "JOBTIDE_HEARTBEAT_SECONDS": "5",
+            "JOBTIDE_CONSUMER_PRIORITY": "None",
         }
     )
     assert config.pipeline == "images"
@@ -64,6 +67,7 @@ def test_every_variable_is_read() -> None:
     assert config.log_format == "json"
     assert config.declare_topology is False
     assert config.worker_name == "pod-1"
+    assert config.consumer_priority == "none"
     b = config.broker
     assert (b.port, b.vhost, b.tls, b.heartbeat_seconds) == (5671, "jobs", True, 5)
 
@@ -80,6 +84,7 @@ def test_every_variable_is_read() -> None:
         ("JOBTIDE_BROKER_PORT", "70000"),
         ("JOBTIDE_BROKER_TLS", "maybe"),
         ("JOBTIDE_LOG_FORMAT", "xml"),
+        ("JOBTIDE_CONSUMER_PRIORITY", "oldest"),
         ("JOBTIDE_HANDLER", "handler"),
         ("JOBTIDE_HANDLER", "handler:not-a-name"),
         ("JOBTIDE_QUEUE", ""),
@@ -252,3 +257,32 @@ def test_deferred_lines_wait_for_a_flush_and_come_before_later_lines() -> None:
 def test_unknown_log_format_is_refused() -> None:
     with pytest.raises(ValueError, match="xml"):
         EventLog("xml")
+
+
+def test_an_older_worker_has_a_higher_consumer_priority() -> None:
+    now = 1_796_000_000.0  # in 2026
+    assert consumer_priority("age", now - 1) > consumer_priority("age", now)  # type: ignore[operator]
+    # One step per second: workers started within the same second round-robin.
+    assert consumer_priority("age", now + 0.1) == consumer_priority("age", now + 0.9)
+    assert consumer_priority("age", now + 1) == consumer_priority("age", now) - 1  # type: ignore[operator]
+    assert consumer_priority("none", now) is None
+
+
+@pytest.mark.parametrize(
+    ("started", "priority"),
+    [
+        (EPOCH_UNIX_SECONDS, MAX_PRIORITY),
+        (EPOCH_UNIX_SECONDS - 10, MAX_PRIORITY),  # a clock set before the epoch
+        (EPOCH_UNIX_SECONDS + MAX_PRIORITY, 0),  # in 2088
+        (EPOCH_UNIX_SECONDS + MAX_PRIORITY + 10, 0),
+    ],
+)
+def test_consumer_priorities_stay_within_a_signed_32_bit_non_negative_range(
+    started: float, priority: int
+) -> None:
+    assert consumer_priority("age", started) == priority
+
+
+def test_unknown_consumer_priority_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="oldest"):
+        consumer_priority("oldest", 0)

@@ -23,9 +23,6 @@ class GracefulShutdown:
         log.info("received %s: stopping after this cycle", signal.Signals(signum).name)
         self._requested.set()
 
-    def request(self) -> None:
-        self._requested.set()
-
     @property
     def requested(self) -> bool:
         return self._requested.is_set()

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import pika  # type: ignore[import-untyped]
 
+from jobtide_worker import priority
 from jobtide_worker.pipeline_settings import PipelineSettings, setting_specs
 
 T = TypeVar("T")
@@ -118,6 +119,7 @@ class WorkerConfig:
     log_format: str = "text"
     declare_topology: bool = True
     worker_name: str = field(default_factory=socket.gethostname)
+    consumer_priority: str = priority.AGE  # jobtide_worker.priority: age or none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -146,6 +148,7 @@ class WorkerConfig:
             worker_name=e.text("JOBTIDE_WORKER_NAME", "")
             or source.get("HOSTNAME", "")
             or socket.gethostname(),
+            consumer_priority=e.choice("JOBTIDE_CONSUMER_PRIORITY", priority.AGE, priority.MODES),
         )
         e.raise_problems()
         return config
@@ -168,6 +171,7 @@ class WorkerConfig:
             "shutdown_grace_seconds": self.shutdown_grace_seconds,
             "reconnect_seconds": self.reconnect_seconds,
             "worker": self.worker_name,
+            "consumer_priority": self.consumer_priority,
         }
 
 
