@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 from chartlib import CHART, EXAMPLE_VALUES, VALUES_CASES, case_id, render, scaler_jobs
-from testbed.kube import KubeCluster, tool
+from jobtide_testbed import tools
+from jobtide_testbed.kube import KubeCluster
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +27,9 @@ RELEASE_KINDS = (
 
 
 def helm(kube: KubeCluster, namespace: str, *args: str, binary: str = "helm3") -> str:
-    import subprocess
-
-    argv = [tool(binary), "--kubeconfig", str(kube.kubeconfig), "-n", namespace, *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}{result.stderr}"
-    return result.stdout
+    return tools.helm(
+        *args, kubeconfig=kube.kubeconfig, namespace=namespace, binary=binary, timeout=180
+    ).stdout
 
 
 def secret_data(kube: KubeCluster, namespace: str, name: str) -> dict[str, str]:

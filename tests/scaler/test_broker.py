@@ -10,9 +10,9 @@ import pika
 import pytest
 from jobtide_scaler.broker import Broker
 from jobtide_scaler.config import BrokerSettings
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
-from testbed.process import wait_for
-from testbed.rabbitmq import RabbitMQ
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import signal
 
 import pytest
+from jobtide_testbed.process import wait_for
 from scaler_bed import RELEASE, ScalerBed, job_template, pipeline
-from testbed.process import wait_for
 
 pytestmark = pytest.mark.integration
 
