@@ -11,8 +11,6 @@ from jobtide_testbed.kube import KubeCluster, namespace_name
 from jobtide_testbed.node import Node, start_cluster_with_node
 from jobtide_testbed.rabbitmq import RabbitMQ
 
-REPO = Path(__file__).resolve().parent.parent
-
 # Log files of the components started in this session, printed under failed tests.
 _component_logs: list[Path] = []
 
