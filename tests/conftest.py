@@ -3,16 +3,13 @@ ports and stopped at the end; component logs are printed when a test that used t
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from testbed.kube import KubeCluster
-from testbed.node import Node, start_cluster_with_node
-from testbed.rabbitmq import RabbitMQ
-
-REPO = Path(__file__).resolve().parent.parent
+from jobtide_testbed.kube import KubeCluster, namespace_name
+from jobtide_testbed.node import Node, start_cluster_with_node
+from jobtide_testbed.rabbitmq import RabbitMQ
 
 # Log files of the components started in this session, printed under failed tests.
 _component_logs: list[Path] = []
@@ -54,7 +51,7 @@ def rabbitmq_factory(
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
     """A real control plane (RBAC on) with one kwok fake node, `kwok-node-0`, on which Job
-    pods run and succeed (tests/testbed/kwok/stages.yaml)."""
+    pods run and succeed (testbed/src/jobtide_testbed/kwok/stages.yaml)."""
     cluster = KubeCluster(tmp_path_factory.mktemp("kube"))
     _component_logs.extend(
         p.log_path
@@ -72,7 +69,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluster]:
 
 @pytest.fixture(scope="session")
 def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """A second control plane, separate from `kube`, with one real node (testbed/node.py:
+    """A second control plane, separate from `kube`, with one real node (jobtide_testbed.node:
     containerd, kubelet, kube-proxy, CoreDNS) that runs containers; its apiserver listens
     on the node address so pods reach it. `kube_node.cluster` is its KubeCluster."""
     node = start_cluster_with_node(tmp_path_factory.mktemp("kube-node"))
@@ -83,11 +80,18 @@ def kube_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
         node.shutdown()
 
 
+@pytest.fixture(scope="module")
+def kube_config(kube: KubeCluster) -> str:
+    """pytest-helm-charts' cluster (`kube_cluster`) is the test bed's control plane."""
+    return str(kube.kubeconfig)
+
+
 @pytest.fixture
 def namespace(kube: KubeCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards (without waiting)."""
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
-    name = name.rstrip("-") + "-" + secrets.token_hex(3)
+    """A fresh namespace for one test, deleted afterwards without waiting: dozens of short
+    tests share this control plane, and the deletion finishes while the next ones run
+    (pytest-helm-charts' namespace factory waits for it; the real node's tests use that)."""
+    name = namespace_name("t", request.node.name)
     kube.kubectl("create", "namespace", name)
     try:
         yield name

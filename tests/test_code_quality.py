@@ -1,5 +1,5 @@
 """The repository's own standards: ruff (lint and format) over everything, mypy --strict
-over both packages (settings in pyproject.toml)."""
+over the packages and the test bed (settings in pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ build_etcd() {
   link_current "$dir"
 }
 
-# CoreDNS serves only the real node's cluster DNS (tests/testbed/node.py's COREFILE), so it is
+# CoreDNS serves only the real node's cluster DNS (jobtide_testbed/node.py's COREFILE), so it is
 # built with just the plugins that Corefile names: about half the code of the default build,
 # which pulls in every cloud provider's SDK. Add a plugin here when the Corefile gains one.
 COREDNS_PLUGINS="bind cache errors kubernetes"

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-
-from testbed.chartnode import build_chart_images
-from testbed.images import DockerDaemon, ImageBuilder
+from jobtide_testbed.chartnode import build_chart_images
+from jobtide_testbed.images import DockerDaemon, ImageBuilder
 
 
 def main() -> int:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from chartlib import find
-from testbed.process import free_port
-from testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.process import free_port
+from jobtide_testbed.rabbitmq import RabbitMQ
 
 # The paths the StatefulSet mounts, as the script names them.
 POD_TEMPLATE_DIR = "/etc/jobtide/rabbitmq-template"

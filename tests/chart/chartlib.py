@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jobtide_testbed.tools import CACHE, CHART, HELM_KUBE_VERSION, REPO, helm
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "jobtide"
 EXAMPLE_VALUES = REPO / "values.example.yaml"
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
-CACHE = Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
-BIN = CACHE / "bin" / "current"
 KUBE_SCHEMAS = CACHE / "kube-schemas"
-# Helm's offline default Kubernetes version is older than the chart's kubeVersion.
-KUBE_VERSION = "1.34.0"
 VALIDATED_KUBE_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0")
 # Every values file a user might start from: defaults (None), the example, each scenario.
 VALUES_CASES: list[Path | None] = [None, EXAMPLE_VALUES, *SCENARIOS]
@@ -28,24 +21,6 @@ def case_id(values: Path | None) -> str:
     return "defaults" if values is None else values.name
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        raise AssertionError(f"{path} is missing: run ci/setup to build the test bed's tools")
-    return str(path)
-
-
-def run_helm(
-    args: Iterable[str], *, helm: str = "helm", check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [tool(helm), *args], capture_output=True, text=True, timeout=120, check=False
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}")
-    return result
-
-
 def template_args(
     values: Iterable[Path | None] = (),
     set_values: Iterable[str] = (),
@@ -53,7 +28,7 @@ def template_args(
     namespace: str = "pipelines",
 ) -> list[str]:
     args = ["template", release, str(CHART), "--namespace", namespace]
-    args += ["--kube-version", KUBE_VERSION]
+    args += ["--kube-version", HELM_KUBE_VERSION]
     for path in values:
         if path is not None:
             args += ["-f", str(path)]
@@ -70,7 +45,7 @@ def render_text(
     extra: Iterable[str] = (),
 ) -> str:
     args = template_args(values, set_values, release, namespace) + list(extra)
-    return run_helm(args).stdout
+    return helm(*args, timeout=120).stdout
 
 
 def render(

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from chartlib import run_helm, template_args
+from chartlib import template_args
+from jobtide_testbed.tools import helm
 
 pytestmark = pytest.mark.unit
 
@@ -25,10 +26,10 @@ def test_corpus_is_large_and_every_file_says_what_it_expects() -> None:
         assert expectations(path), f"{path.name} has no '# expect:' line"
 
 
-@pytest.mark.parametrize("helm", ["helm", "helm4"])
+@pytest.mark.parametrize("binary", ["helm", "helm4"])
 @pytest.mark.parametrize("values", BAD_VALUES, ids=lambda p: p.stem)
-def test_bad_values_are_rejected_naming_the_field(values: Path, helm: str) -> None:
-    result = run_helm(template_args([values]), helm=helm, check=False)
+def test_bad_values_are_rejected_naming_the_field(values: Path, binary: str) -> None:
+    result = helm(*template_args([values]), binary=binary, check=False, timeout=120)
     assert result.returncode != 0, f"{values.name} was accepted"
     for fragment in expectations(values):
         assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr}"

@@ -5,15 +5,17 @@ credentials, releases share a namespace, and uninstalling leaves nothing behind.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from chartlib import CHART, EXAMPLE_VALUES, VALUES_CASES, case_id, render, scaler_jobs
-from testbed.kube import KubeCluster, tool
+from jobtide_testbed import tools
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.process import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,12 +28,9 @@ RELEASE_KINDS = (
 
 
 def helm(kube: KubeCluster, namespace: str, *args: str, binary: str = "helm3") -> str:
-    import subprocess
-
-    argv = [tool(binary), "--kubeconfig", str(kube.kubeconfig), "-n", namespace, *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-    assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout}{result.stderr}"
-    return result.stdout
+    return tools.helm(
+        *args, kubeconfig=kube.kubeconfig, namespace=namespace, binary=binary, timeout=180
+    ).stdout
 
 
 def secret_data(kube: KubeCluster, namespace: str, name: str) -> dict[str, str]:
@@ -68,14 +67,16 @@ def left_behind(kube: KubeCluster, namespace: str, release: str) -> list[str]:
 
 
 def wait_until_gone(kube: KubeCluster, namespace: str, release: str) -> list[str]:
-    """Owned objects (pods, PVCs) are removed by the garbage collector, shortly after."""
-    left = left_behind(kube, namespace, release)
-    for _ in range(60):
-        if not left:
-            break
-        time.sleep(1)
-        left = left_behind(kube, namespace, release)
-    return left
+    """Owned objects (pods, PVCs) are removed by the garbage collector, shortly after; what
+    is still left after a minute is returned for the test to show."""
+    with contextlib.suppress(TimeoutError):
+        wait_for(
+            lambda: not left_behind(kube, namespace, release),
+            timeout=60,
+            what=f"release {release} gone",
+            interval=1,
+        )
+    return left_behind(kube, namespace, release)
 
 
 @pytest.mark.parametrize("values", [v for v in VALUES_CASES], ids=case_id)

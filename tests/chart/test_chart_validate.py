@@ -15,16 +15,14 @@ import yaml
 from chartlib import (
     CHART,
     KUBE_SCHEMAS,
-    KUBE_VERSION,
     SCENARIOS,
     VALIDATED_KUBE_VERSIONS,
     VALUES_CASES,
     case_id,
     render,
-    run_helm,
     scaler_jobs,
-    tool,
 )
+from jobtide_testbed.tools import HELM_KUBE_VERSION, helm, tool
 
 pytestmark = pytest.mark.unit
 
@@ -34,13 +32,13 @@ SCHEMA_LOCATION = (
 )
 
 
-@pytest.mark.parametrize("helm", ["helm3", "helm4"])
+@pytest.mark.parametrize("binary", ["helm3", "helm4"])
 @pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
-def test_helm_lint_strict(helm: str, values: Path | None) -> None:
-    args = ["lint", "--strict", str(CHART), "--kube-version", KUBE_VERSION]
+def test_helm_lint_strict(binary: str, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART), "--kube-version", HELM_KUBE_VERSION]
     if values is not None:
         args += ["-f", str(values)]
-    result = run_helm(args, helm=helm, check=False)
+    result = helm(*args, binary=binary, check=False, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 chart(s) failed" in result.stdout
 
@@ -53,6 +51,7 @@ def _rendered(values: Path | None) -> tuple[dict[str, Any], ...]:
 @pytest.mark.parametrize("kube_version", VALIDATED_KUBE_VERSIONS)
 def test_kubeconform_strict(kube_version: str, tmp_path: Path) -> None:
     """Defaults, values.example.yaml and every scenario, in one kubeconform run per version."""
+    kubeconform = tool("kubeconform")  # its set-up stage also writes the schemas
     schema_dir = KUBE_SCHEMAS / f"v{kube_version}-standalone-strict"
     assert schema_dir.is_dir(), f"{schema_dir} missing: run ci/setup (ci/lib/kube_schemas.py)"
     manifests, expected_valid, expected_skipped = [], 0, 0
@@ -67,7 +66,7 @@ def test_kubeconform_strict(kube_version: str, tmp_path: Path) -> None:
         expected_valid += len(docs) + len(jobs) - skipped
     result = subprocess.run(
         [
-            tool("kubeconform"),
+            kubeconform,
             "-strict",
             "-summary",
             "-output",

@@ -14,9 +14,10 @@ import pytest
 from jobtide_scaler.simulate.engine import Settings, simulate
 from jobtide_scaler.simulate.scalers import JobtideScaler
 from jobtide_scaler.simulate.workloads import Task, Workload
+from jobtide_testbed.chartnode import Helm, ReleaseBroker, Watcher, node_values, write_values
+from jobtide_testbed.node import Node
+from jobtide_testbed.process import wait_for
 from jobtide_worker.publisher import publish
-from testbed.chartnode import Helm, ReleaseBroker, Watcher, node_values, wait_until, write_values
-from testbed.node import Node
 
 pytestmark = pytest.mark.bench
 
@@ -68,7 +69,7 @@ def test_drain_reaction_and_simulator_agreement(
                     and s.active_jobs[PIPELINE] == 0
                 )
 
-            wait_until(all_gone, timeout=420, what="workload done and workers gone")
+            wait_for(all_gone, timeout=420, what="workload done and workers gone", interval=1)
     finally:
         helm("uninstall", RELEASE, "--wait", check=False)
 

@@ -13,19 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobtide_worker.publisher import publish
-from testbed.chartnode import (
+from jobtide_testbed.chartnode import (
     WORKER_SELECTOR,
     Helm,
     ReleaseBroker,
     Watcher,
     diagnostics,
-    kubectl,
     node_values,
-    wait_until,
     write_values,
 )
-from testbed.node import POOL_LABEL, Node
+from jobtide_testbed.node import POOL_LABEL, Node
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.tools import kubectl
+from jobtide_worker.publisher import publish
 
 pytestmark = pytest.mark.e2e
 
@@ -73,14 +73,14 @@ def release(
 
 def release_objects(kubeconfig: Path, namespace: str) -> list[str]:
     out = kubectl(kubeconfig, "get", RELEASE_KINDS, "-n", namespace, "-o", "json",
-                  "-l", f"app.kubernetes.io/instance={RELEASE}")  # fmt: skip
+                  "-l", f"app.kubernetes.io/instance={RELEASE}").stdout  # fmt: skip
     return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(out)["items"])
 
 
 def worker_objects(kubeconfig: Path, namespace: str) -> list[str]:
     out = kubectl(kubeconfig, "get", "jobs,pods", "-n", namespace, "-o", "name",
                   "-l", f"app.kubernetes.io/instance={RELEASE},{WORKER_SELECTOR}")  # fmt: skip
-    return out.split()
+    return out.stdout.split()
 
 
 def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
@@ -96,16 +96,18 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
             assert watcher.jobs_seen == set()  # nothing runs before the burst
             published = publish(QUEUE, tasks, broker=broker.config(), declare=False)
             # Workers hand in their logs when they exit: all tasks done means drained and idle.
-            wait_until(
+            wait_for(
                 lambda: set(watcher.done_message_ids()) >= set(published),
                 timeout=420,
                 what="every task logged done by an exited worker",
+                interval=1,
             )
             # Idle workers leave by themselves, then each finished Job goes by its TTL.
-            wait_until(
+            wait_for(
                 lambda: not worker_objects(kubeconfig, node_namespace),
                 timeout=120,
                 what="worker Jobs and pods removed by their TTL",
+                interval=1,
             )
         except BaseException:
             print("\n\n".join(diagnostics(kubeconfig, node_namespace)))
@@ -128,7 +130,7 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     assert {w.exit_reason() for w in finished} == {"idle"}
     assert len(watcher.jobs_seen) == len(finished)
     nodes = kubectl(kubeconfig, "get", "nodes", "-l", f"{POOL_LABEL[0]}={POOL_LABEL[1]}",
-                    "-o", "name")  # fmt: skip
+                    "-o", "name").stdout  # fmt: skip
     assert nodes.split() == [f"node/{kube_node.name}"]
 
     # The test pod is deleted once it succeeds (hook-succeeded), so its phase is the verdict.
@@ -136,10 +138,11 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     assert re.search(r"TEST SUITE:\s+e2e-jobtide-test\n.*\n.*\nPhase:\s+Succeeded", test_output)
 
     release("uninstall", RELEASE, "--wait", timeout=300)
-    wait_until(
+    wait_for(
         lambda: not release_objects(kubeconfig, node_namespace),
         timeout=90,
         what="release objects deleted",
+        interval=1,
     )
     drained = next(s.elapsed for s in watcher.samples if s.done_tasks >= TASKS)
     print(

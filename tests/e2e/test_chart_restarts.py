@@ -22,21 +22,21 @@ from typing import Any
 
 import pytest
 import requests
-from jobtide_worker.publisher import publish
-from test_chart_e2e import MAX_WORKERS, PIPELINE, QUEUE, e2e_values
-from testbed.chartnode import (
+from jobtide_testbed.chartnode import (
     WORKER_SELECTOR,
     Helm,
     ReleaseBroker,
     Watcher,
     WorkerRecord,
     diagnostics,
-    kubectl,
     log_entry,
-    wait_until,
     write_values,
 )
-from testbed.node import Node
+from jobtide_testbed.node import Node
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.tools import kubectl
+from jobtide_worker.publisher import publish
+from test_chart_e2e import MAX_WORKERS, PIPELINE, QUEUE, e2e_values
 
 pytestmark = pytest.mark.e2e
 
@@ -119,7 +119,7 @@ def release(
 
 
 def get_pods(kubeconfig: Path, namespace: str, selector: str) -> list[dict[str, Any]]:
-    out = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json", "-l", selector)
+    out = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json", "-l", selector).stdout
     items: list[dict[str, Any]] = json.loads(out)["items"]
     return items
 
@@ -214,7 +214,7 @@ class ContainerLog:
             self.read()
             return any(log_message(line) == "worker exiting" for line in self.lines)
 
-        wait_until(exited, timeout=timeout, interval=0.2, what="the worker's exit line")
+        wait_for(exited, timeout=timeout, interval=0.2, what="the worker's exit line")
         return "".join(f"{line}\n" for line in self.lines)
 
     def __enter__(self) -> ContainerLog:
@@ -254,9 +254,9 @@ def completed_ids(records: list[WorkerRecord]) -> set[str]:
 def lease_holder(kubeconfig: Path, namespace: str) -> str:
     # The scaler's Lease is named as its Deployment (both the chart's scaler fullname).
     deployment = kubectl(kubeconfig, "get", "deployment", "-n", namespace, "-l", SCALER_SELECTOR,
-                         "-o", "jsonpath={.items[0].metadata.name}")  # fmt: skip
+                         "-o", "jsonpath={.items[0].metadata.name}").stdout  # fmt: skip
     lease = json.loads(kubectl(kubeconfig, "get", "lease", deployment, "-n", namespace, "-o",
-                               "json", check=False) or "{}")  # fmt: skip
+                               "json", check=False).stdout or "{}")  # fmt: skip
     return str(lease.get("spec", {}).get("holderIdentity") or "")
 
 
@@ -282,7 +282,7 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
     namespace = node_namespace
     broker = ReleaseBroker.find(kubeconfig, namespace, RELEASE)
     claims = kubectl(kubeconfig, "get", "pvc", "-n", namespace, "-l", BROKER_SELECTOR,
-                     "-o", "jsonpath={.items[*].status.phase}")  # fmt: skip
+                     "-o", "jsonpath={.items[*].status.phase}").stdout  # fmt: skip
     assert claims == "Bound"  # the broker really keeps its data on the volume
     rng = random.Random(19)
     published: list[str] = []
@@ -306,7 +306,7 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             busy[:] = busy_worker_pods(broker, kubeconfig, namespace)
             return len(busy) == MAX_WORKERS
 
-        wait_until(all_busy, timeout=timeout, what="every worker busy with a task")
+        wait_for(all_busy, timeout=timeout, what="every worker busy with a task", interval=1)
         return busy[0]
 
     with Watcher(kubeconfig, namespace, broker, {PIPELINE: QUEUE}) as watcher:
@@ -328,14 +328,15 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
                     for p in pods
                 )
 
-            wait_until(new_broker_ready, timeout=180, what="a new broker pod ready")
+            wait_for(new_broker_ready, timeout=180, what="a new broker pod ready", interval=1)
             broker = ReleaseBroker.find(kubeconfig, namespace, RELEASE)
             watcher.broker = broker
             # Healed once workers ack again: acks counted by the new broker process.
-            wait_until(
+            wait_for(
                 lambda: int(broker.queue(QUEUE).get("message_stats", {}).get("ack", 0)) > 0,
                 timeout=120,
                 what="workers acking tasks on the restarted broker",
+                interval=1,
             )
             healed["broker pod deleted"] = time.monotonic() - began
             disrupted.append((outage_from, time.monotonic() - watcher.started + 2))
@@ -353,21 +354,23 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
                 crashed_log.next_task_done(timeout=30)
                 os.kill(crashed_pid, signal.SIGKILL)
             began = time.monotonic()
-            wait_until(
+            wait_for(
                 lambda: (
                     crashed_name in watcher.workers
                     and watcher.workers[crashed_name].log is not None
                 ),
                 timeout=60,
                 what="the killed worker's pod failed and its log kept",
+                interval=1,
             )
-            wait_until(
+            wait_for(
                 lambda: (
                     crashed_name not in {p["metadata"]["name"] for p in running_workers()}
                     and len(running_workers()) == MAX_WORKERS
                 ),
                 timeout=120,
                 what="a replacement worker running",
+                interval=1,
             )
             healed["worker killed (SIGKILL)"] = time.monotonic() - began
 
@@ -388,7 +391,9 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
                     for p in get_pods(kubeconfig, namespace, SCALER_SELECTOR)
                 )
 
-            wait_until(new_scaler_leads, timeout=120, what="a new scaler holding the Lease")
+            wait_for(
+                new_scaler_leads, timeout=120, what="a new scaler holding the Lease", interval=1
+            )
             healed["scaler pod deleted"] = time.monotonic() - began
 
             # 4. A busy worker pod deleted: SIGTERM, the running task finishes within the
@@ -401,12 +406,12 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
                 kubectl(kubeconfig, "delete", "pod", stopped_name, "-n", namespace,
                         "--wait=false")  # fmt: skip
                 stopped_text = stopped_log.text_until_exit(timeout=90)
-            wait_until(
+            wait_for(
                 lambda: stopped_name
                 not in {p["metadata"]["name"] for p in get_pods(kubeconfig, namespace,
                                                                 RELEASE_WORKERS)},
                 timeout=60,
-                what="the deleted worker pod gone",
+                what="the deleted worker pod gone", interval=1,
             )  # fmt: skip
             healed["worker pod deleted (SIGTERM)"] = time.monotonic() - began
             disrupted.append((deleted_at, time.monotonic() - watcher.started + 2))
@@ -414,12 +419,13 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
             if record.log is None or len(record.log) < len(stopped_text):
                 record.log = stopped_text
 
-            wait_until(
+            wait_for(
                 lambda: completed_ids(list(watcher.workers.values())) >= set(published),
                 timeout=300,
                 what="every task logged done by an exited worker",
+                interval=1,
             )
-            wait_until(
+            wait_for(
                 lambda: (
                     not any(
                         p["status"].get("phase") in ("Pending", "Running")
@@ -430,11 +436,13 @@ def test_restarts_of_broker_scaler_and_workers_lose_no_task(
                 ),
                 timeout=120,
                 what="workers back to zero",
+                interval=1,
             )
-            wait_until(
+            wait_for(
                 lambda: broker.depth(QUEUE) == 0 and broker.depth(f"{QUEUE}.dlq") == 0,
                 timeout=60,
                 what="the queue and its dead-letter queue counted empty",
+                interval=1,
             )
         except BaseException:
             print("\n\n".join(diagnostics(kubeconfig, namespace)))

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobtide_testbed.node import NODE_IP, PAUSE_IMAGE, POOL_LABEL, POOL_TAINT, Node
+from jobtide_testbed.nodepods import WORKER_UID, create_pod, get_pod, logs, pool_pod, wait_phase
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ, wait_counts
 from jobtide_worker.config import BrokerConfig
 from jobtide_worker.publisher import publish
-from nodepods import WORKER_UID, create_pod, get_pod, logs, pool_pod, wait_phase
-from testbed.node import NODE_IP, PAUSE_IMAGE, POOL_LABEL, POOL_TAINT, Node
-from testbed.process import wait_for
-from testbed.rabbitmq import RabbitMQ, wait_counts
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ import statistics
 import time
 
 import pytest
-from nodepods import create_pod, pool_pod, wait_phase
-from testbed.node import Node
+from jobtide_testbed.node import Node
+from jobtide_testbed.nodepods import create_pod, pool_pod, wait_phase
 
 pytestmark = pytest.mark.bench
 

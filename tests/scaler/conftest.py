@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.rabbitmq import RabbitMQ
 from scaler_bed import ScalerBed, make_bed
-from testbed.kube import KubeCluster
-from testbed.rabbitmq import RabbitMQ
 
 
 @pytest.fixture

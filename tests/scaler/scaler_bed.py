@@ -14,38 +14,28 @@ from typing import Any
 import pika  # type: ignore[import-untyped]
 import requests
 import yaml
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.process import Process, free_port, wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.tools import CHART, HELM_KUBE_VERSION, helm
 from jobtide_worker import topology
 from kubernetes import client as k8s
 from prometheus_client.parser import text_string_to_metric_families
-from testbed.kube import BIN, KubeCluster
-from testbed.process import Process, free_port, wait_for
-from testbed.rabbitmq import RabbitMQ
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "jobtide"
 RELEASE = "rel"
-HELM_KUBE_VERSION = "1.34.0"
-# Fake pods keep running this long (tests/testbed/kwok/stages.yaml), so Jobs stay active.
+# Fake pods keep running this long (jobtide_testbed/kwok/stages.yaml), so Jobs stay active.
 KWOK_RUN_FOR = "jobtide.io/kwok-run-for"
 
 
 def chart_rbac(namespace: str) -> list[dict[str, Any]]:
     """The chart's ServiceAccount, Role and RoleBinding for the scaler, as helm renders them."""
-    argv = [
-        str(BIN / "helm"),
-        "template",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--kube-version",
-        HELM_KUBE_VERSION,
-        "--show-only",
-        "templates/scaler-serviceaccount.yaml",
-        "--show-only",
-        "templates/scaler-rbac.yaml",
-    ]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = helm(
+        "template", RELEASE, str(CHART), "--namespace", namespace,
+        "--kube-version", HELM_KUBE_VERSION,
+        "--show-only", "templates/scaler-serviceaccount.yaml",
+        "--show-only", "templates/scaler-rbac.yaml",
+        timeout=120,
+    ).stdout  # fmt: skip
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 

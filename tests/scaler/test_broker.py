@@ -9,10 +9,10 @@ import uuid
 import pika
 import pytest
 from jobtide_scaler.broker import Broker
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
 from jobtide_worker.config import BrokerConfig
-from testbed.process import wait_for
-from testbed.rabbitmq import RabbitMQ
 
 pytestmark = pytest.mark.integration
 

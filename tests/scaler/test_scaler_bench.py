@@ -20,10 +20,10 @@ import requests
 import yaml
 from jobtide_scaler.config import build_config
 from jobtide_scaler.jobs import build_job, cache_selector
+from jobtide_testbed.process import wait_for
 from kubernetes import client as k8s
 from kubernetes import watch
 from scaler_bed import RELEASE, ScalerBed, pipeline
-from testbed.process import wait_for
 
 pytestmark = pytest.mark.bench
 

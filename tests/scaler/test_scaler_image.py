@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jobtide_testbed.images import (
+    SCALER_IMAGE,
+    DockerDaemon,
+    ImageBuilder,
+    image_facts,
+    scaler_image,
+)
 from scaler_bed import ScalerBed, pipeline
-from testbed.images import SCALER_IMAGE, DockerDaemon, ImageBuilder, image_facts, scaler_image
 
 pytestmark = pytest.mark.integration
 

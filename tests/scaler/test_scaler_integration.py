@@ -10,8 +10,8 @@ import signal
 
 import pytest
 from jobtide_scaler.jobs import job_labels
+from jobtide_testbed.process import wait_for
 from scaler_bed import RELEASE, ScalerBed, job_template, pipeline
-from testbed.process import wait_for
 
 pytestmark = pytest.mark.integration
 

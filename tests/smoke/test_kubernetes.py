@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.process import wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from testbed.kube import KubeCluster
-from testbed.process import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pika
 import pytest
-from testbed.rabbitmq import RabbitMQ, wait_counts
+from jobtide_testbed.rabbitmq import RabbitMQ, wait_counts
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from testbed.images import DockerDaemon
-from testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.images import DockerDaemon
+from jobtide_testbed.rabbitmq import RabbitMQ
 from workerbed import WorkerBed
 
 

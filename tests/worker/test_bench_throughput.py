@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pika
 import pytest
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ, wait_counts
 from jobtide_worker import BrokerConfig, Task, WorkerConfig
 from jobtide_worker.logs import EventLog
 from jobtide_worker.runner import Runner
-from testbed.process import wait_for
-from testbed.rabbitmq import RabbitMQ, wait_counts
 from workerbed import WorkerBed
 
 pytestmark = pytest.mark.bench

@@ -8,7 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from testbed.images import (
+from jobtide_testbed.images import (
     HELLO_IMAGE,
     WORKER_IMAGE,
     DockerDaemon,
@@ -16,7 +16,7 @@ from testbed.images import (
     image_facts,
     worker_images,
 )
-from testbed.rabbitmq import wait_counts
+from jobtide_testbed.rabbitmq import wait_counts
 from workerbed import WorkerBed, broker_env
 
 pytestmark = pytest.mark.integration

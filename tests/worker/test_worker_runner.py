@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import wait_counts
 from jobtide_worker import Task, WorkerConfig, run
-from testbed.process import wait_for
-from testbed.rabbitmq import wait_counts
 from workerbed import Worker, WorkerBed
 
 pytestmark = pytest.mark.integration

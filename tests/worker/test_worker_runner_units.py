@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from fakebroker import FakeBroker
+from jobtide_testbed.process import wait_for
 from jobtide_worker import BrokerConfig, Task, WorkerConfig
 from jobtide_worker.handover import State
 from jobtide_worker.logs import EventLog
 from jobtide_worker.priority import MAX_PRIORITY
 from jobtide_worker.runner import EXIT_BROKER, Runner
-from testbed.process import wait_for
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

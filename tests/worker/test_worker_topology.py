@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from jobtide_testbed.process import wait_for
 from jobtide_worker import topology
-from testbed.process import wait_for
 from workerbed import WorkerBed
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pika
-from testbed.process import wait_for
-from testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.rabbitmq import RabbitMQ
 
 HERE = Path(__file__).resolve().parent
 

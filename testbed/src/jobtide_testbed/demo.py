@@ -1,30 +1,28 @@
 """`ci/demo`: jobtide end to end on a local single-node cluster.
 
 Brings up the test bed's control plane and real node (`ci/testbed up --node`, or uses one
-already up), builds and loads the images, installs the chart with values.example.yaml adapted
-by ci/demo-values.yaml, publishes a burst of tasks to both pipelines and shows the queues and
-workers live. At the end it prints a summary, writes a PNG timeline and tears everything down,
-or with --keep leaves the cluster running.
+already up), builds and loads the images, installs the chart with values.example.yaml made
+to run on the node (chartnode.node_values) and the demo's own sizes and timeouts
+(demo-values.yaml beside this file), publishes a burst of tasks to both pipelines and shows
+the queues and workers live. At the end it prints a summary, writes a PNG timeline and tears
+everything down, or with --keep leaves the cluster running.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 from jobtide_worker.publisher import publish
 
-from testbed.chartnode import (
-    CHART,
+from jobtide_testbed.chartnode import (
     Helm,
     ReleaseBroker,
     Sample,
@@ -32,15 +30,17 @@ from testbed.chartnode import (
     ctr_loader,
     diagnostics,
     load_chart_images,
-    wait_until,
+    node_values,
     write_values,
 )
-from testbed.images import REPO
-from testbed.kube import CACHE
+from jobtide_testbed.process import wait_for
+from jobtide_testbed.state import STATE_FILE
+from jobtide_testbed.tools import CACHE, CHART, REPO
 
-TESTBED_STATE = Path(os.environ.get("JOBTIDE_TESTBED_DIR", CACHE / "testbed")) / "state.json"
 EXAMPLE_VALUES = REPO / "values.example.yaml"
-DEMO_OVERRIDES = REPO / "ci" / "demo-values.yaml"
+# The demo's own settings: small sizes for a 2-core node and short timeouts, so the demo ends
+# within minutes. Given to helm after the node's values; helm merges the two.
+DEMO_VALUES = Path(__file__).with_name("demo-values.yaml")
 NAMESPACE, RELEASE = "jobs", "demo"
 
 
@@ -59,28 +59,9 @@ class DemoConfig:
             raise ValueError("--short-tasks and --long-tasks: nothing to publish")
 
 
-def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """helm's merge of two values files, with null deleting a key."""
-    out = dict(base)
-    for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_values(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def demo_values() -> dict[str, Any]:
-    example = yaml.safe_load(EXAMPLE_VALUES.read_text())
-    return merge_values(example, yaml.safe_load(DEMO_OVERRIDES.read_text()))
-
-
 def testbed(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "testbed", *args],
-        cwd=REPO / "tests",
+        [sys.executable, "-m", "jobtide_testbed", *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -201,8 +182,8 @@ def plot(watcher: Watcher, path: Path, caps: dict[str, int]) -> Path:
 def run(config: DemoConfig) -> int:
     began = time.monotonic()
     started_testbed = False
-    if TESTBED_STATE.exists():
-        state = json.loads(TESTBED_STATE.read_text())
+    if STATE_FILE.exists():
+        state = json.loads(STATE_FILE.read_text())
         if "node_socket" not in state:
             print("a test bed without a real node is up: run `ci/testbed down` first")
             return 1
@@ -211,19 +192,20 @@ def run(config: DemoConfig) -> int:
         step("starting the control plane and the node (ci/testbed up --node)", began)
         testbed("up", "--node")
         started_testbed = True
-        state = json.loads(TESTBED_STATE.read_text())
+        state = json.loads(STATE_FILE.read_text())
     kubeconfig = Path(state["kubeconfig"])
     helm = Helm(kubeconfig, NAMESPACE)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         step("building images and loading them into the node's containerd", began)
         load_chart_images(ctr_loader(Path(state["node_socket"])), config.out_dir / "images")
-        values = demo_values()
-        values_file = write_values(config.out_dir / "values.yaml", values)
+        example = yaml.safe_load(EXAMPLE_VALUES.read_text())
+        values_file = write_values(config.out_dir / "values.yaml", node_values(example))
         helm("uninstall", RELEASE, "--wait", check=False)
-        step(f"helm install {RELEASE} {CHART.relative_to(REPO)} -n {NAMESPACE} -f {values_file}",
-             began)  # fmt: skip
-        helm.install(RELEASE, [values_file], extra=["--create-namespace"])
+        step(f"helm install {RELEASE} {CHART.relative_to(REPO)} -n {NAMESPACE} "
+             f"-f {values_file} -f {DEMO_VALUES}", began)  # fmt: skip
+        helm.install(RELEASE, [values_file, DEMO_VALUES], extra=["--create-namespace"])
+        values = helm.values(RELEASE)
         broker = ReleaseBroker.find(kubeconfig, NAMESPACE, RELEASE)
         pipelines = values["pipelines"]
         queues = {name: p["queue"] for name, p in pipelines.items()}
@@ -261,7 +243,9 @@ def run(config: DemoConfig) -> int:
                 )
 
             try:
-                wait_until(finished, timeout=900, what="all tasks done and every worker gone")
+                wait_for(
+                    finished, timeout=900, what="all tasks done and every worker gone", interval=1
+                )
             finally:
                 live.close()
         step("every task done; every worker left by itself after its idle timeout", began)
@@ -295,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ci/demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_arguments(parser)
+    return run_from(parser, parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (for `ci/demo` and `python -m jobtide_testbed demo`)."""
     parser.add_argument("--keep", action="store_true", help="leave the cluster running")
     parser.add_argument("--short-tasks", type=int, default=400, help="tasks for resize-images")
     parser.add_argument("--long-tasks", type=int, default=6, help="tasks for train-models")
@@ -302,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=CACHE / "demo", help="folder of the PNG and the values file"
     )
-    args = parser.parse_args(argv)
+
+
+def run_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         config = DemoConfig(args.keep, args.short_tasks, args.long_tasks, args.out, args.seed)
     except ValueError as error:

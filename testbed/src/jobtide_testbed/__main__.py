@@ -1,9 +1,12 @@
-"""`ci/testbed up|down|status`: the test bed by hand, for debugging and for the demo.
+"""`python -m jobtide_testbed up|down|status|images|demo` (`ci/testbed`, `ci/images`,
+`ci/demo`): the test bed by hand, for debugging, for building the images and for the demo.
 
 `up` starts RabbitMQ and the control plane in the background and prints how to reach them:
-with a kwok fake node, or with `--node` a real node that runs containers (testbed/node.py).
+with a kwok fake node, or with `--node` a real node that runs containers (node.py).
 `down` stops everything it started; `status` says what runs.
 State lives in $JOBTIDE_TESTBED_DIR (default ~/.cache/jobtide/testbed).
+`images` builds jobtide's images on the test bed's private Docker engine (no registry).
+`demo` runs jobtide end to end on a local node (demo.py).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import signal
 import sys
 from pathlib import Path
 
-from testbed.kube import CACHE, KubeCluster
-from testbed.node import clean_host, kill_all_tasks, start_cluster_with_node
-from testbed.process import Process, stop_group
-from testbed.rabbitmq import RabbitMQ
-
-STATE_DIR = Path(os.environ.get("JOBTIDE_TESTBED_DIR", CACHE / "testbed"))
-STATE_FILE = STATE_DIR / "state.json"
+from jobtide_testbed import demo
+from jobtide_testbed.images import DockerDaemon, ImageBuilder, worker_images
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.node import clean_host, kill_all_tasks, start_cluster_with_node
+from jobtide_testbed.process import Process, stop_group
+from jobtide_testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.state import STATE_DIR, STATE_FILE
 
 
 def _alive(pgid: int) -> bool:
@@ -110,6 +113,17 @@ def status(args: argparse.Namespace) -> int:
     return 1 if dead else 0
 
 
+def images(args: argparse.Namespace) -> int:
+    with DockerDaemon() as daemon:
+        builder = ImageBuilder(daemon)
+        for tag in worker_images(builder):
+            print(f"built {tag}")
+            if args.save is not None:
+                tar = args.save / (tag.replace("/", "_").replace(":", "_") + ".tar")
+                print(f"saved {builder.save(tag, tar)}")
+    return 0
+
+
 def _print(state: dict[str, object]) -> None:
     print(f"export KUBECONFIG={state['kubeconfig']}")
     print(f"# apiserver:  {state['server']}")
@@ -123,18 +137,35 @@ def _print(state: dict[str, object]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="ci/testbed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobtide_testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     up_parser = sub.add_parser("up", help="start RabbitMQ and the control plane")
     up_parser.add_argument(
         "--node",
         action="store_true",
-        help="a real node that runs containers (testbed/node.py) instead of a kwok node",
+        help="a real node that runs containers (node.py) instead of a kwok node",
     )
     up_parser.set_defaults(func=up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=down)
     sub.add_parser("status", help="show addresses and what runs").set_defaults(func=status)
+    images_parser = sub.add_parser(
+        "images", help="build the base, worker and hello images on the private Docker engine"
+    )
+    images_parser.add_argument(
+        "--save", type=Path, metavar="DIR", help="also write `docker save` tars into DIR"
+    )
+    images_parser.set_defaults(func=images)
+    demo_parser = sub.add_parser(
+        "demo",
+        help="jobtide end to end on a local node",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=lambda args: demo.run_from(demo_parser, args))
     args = parser.parse_args(argv)
     return int(args.func(args))
 

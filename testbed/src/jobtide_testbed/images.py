@@ -27,7 +27,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -36,7 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from testbed.process import run, wait_for
+from jobtide_testbed.process import run, wait_for
+from jobtide_testbed.tools import CACHE, REPO, ensure_stage
 
 BASE_IMAGE = "jobtide-testbed/base:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -45,15 +45,11 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 DOCKER_CLI = "/usr/bin/docker"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
-
-
 class DockerDaemon:
     """A private dockerd. Use as a context manager or call start()/stop()."""
 
     def __init__(self, root: Path | None = None, *, start_timeout: float = 60) -> None:
-        self.root = root or cache_root() / "docker"
+        self.root = root or CACHE / "docker"
         self.data_root = self.root / "data"
         self.exec_root = self.root / "exec"
         self.socket = self.root / "docker.sock"
@@ -102,6 +98,7 @@ class DockerDaemon:
         return result
 
     def start(self, lock_timeout: float = 900) -> DockerDaemon:
+        ensure_stage("docker")
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire_lock(self.root / "owner.lock", lock_timeout)
         try:
@@ -316,11 +313,6 @@ class ImageBuilder:
         return destination
 
 
-def docker_available() -> bool:
-    return shutil.which("dockerd") is not None and shutil.which("debootstrap") is not None
-
-
-REPO = Path(__file__).resolve().parents[2]
 WORKER_IMAGE = "jobtide/worker:test"
 HELLO_IMAGE = "jobtide/worker-hello:test"
 SCALER_IMAGE = "jobtide/scaler:test"

@@ -9,19 +9,19 @@ ports of 127.0.0.1 and keeps its data and logs under `root`.
 from __future__ import annotations
 
 import json
-import os
+import secrets
 import ssl
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from testbed.pki import PKI
-from testbed.process import Process, free_port, run, wait_for
+from jobtide_testbed.pki import PKI
+from jobtide_testbed.process import Process, free_port, wait_for
+from jobtide_testbed.tools import api_client, ensure_stage, kubectl, tool
 
-CACHE = Path(os.environ.get("JOBTIDE_CACHE", Path.home() / ".cache" / "jobtide"))
-BIN = CACHE / "bin" / "current"
 SERVICE_CIDR = "10.96.0.0/16"
 CONTROLLERS = tuple(
     f"{c}-controller"
@@ -52,17 +52,18 @@ KWOK_STAGES = Path(__file__).with_name("kwok") / "stages.yaml"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 
-def tool(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run ci/setup first")
-    return str(path)
+def namespace_name(prefix: str, test_name: str) -> str:
+    """A fresh namespace name for a test: `prefix`, the test's name made DNS-safe, a random
+    suffix (a name no earlier test used, even one still being deleted)."""
+    base = "".join(c if c.isalnum() else "-" for c in test_name.lower())[:40].strip("-")
+    return f"{prefix}-{base}-{secrets.token_hex(3)}"
 
 
 class KubeCluster:
     """The control plane. `start()` brings it up; `kubeconfig` is an admin kubeconfig."""
 
     def __init__(self, root: Path, *, advertise_address: str = "127.0.0.1") -> None:
+        ensure_stage("kube")
         self.root = root
         self.logs = root / "logs"
         self.advertise_address = advertise_address
@@ -126,18 +127,10 @@ class KubeCluster:
         stdin: str | None = None,
         kubeconfig: Path | None = None,
         timeout: float = 60,
-    ) -> Any:
-        argv = [tool("kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args]
-        if stdin is None:
-            return run(argv, timeout=timeout, check=check)
-        import subprocess
-
-        proc = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+    ) -> subprocess.CompletedProcess[str]:
+        return kubectl(
+            kubeconfig or self.kubeconfig, *args, check=check, stdin=stdin, timeout=timeout
         )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stdout}{proc.stderr}")
-        return proc
 
     def apply(self, manifest: dict[str, Any] | list[dict[str, Any]] | str) -> None:
         text = (
@@ -149,9 +142,7 @@ class KubeCluster:
 
     def api_client(self, kubeconfig: Path | None = None) -> Any:
         """An official-client ApiClient for the admin (or for `kubeconfig`)."""
-        from kubernetes import config
-
-        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+        return api_client(kubeconfig or self.kubeconfig)
 
     def service_account_token(self, namespace: str, name: str, seconds: int = 3600) -> str:
         """A bound token for a ServiceAccount, through the TokenRequest API."""

@@ -35,8 +35,9 @@ from typing import IO
 
 import yaml
 
-from testbed.kube import CACHE, KubeCluster, tool
-from testbed.process import Process, free_port, run, wait_for
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.process import Process, free_port, run, wait_for
+from jobtide_testbed.tools import BIN, CACHE, ensure_stage, tool
 
 NODE_NAME = "jobtide-node"
 BRIDGE = "jobtide0"
@@ -138,6 +139,7 @@ class Node:
     """containerd + kubelet + kube-proxy + CoreDNS for one cluster, named `NODE_NAME`."""
 
     def __init__(self, cluster: KubeCluster, host: NodeHost, name: str = NODE_NAME) -> None:
+        ensure_stage("node")
         self.cluster = cluster
         self.host = host
         self.name = name
@@ -522,6 +524,7 @@ class Node:
 def start_cluster_with_node(root: Path) -> Node:
     """A control plane whose apiserver pods can reach, with one real node; the caller
     calls `shutdown()` on the result."""
+    ensure_stage("node")
     host = NodeHost(root).acquire()
     cluster = KubeCluster(root / "kube", advertise_address=NODE_IP)
     try:
@@ -569,7 +572,7 @@ def clean_host(root: Path | None) -> None:
         before = root / "footprint.json"
         if before.exists():
             _remove_new_entries(json.loads(before.read_text()))
-    if (BIN_KUBE_PROXY := CACHE / "bin" / "current" / "kube-proxy").exists():
+    if (BIN_KUBE_PROXY := BIN / "kube-proxy").exists():
         run([str(BIN_KUBE_PROXY), "--cleanup"], check=False, timeout=60)
     _remove_chains()
     ip("link", "delete", BRIDGE, check=False)

@@ -16,7 +16,8 @@ from typing import Any
 
 import requests
 
-from testbed.process import Process, free_port, port_open, run, wait_for
+from jobtide_testbed.process import Process, free_port, port_open, run, wait_for
+from jobtide_testbed.tools import ensure_stage
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the unwrapped scripts: no `su rabbitmq`
 
@@ -37,6 +38,7 @@ class RabbitMQ:
         consumer_timeout_ms: int | None = None,
         stats_interval_ms: int = 1000,
     ) -> None:
+        ensure_stage("broker")
         self.root = root
         self.nodename = f"jt-{name}-{secrets.token_hex(3)}@localhost"
         self.host = "127.0.0.1"

@@ -22,13 +22,18 @@ def free_port() -> int:
 def wait_for(
     check: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
 ) -> None:
-    """Poll `check` until it returns True; raise TimeoutError naming `what` otherwise."""
+    """Poll `check` every `interval` seconds until it returns True; raise TimeoutError naming
+    `what` (and the last error `check` raised) when `timeout` passes first. An error is a
+    reason to look again (the thing is still coming up), except a failed assertion, which
+    ends the wait at once."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if check():
                 return
+        except AssertionError:
+            raise
         except Exception as e:  # the service is still coming up; keep the last reason
             last_error = e
         time.sleep(interval)
@@ -143,11 +148,13 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float = 60,
     check: bool = True,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command, returning its output; raise with the output on failure."""
     proc = subprocess.run(
-        list(argv), env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+        list(argv), env=env, input=stdin, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
     if check and proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(argv)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

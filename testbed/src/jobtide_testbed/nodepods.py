@@ -7,8 +7,9 @@ import json
 import time
 from typing import Any
 
-from testbed.kube import KubeCluster
-from testbed.node import POOL_LABEL, POOL_TAINT
+from jobtide_testbed.kube import KubeCluster
+from jobtide_testbed.node import POOL_LABEL, POOL_TAINT
+from jobtide_testbed.process import wait_for
 
 WORKER_UID = 10001
 
@@ -72,21 +73,28 @@ def wait_phase(
 ) -> str:
     """Wait until the pod is in one of `phases`; fail at once, with its description, when
     it ends in another phase or the time runs out."""
-    deadline = time.monotonic() + timeout
     phase = ""
-    while time.monotonic() < deadline:
-        phase = get_pod(cluster, namespace, name).get("status", {}).get("phase", "")
-        if phase in phases:
-            return str(phase)
-        if phase in ("Succeeded", "Failed"):
-            break
-        time.sleep(0.2)
-    describe = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout
-    log = cluster.kubectl("logs", name, "-n", namespace, check=False)
-    raise AssertionError(
-        f"pod {namespace}/{name} is {phase or 'unknown'}, wanted {phases}\n{describe}\n"
-        f"log:\n{log.stdout}{log.stderr}"
-    )
+
+    def failure() -> AssertionError:
+        describe = cluster.kubectl("describe", "pod", name, "-n", namespace, check=False).stdout
+        log = cluster.kubectl("logs", name, "-n", namespace, check=False)
+        return AssertionError(
+            f"pod {namespace}/{name} is {phase or 'unknown'}, wanted {phases}\n{describe}\n"
+            f"log:\n{log.stdout}{log.stderr}"
+        )
+
+    def reached() -> bool:
+        nonlocal phase
+        phase = str(get_pod(cluster, namespace, name).get("status", {}).get("phase", ""))
+        if phase not in phases and phase in ("Succeeded", "Failed"):
+            raise failure()
+        return phase in phases
+
+    try:
+        wait_for(reached, timeout=timeout, what=f"pod {namespace}/{name} {phases}")
+    except TimeoutError:
+        raise failure() from None
+    return phase
 
 
 def logs(cluster: KubeCluster, namespace: str, name: str) -> str:

@@ -9,8 +9,8 @@ The host reaches pods directly: it owns the node's bridge, so a pod IP is a rout
 from __future__ import annotations
 
 import base64
+import copy
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,23 +22,24 @@ import requests
 import yaml
 from jobtide_worker.config import BrokerConfig
 
-from testbed.images import (
+from jobtide_testbed.images import (
     HELLO_IMAGE,
-    REPO,
     SCALER_IMAGE,
     ImageBuilder,
     load_into,
     scaler_image,
     worker_images,
 )
-from testbed.kube import tool
-from testbed.node import POOL_LABEL, POOL_TAINT
+from jobtide_testbed.node import POOL_LABEL, POOL_TAINT
+from jobtide_testbed.process import run
+from jobtide_testbed.tools import CHART, api_client, helm, kubectl
 
-CHART = REPO / "charts" / "jobtide"
 RABBITMQ_IMAGE = "jobtide-testbed/rabbitmq:3.10"
 RABBITMQ_CONTEXT = Path(__file__).with_name("rabbitmq-image")
 # Debian's package starts the server with this script (its /usr/sbin wrapper needs su).
 RABBITMQ_COMMAND = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
+# The hello example's handler (images/worker/examples/hello): every pipeline on the node runs it.
+HELLO_HANDLER = "handler:handle"
 WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 
 
@@ -62,11 +63,8 @@ def ctr_loader(socket: Path) -> Callable[[Path], None]:
     `ci/testbed up --node`)."""
 
     def load(tar: Path) -> None:
-        subprocess.run(
-            ["ctr", "--address", str(socket), "--namespace", "k8s.io", "images", "import",
-             "--no-unpack=false", str(tar)],
-            check=True, capture_output=True, timeout=600,
-        )  # fmt: skip
+        run(["ctr", "--address", str(socket), "--namespace", "k8s.io", "images", "import",
+             "--no-unpack=false", str(tar)], timeout=600)  # fmt: skip
 
     return load
 
@@ -81,30 +79,37 @@ def local_image(tag: str) -> dict[str, str]:
     return {"repository": repository, "tag": version, "pullPolicy": "Never"}
 
 
-def node_values() -> dict[str, Any]:
-    """Overrides that make the chart run on the test bed's node: local images, Debian's
-    RabbitMQ, and the node's pool label and taint. The node is the only one, so the scaler
-    and RabbitMQ tolerate the pool taint too (a real cluster keeps them on other nodes).
-    There is no storage provisioner: the broker keeps its data in an emptyDir."""
-    return {
-        "scaler": {
-            "image": local_image(SCALER_IMAGE),
-            "tolerations": [pool_toleration()],
-        },
-        "pipelineDefaults": {
-            "image": local_image(HELLO_IMAGE),
-        },
-        "nodePool": {
-            "nodeSelector": {POOL_LABEL[0]: POOL_LABEL[1]},
-            "tolerations": [pool_toleration()],
-        },
-        "rabbitmq": {
-            "image": local_image(RABBITMQ_IMAGE),
-            "command": RABBITMQ_COMMAND,
-            "persistence": {"enabled": False},
-            "tolerations": [pool_toleration()],
-        },
-    }
+def node_values(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`values` (a values document such as values.example.yaml; the chart's defaults when
+    None) made to run on the test bed's node, as a new document: the images built here and
+    never pulled (every pipeline runs the hello example), Debian's RabbitMQ, and the node's
+    pool label and taint. The node is the only one, so the scaler and RabbitMQ tolerate the
+    pool taint too (a real cluster keeps them on other nodes), and a pipeline's own node
+    selector becomes the pool's (the node has no other labels to select). There is no
+    storage provisioner: the broker keeps its data in an emptyDir."""
+    adapted = copy.deepcopy(values or {})
+    pool_selector = {POOL_LABEL[0]: POOL_LABEL[1]}
+
+    def section(*path: str) -> dict[str, Any]:
+        node = adapted
+        for key in path:
+            node = node.setdefault(key, {})
+        return node
+
+    section("scaler").update(image=local_image(SCALER_IMAGE), tolerations=[pool_toleration()])
+    section("pipelineDefaults")["image"] = local_image(HELLO_IMAGE)
+    section("nodePool").update(nodeSelector=pool_selector, tolerations=[pool_toleration()])
+    for name, pipeline in section("pipelines").items():
+        pipeline.update(image=local_image(HELLO_IMAGE), handler=HELLO_HANDLER)
+        if "nodeSelector" in pipeline.get("podTemplate", {}).get("spec", {}):
+            section("pipelines", name, "podTemplate", "spec")["nodeSelector"] = pool_selector
+    section("rabbitmq").update(
+        image=local_image(RABBITMQ_IMAGE),
+        command=RABBITMQ_COMMAND,
+        persistence={"enabled": False},
+        tolerations=[pool_toleration()],
+    )
+    return adapted
 
 
 class Helm:
@@ -115,10 +120,10 @@ class Helm:
         self.namespace = namespace
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> str:
-        argv = [tool("helm3"), "--kubeconfig", str(self.kubeconfig), "-n", self.namespace, *args]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}")
+        result = helm(
+            *args, kubeconfig=self.kubeconfig, namespace=self.namespace, check=check,
+            timeout=timeout,
+        )  # fmt: skip
         return result.stdout + result.stderr
 
     def install(
@@ -132,18 +137,18 @@ class Helm:
         files = [arg for path in values_files for arg in ("-f", str(path))]
         return self("install", release, str(CHART), *files, "--wait", "--timeout", timeout, *extra)
 
+    def values(self, release: str) -> dict[str, Any]:
+        """The release's values as helm computed them (the chart's defaults and every file)."""
+        computed: dict[str, Any] = json.loads(
+            helm("get", "values", release, "--all", "--output", "json",
+                 kubeconfig=self.kubeconfig, namespace=self.namespace).stdout
+        )  # fmt: skip
+        return computed
+
 
 def write_values(path: Path, values: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
-
-
-def kubectl(kubeconfig: Path, *args: str, check: bool = True, timeout: float = 60) -> str:
-    argv = [tool("kubectl"), "--kubeconfig", str(kubeconfig), *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"kubectl {' '.join(args)}:\n{result.stdout}{result.stderr}")
-    return result.stdout
 
 
 @dataclass(frozen=True)
@@ -160,11 +165,12 @@ class ReleaseBroker:
     def find(cls, kubeconfig: Path, namespace: str, release: str) -> ReleaseBroker:
         pod = json.loads(
             kubectl(kubeconfig, "get", "pod", "-n", namespace, "-o", "json", "-l",
-                    f"app.kubernetes.io/instance={release},app.kubernetes.io/component=rabbitmq")
+                    f"app.kubernetes.io/instance={release},app.kubernetes.io/component=rabbitmq"
+                    ).stdout
         )["items"][0]  # fmt: skip
         secret = json.loads(
             kubectl(kubeconfig, "get", "secret", "-n", namespace, "-o", "json", "-l",
-                    f"app.kubernetes.io/instance={release}")
+                    f"app.kubernetes.io/instance={release}").stdout
         )["items"]  # fmt: skip
         data = next(s["data"] for s in secret if "erlang-cookie" in s.get("data", {}))
         return cls(
@@ -257,9 +263,9 @@ class Watcher:
         *,
         interval: float = 1.0,
     ) -> None:
-        from kubernetes import client, config
+        from kubernetes import client
 
-        api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
+        api = api_client(kubeconfig)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.namespace = namespace
@@ -399,25 +405,16 @@ class Watcher:
         return active, pending, running
 
 
-def wait_until(
-    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 1.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-
-
 def diagnostics(kubeconfig: Path, namespace: str) -> Iterator[str]:
     """Everything worth reading when a run on the node goes wrong: objects, events, and the
     logs of every pod (previous containers included)."""
-    yield kubectl(kubeconfig, "get", "all,jobs", "-n", namespace, "-o", "wide", check=False)
-    yield kubectl(kubeconfig, "get", "events", "-n", namespace, "--sort-by=.lastTimestamp",
-                  check=False)  # fmt: skip
-    pods = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "name", check=False).split()
-    for pod in pods:
-        yield f"==== {pod}\n" + kubectl(
-            kubeconfig, "logs", pod, "-n", namespace, "--all-containers", "--tail=60",
-            check=False,
-        )  # fmt: skip
+
+    def read(*args: str) -> str:
+        result = kubectl(kubeconfig, *args, "-n", namespace, check=False)
+        return result.stdout + result.stderr
+
+    yield read("get", "all,jobs", "-o", "wide")
+    yield read("get", "events", "--sort-by=.lastTimestamp")
+    pods = kubectl(kubeconfig, "get", "pods", "-o", "name", "-n", namespace, check=False)
+    for pod in pods.stdout.split():
+        yield f"==== {pod}\n" + read("logs", pod, "--all-containers", "--tail=60")
