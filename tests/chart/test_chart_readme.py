@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from chartlib import CHART, tool
+from jobtide_testbed.tools import CHART, tool
 
 pytestmark = pytest.mark.unit
 

@@ -28,7 +28,7 @@ SETUP_RUNNING_ENV = "JOBTIDE_SETUP_RUNNING"
 
 # The set-up stage that provides each tool (ci/setup's stage names).
 STAGE_OF_TOOL = {
-    **dict.fromkeys(("helm", "helm3", "helm4", "kubeconform"), "helm"),
+    **dict.fromkeys(("helm", "helm3", "helm4", "kubeconform", "helm-docs"), "helm"),
     **dict.fromkeys(
         (
             "etcd",
