@@ -9,6 +9,7 @@ The host reaches pods directly: it owns the node's bridge, so a pod IP is a rout
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import subprocess
 import threading
@@ -146,6 +147,27 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True, timeout: float = 6
     return result.stdout
 
 
+# Every kind a release (and its scaler's workers) may leave behind.
+RELEASE_KINDS = (
+    "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
+    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,leases"
+)
+
+
+def release_objects(kubeconfig: Path, namespace: str, release: str) -> list[str]:
+    """`Kind/name` of every object of the release left in the namespace."""
+    out = kubectl(kubeconfig, "get", RELEASE_KINDS, "-n", namespace, "-o", "json",
+                  "-l", f"app.kubernetes.io/instance={release}")  # fmt: skip
+    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(out)["items"])
+
+
+def worker_objects(kubeconfig: Path, namespace: str, release: str) -> list[str]:
+    """The release's worker Jobs and pods still present."""
+    out = kubectl(kubeconfig, "get", "jobs,pods", "-n", namespace, "-o", "name",
+                  "-l", f"app.kubernetes.io/instance={release},{WORKER_SELECTOR}")  # fmt: skip
+    return out.split()
+
+
 @dataclass(frozen=True)
 class ReleaseBroker:
     """The release's RabbitMQ, reached from the host at its pod's address."""
@@ -226,6 +248,12 @@ def log_entry(line: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) else {}
 
 
+def log_time(entry: dict[str, Any]) -> float:
+    """Epoch seconds of a worker's JSON log line (`time`, UTC with milliseconds)."""
+    stamp = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
+
 @dataclass
 class WorkerRecord:
     job: str
@@ -256,7 +284,10 @@ class Watcher:
         queues: dict[str, str],  # pipeline -> queue
         *,
         interval: float = 1.0,
+        read_log: Callable[[str, str], str] | None = None,
     ) -> None:
+        """`read_log(namespace, pod)` reads a finished worker's log: by default through the
+        API (kubelet); pods run as host processes have testbed/hostpods.py's."""
         from kubernetes import client, config
 
         api = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
@@ -266,6 +297,7 @@ class Watcher:
         self.broker = broker
         self.queues = queues
         self.interval = interval
+        self.read_log = read_log or self._api_log
         self.samples: list[Sample] = []
         self.workers: dict[str, WorkerRecord] = {}  # by pod name
         self.jobs_seen: set[str] = set()
@@ -322,6 +354,9 @@ class Watcher:
             except Exception as error:  # a dropped sample is reported, not fatal
                 self.errors.append(f"{began - self.started:.1f}s: {error!r}")
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def _api_log(self, namespace: str, pod: str) -> str:
+        return str(self.core.read_namespaced_pod_log(pod, namespace))
 
     def _list(self, call: Callable[..., Any]) -> list[dict[str, Any]]:
         """Worker objects as plain JSON (the client's models are all optional fields)."""
@@ -393,7 +428,7 @@ class Watcher:
                     terminated = container.get("state", {}).get("terminated")
                     if terminated:
                         record.exit_code = int(terminated["exitCode"])
-                record.log = str(self.core.read_namespaced_pod_log(name, self.namespace))
+                record.log = self.read_log(self.namespace, name)
         for pipeline, count in active.items():
             self.active_jobs_peak[pipeline] = max(self.active_jobs_peak.get(pipeline, 0), count)
         return active, pending, running
