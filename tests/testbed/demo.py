@@ -10,6 +10,7 @@ or with --keep leaves the cluster running.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 from jobtide_worker.publisher import publish
 
+from testbed import hostpods
 from testbed.chartnode import (
     CHART,
     Helm,
@@ -36,6 +38,7 @@ from testbed.chartnode import (
     write_values,
 )
 from testbed.images import REPO
+from testbed.karpenter import WORKER_RESOURCES, NodePoolSpec, NodeWatch, pool_values
 from testbed.kube import CACHE
 
 TESTBED_STATE = Path(os.environ.get("JOBTIDE_TESTBED_DIR", CACHE / "testbed")) / "state.json"
@@ -51,6 +54,8 @@ class DemoConfig:
     long_tasks: int
     out_dir: Path
     seed: int
+    # Workers on a node pool Karpenter scales from zero (`ci/testbed up --autoscaled-pool`).
+    autoscaled_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.short_tasks < 0 or self.long_tasks < 0:
@@ -75,6 +80,30 @@ def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, An
 def demo_values() -> dict[str, Any]:
     example = yaml.safe_load(EXAMPLE_VALUES.read_text())
     return merge_values(example, yaml.safe_load(DEMO_OVERRIDES.read_text()))
+
+
+def autoscaled_values(values: dict[str, Any]) -> dict[str, Any]:
+    """The demo's values with the workers on the autoscaled pool (testbed/karpenter.py): its
+    label and taint, and requests that fit four workers on a node."""
+    spec = NodePoolSpec()
+    pipelines = {
+        name: merge_values(
+            pipeline,
+            {
+                "resources": WORKER_RESOURCES,
+                "podTemplate": {"spec": {"nodeSelector": {spec.label[0]: spec.label[1]}}},
+            },
+        )
+        for name, pipeline in values["pipelines"].items()
+    }
+    return merge_values(
+        values,
+        {
+            "nodePool": pool_values(spec),
+            "pipelineDefaults": {"resources": WORKER_RESOURCES},
+            "pipelines": pipelines,
+        },
+    )
 
 
 def testbed(*args: str) -> str:
@@ -201,15 +230,17 @@ def plot(watcher: Watcher, path: Path, caps: dict[str, int]) -> Path:
 def run(config: DemoConfig) -> int:
     began = time.monotonic()
     started_testbed = False
+    up_args = ["up", "--node", *(["--autoscaled-pool"] if config.autoscaled_pool else [])]
     if TESTBED_STATE.exists():
         state = json.loads(TESTBED_STATE.read_text())
-        if "node_socket" not in state:
-            print("a test bed without a real node is up: run `ci/testbed down` first")
+        if "node_socket" not in state or config.autoscaled_pool != ("node_pool" in state):
+            print(f"another kind of test bed is up: run `ci/testbed down` first (or `ci/testbed "
+                  f"{' '.join(up_args)}` yourself)")  # fmt: skip
             return 1
         step("using the test bed that is already up", began)
     else:
-        step("starting the control plane and the node (ci/testbed up --node)", began)
-        testbed("up", "--node")
+        step(f"starting the control plane and the node (ci/testbed {' '.join(up_args)})", began)
+        testbed(*up_args)
         started_testbed = True
         state = json.loads(TESTBED_STATE.read_text())
     kubeconfig = Path(state["kubeconfig"])
@@ -218,7 +249,7 @@ def run(config: DemoConfig) -> int:
     try:
         step("building images and loading them into the node's containerd", began)
         load_chart_images(ctr_loader(Path(state["node_socket"])), config.out_dir / "images")
-        values = demo_values()
+        values = autoscaled_values(demo_values()) if config.autoscaled_pool else demo_values()
         values_file = write_values(config.out_dir / "values.yaml", values)
         helm("uninstall", RELEASE, "--wait", check=False)
         step(f"helm install {RELEASE} {CHART.relative_to(REPO)} -n {NAMESPACE} -f {values_file}",
@@ -240,7 +271,14 @@ def run(config: DemoConfig) -> int:
         published = {name: len(tasks) for name, tasks in bursts.items()}
         total = sum(published.values())
         live = LiveLine(queues, total)
-        with Watcher(kubeconfig, NAMESPACE, broker, queues) as watcher:
+        nodes = NodeWatch(kubeconfig, NodePoolSpec().name)
+        host_pods = Path(str(state.get("host_pods_root", "")))
+        read_log = (
+            functools.partial(hostpods.read_log, host_pods) if config.autoscaled_pool else None
+        )
+        with Watcher(kubeconfig, NAMESPACE, broker, queues, read_log=read_log) as watcher:
+            if config.autoscaled_pool:
+                watcher.on_sample(nodes.sample)
             step(
                 f"publishing {config.short_tasks} short tasks (0.2-1.5 s) to resize-images and "
                 f"{config.long_tasks} long ones (15-25 s) to train-models",
@@ -265,6 +303,19 @@ def run(config: DemoConfig) -> int:
             finally:
                 live.close()
         step("every task done; every worker left by itself after its idle timeout", began)
+        if config.autoscaled_pool:
+            step("waiting for Karpenter to remove the empty nodes", began)
+
+            def no_nodes() -> bool:
+                nodes.sample()
+                return nodes.zero_since() is not None
+
+            wait_until(no_nodes, timeout=300, what="Karpenter's nodes consolidated to zero")
+            print(
+                f"Karpenter launched {len(nodes.records)} nodes (peak {nodes.peak}, "
+                f"{nodes.node_seconds():.0f} node-seconds); first Ready after "
+                f"{nodes.first_ready() or 0:.0f} s, none left after {nodes.zero_since():.0f} s"
+            )
         print()
         print(summary(watcher, published))
         png = plot(watcher, config.out_dir / "timeline.png", caps)
@@ -302,9 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=CACHE / "demo", help="folder of the PNG and the values file"
     )
+    parser.add_argument(
+        "--autoscaled-pool",
+        action="store_true",
+        help="run the workers on a node pool that Karpenter scales from zero and back "
+        "(`ci/testbed up --node --autoscaled-pool`; nodes are kwok's, workers host processes)",
+    )
     args = parser.parse_args(argv)
     try:
-        config = DemoConfig(args.keep, args.short_tasks, args.long_tasks, args.out, args.seed)
+        config = DemoConfig(
+            args.keep, args.short_tasks, args.long_tasks, args.out, args.seed, args.autoscaled_pool
+        )
     except ValueError as error:
         parser.error(str(error))
     return run(config)
