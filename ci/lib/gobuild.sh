@@ -21,7 +21,9 @@ link_current() {
   for f in "$1"/*; do ln -sfn "$f" "$JOBTIDE_CACHE/bin/current/$(basename "$f")"; done
 }
 
-# go_install NAME VERSION PACKAGE: plain `go install` for modules without replaces.
+# go_install NAME VERSION PACKAGE [LDFLAGS [BINARY]]: plain `go install` for modules without
+# replaces. BINARY renames a command whose name another tool already has (Karpenter's kwok
+# provider is a command called `kwok`, like kwok itself).
 go_install() {
   local name=$1 version=$2 pkg=$3 dir t0=$SECONDS
   dir=$(go_tool_dir "$name" "$version")
@@ -31,6 +33,7 @@ go_install() {
     # The same -trimpath as the wrapper-module builds, so packages they share at the same
     # version compile once into GOCACHE; no symbol tables or DWARF: shorter links.
     GOBIN="$dir" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w${4:+ $4}" "$pkg@$version"
+    if [ -n "${5:-}" ]; then mv "$dir/$(basename "$pkg")" "$dir/$5"; fi
     touch "$dir/.done"
     echo "setup: built $name in $((SECONDS - t0)) s"
   fi

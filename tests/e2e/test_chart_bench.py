@@ -4,7 +4,6 @@ with the pod start-up measured here. Prints figures; asserts only that the run c
 
 from __future__ import annotations
 
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -14,7 +13,14 @@ import pytest
 from jobtide_scaler.simulate.engine import Settings, simulate
 from jobtide_scaler.simulate.scalers import JobtideScaler
 from jobtide_scaler.simulate.workloads import Task, Workload
-from jobtide_testbed.chartnode import Helm, ReleaseBroker, Watcher, node_values, write_values
+from jobtide_testbed.chartnode import (
+    Helm,
+    ReleaseBroker,
+    Watcher,
+    log_time,
+    node_values,
+    write_values,
+)
 from jobtide_testbed.node import Node
 from jobtide_testbed.process import wait_for
 from jobtide_worker.publisher import publish
@@ -76,7 +82,7 @@ def test_drain_reaction_and_simulator_agreement(
     samples = watcher.samples
     # The drain time from the workers' own log times (same host clock): the management API's
     # counts of a quorum queue lag by up to 5 s.
-    done_at = [finished_at(entry) for entry in watcher.done_entries()]
+    done_at = [log_time(entry) for entry in watcher.done_entries()]
     assert len(done_at) == TASKS
     drained = max(done_at) - published_at
     workers = [w for w in watcher.workers.values() if w.running is not None]
@@ -116,9 +122,3 @@ def test_drain_reaction_and_simulator_agreement(
     )
     assert watcher.peak_active_jobs(PIPELINE) <= MAX_WORKERS
     assert simulated.metrics.tasks_unfinished == 0
-
-
-def finished_at(entry: dict[str, Any]) -> float:
-    """Epoch seconds of a worker's JSON log line (`time`, UTC with milliseconds)."""
-    stamp = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    return stamp.replace(tzinfo=datetime.UTC).timestamp()

@@ -5,7 +5,6 @@ passes and `helm uninstall` leaves nothing of the release."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator
@@ -14,12 +13,13 @@ from typing import Any
 
 import pytest
 from jobtide_testbed.chartnode import (
-    WORKER_SELECTOR,
     Helm,
     ReleaseBroker,
     Watcher,
     diagnostics,
     node_values,
+    release_objects,
+    worker_objects,
     write_values,
 )
 from jobtide_testbed.node import POOL_LABEL, Node
@@ -35,10 +35,6 @@ TASKS = 500
 MAX_WORKERS = 5
 IDLE_TIMEOUT_SECONDS = 8
 TTL_SECONDS = 10
-RELEASE_KINDS = (
-    "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
-    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,leases"
-)
 
 
 def e2e_values() -> dict[str, Any]:
@@ -71,18 +67,6 @@ def release(
     helm("uninstall", RELEASE, "--wait", check=False)
 
 
-def release_objects(kubeconfig: Path, namespace: str) -> list[str]:
-    out = kubectl(kubeconfig, "get", RELEASE_KINDS, "-n", namespace, "-o", "json",
-                  "-l", f"app.kubernetes.io/instance={RELEASE}").stdout  # fmt: skip
-    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(out)["items"])
-
-
-def worker_objects(kubeconfig: Path, namespace: str) -> list[str]:
-    out = kubectl(kubeconfig, "get", "jobs,pods", "-n", namespace, "-o", "name",
-                  "-l", f"app.kubernetes.io/instance={RELEASE},{WORKER_SELECTOR}")  # fmt: skip
-    return out.stdout.split()
-
-
 def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     kube_node: Node, release: Helm, node_namespace: str, request: pytest.FixtureRequest
 ) -> None:
@@ -104,7 +88,7 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
             )
             # Idle workers leave by themselves, then each finished Job goes by its TTL.
             wait_for(
-                lambda: not worker_objects(kubeconfig, node_namespace),
+                lambda: not worker_objects(kubeconfig, node_namespace, RELEASE),
                 timeout=120,
                 what="worker Jobs and pods removed by their TTL",
                 interval=1,
@@ -139,7 +123,7 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
 
     release("uninstall", RELEASE, "--wait", timeout=300)
     wait_for(
-        lambda: not release_objects(kubeconfig, node_namespace),
+        lambda: not release_objects(kubeconfig, node_namespace, RELEASE),
         timeout=90,
         what="release objects deleted",
         interval=1,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jobtide_testbed import demo
 from jobtide_testbed.images import DockerDaemon, ImageBuilder, worker_images
+from jobtide_testbed.karpenter import AutoscaledPool, NodePoolSpec, pool_values
 from jobtide_testbed.kube import KubeCluster
 from jobtide_testbed.node import clean_host, kill_all_tasks, start_cluster_with_node
 from jobtide_testbed.process import Process, stop_group
@@ -58,6 +59,10 @@ def up(args: argparse.Namespace) -> int:
                 "node_socket": str(node.socket),
                 "node_lock_pgid": node.host.keep_lock_in_background(),
             }
+            if args.autoscaled_pool:
+                pool = start_autoscaled_pool(cluster, started)
+                node_state["node_pool"] = describe_pool(pool)
+                node_state["host_pods_root"] = str(pool.host_pods_root)
         else:
             cluster = KubeCluster(STATE_DIR / "kube")
             cluster.start()
@@ -124,6 +129,26 @@ def images(args: argparse.Namespace) -> int:
     return 0
 
 
+def start_autoscaled_pool(cluster: KubeCluster, started: list[Process]) -> AutoscaledPool:
+    """Karpenter, its kwok and the host-pod runner (karpenter.py), with one NodePool
+    shaped like values.example.yaml's."""
+    pool = AutoscaledPool(cluster, STATE_DIR / "karpenter", detached=True)
+    started += pool.processes
+    pool.start()
+    pool.apply_node_pool(NodePoolSpec())
+    return pool
+
+
+def describe_pool(pool: AutoscaledPool) -> str:
+    spec = NodePoolSpec()
+    return (
+        f"NodePool {spec.name} ({spec.label[0]}={spec.label[1]}, tainted; "
+        f"{', '.join(spec.instance_types)}; {spec.consolidation_policy} after "
+        f"{spec.consolidate_after}); chart values: nodePool: {json.dumps(pool_values(spec))}; "
+        f"workers' logs: {pool.host_pods_root}/NAMESPACE/POD.log"
+    )
+
+
 def _print(state: dict[str, object]) -> None:
     print(f"export KUBECONFIG={state['kubeconfig']}")
     print(f"# apiserver:  {state['server']}")
@@ -133,6 +158,8 @@ def _print(state: dict[str, object]) -> None:
     if "node_socket" in state:
         socket = state["node_socket"]
         print(f"# images:     ctr --address {socket} -n k8s.io images import IMAGE.tar")
+    if "node_pool" in state:
+        print(f"# autoscaled: {state['node_pool']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "--node",
         action="store_true",
         help="a real node that runs containers (node.py) instead of a kwok node",
+    )
+    up_parser.add_argument(
+        "--autoscaled-pool",
+        action="store_true",
+        help="with --node: Karpenter (kwok provider) scaling a worker node pool from zero, its "
+        "nodes' worker pods run as host processes (karpenter.py)",
     )
     up_parser.set_defaults(func=up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(func=down)
@@ -167,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=lambda args: demo.run_from(demo_parser, args))
     args = parser.parse_args(argv)
+    if getattr(args, "autoscaled_pool", False) and not args.node:
+        parser.error("--autoscaled-pool needs --node (the chart's scaler and broker run there)")
     return int(args.func(args))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime
 import json
 import threading
 import time
@@ -151,6 +152,27 @@ def write_values(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+# Every kind a release (and its scaler's workers) may leave behind.
+RELEASE_KINDS = (
+    "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
+    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,leases"
+)
+
+
+def release_objects(kubeconfig: Path, namespace: str, release: str) -> list[str]:
+    """`Kind/name` of every object of the release left in the namespace."""
+    out = kubectl(kubeconfig, "get", RELEASE_KINDS, "-n", namespace, "-o", "json",
+                  "-l", f"app.kubernetes.io/instance={release}").stdout  # fmt: skip
+    return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in json.loads(out)["items"])
+
+
+def worker_objects(kubeconfig: Path, namespace: str, release: str) -> list[str]:
+    """The release's worker Jobs and pods still present."""
+    selector = f"app.kubernetes.io/instance={release},{WORKER_SELECTOR}"
+    out = kubectl(kubeconfig, "get", "jobs,pods", "-n", namespace, "-o", "name", "-l", selector)
+    return out.stdout.split()
+
+
 @dataclass(frozen=True)
 class ReleaseBroker:
     """The release's RabbitMQ, reached from the host at its pod's address."""
@@ -232,6 +254,12 @@ def log_entry(line: str) -> dict[str, Any]:
     return entry if isinstance(entry, dict) else {}
 
 
+def log_time(entry: dict[str, Any]) -> float:
+    """Epoch seconds of a worker's JSON log line (`time`, UTC with milliseconds)."""
+    stamp = datetime.datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
+
 @dataclass
 class WorkerRecord:
     job: str
@@ -262,7 +290,10 @@ class Watcher:
         queues: dict[str, str],  # pipeline -> queue
         *,
         interval: float = 1.0,
+        read_log: Callable[[str, str], str] | None = None,
     ) -> None:
+        """`read_log(namespace, pod)` reads a finished worker's log: by default through the
+        API (kubelet); pods run as host processes have hostpods.py's."""
         from kubernetes import client
 
         api = api_client(kubeconfig)
@@ -272,6 +303,7 @@ class Watcher:
         self.broker = broker
         self.queues = queues
         self.interval = interval
+        self.read_log = read_log or self._api_log
         self.samples: list[Sample] = []
         self.workers: dict[str, WorkerRecord] = {}  # by pod name
         self.jobs_seen: set[str] = set()
@@ -328,6 +360,9 @@ class Watcher:
             except Exception as error:  # a dropped sample is reported, not fatal
                 self.errors.append(f"{began - self.started:.1f}s: {error!r}")
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def _api_log(self, namespace: str, pod: str) -> str:
+        return str(self.core.read_namespaced_pod_log(pod, namespace))
 
     def _list(self, call: Callable[..., Any]) -> list[dict[str, Any]]:
         """Worker objects as plain JSON (the client's models are all optional fields)."""
@@ -399,7 +434,7 @@ class Watcher:
                     terminated = container.get("state", {}).get("terminated")
                     if terminated:
                         record.exit_code = int(terminated["exitCode"])
-                record.log = str(self.core.read_namespaced_pod_log(name, self.namespace))
+                record.log = self.read_log(self.namespace, name)
         for pipeline, count in active.items():
             self.active_jobs_peak[pipeline] = max(self.active_jobs_peak.get(pipeline, 0), count)
         return active, pending, running

@@ -11,17 +11,21 @@ everything down, or with --keep leaves the cluster running.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from jobtide_worker.publisher import publish
 
+from jobtide_testbed import hostpods
 from jobtide_testbed.chartnode import (
     Helm,
     ReleaseBroker,
@@ -33,6 +37,7 @@ from jobtide_testbed.chartnode import (
     node_values,
     write_values,
 )
+from jobtide_testbed.karpenter import WORKER_RESOURCES, NodePoolSpec, NodeWatch, pool_values
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.state import STATE_FILE
 from jobtide_testbed.tools import CACHE, CHART, REPO
@@ -51,12 +56,27 @@ class DemoConfig:
     long_tasks: int
     out_dir: Path
     seed: int
+    # Workers on a node pool Karpenter scales from zero (`ci/testbed up --autoscaled-pool`).
+    autoscaled_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.short_tasks < 0 or self.long_tasks < 0:
             raise ValueError("--short-tasks and --long-tasks must be 0 or more")
         if self.short_tasks + self.long_tasks == 0:
             raise ValueError("--short-tasks and --long-tasks: nothing to publish")
+
+
+def autoscaled_values(pipelines: Iterable[str]) -> dict[str, Any]:
+    """Values over the demo's that put the workers on the autoscaled pool (karpenter.py): its
+    label and taint, and requests that fit four workers on a node; helm merges them last."""
+    spec = NodePoolSpec()
+    selector = {spec.label[0]: spec.label[1]}
+    on_pool = {"resources": WORKER_RESOURCES, "podTemplate": {"spec": {"nodeSelector": selector}}}
+    return {
+        "nodePool": pool_values(spec),
+        "pipelineDefaults": {"resources": WORKER_RESOURCES},
+        "pipelines": {name: on_pool for name in pipelines},
+    }
 
 
 def testbed(*args: str) -> str:
@@ -182,15 +202,17 @@ def plot(watcher: Watcher, path: Path, caps: dict[str, int]) -> Path:
 def run(config: DemoConfig) -> int:
     began = time.monotonic()
     started_testbed = False
+    up_args = ["up", "--node", *(["--autoscaled-pool"] if config.autoscaled_pool else [])]
     if STATE_FILE.exists():
         state = json.loads(STATE_FILE.read_text())
-        if "node_socket" not in state:
-            print("a test bed without a real node is up: run `ci/testbed down` first")
+        if "node_socket" not in state or config.autoscaled_pool != ("node_pool" in state):
+            print(f"another kind of test bed is up: run `ci/testbed down` first (or `ci/testbed "
+                  f"{' '.join(up_args)}` yourself)")  # fmt: skip
             return 1
         step("using the test bed that is already up", began)
     else:
-        step("starting the control plane and the node (ci/testbed up --node)", began)
-        testbed("up", "--node")
+        step(f"starting the control plane and the node (ci/testbed {' '.join(up_args)})", began)
+        testbed(*up_args)
         started_testbed = True
         state = json.loads(STATE_FILE.read_text())
     kubeconfig = Path(state["kubeconfig"])
@@ -201,10 +223,14 @@ def run(config: DemoConfig) -> int:
         load_chart_images(ctr_loader(Path(state["node_socket"])), config.out_dir / "images")
         example = yaml.safe_load(EXAMPLE_VALUES.read_text())
         values_file = write_values(config.out_dir / "values.yaml", node_values(example))
+        value_files = [values_file, DEMO_VALUES]
+        if config.autoscaled_pool:
+            pool = autoscaled_values(example["pipelines"])
+            value_files.append(write_values(config.out_dir / "autoscaled-values.yaml", pool))
         helm("uninstall", RELEASE, "--wait", check=False)
         step(f"helm install {RELEASE} {CHART.relative_to(REPO)} -n {NAMESPACE} "
-             f"-f {values_file} -f {DEMO_VALUES}", began)  # fmt: skip
-        helm.install(RELEASE, [values_file, DEMO_VALUES], extra=["--create-namespace"])
+             f"{' '.join(f'-f {path}' for path in value_files)}", began)  # fmt: skip
+        helm.install(RELEASE, value_files, extra=["--create-namespace"])
         values = helm.values(RELEASE)
         broker = ReleaseBroker.find(kubeconfig, NAMESPACE, RELEASE)
         pipelines = values["pipelines"]
@@ -222,7 +248,14 @@ def run(config: DemoConfig) -> int:
         published = {name: len(tasks) for name, tasks in bursts.items()}
         total = sum(published.values())
         live = LiveLine(queues, total)
-        with Watcher(kubeconfig, NAMESPACE, broker, queues) as watcher:
+        nodes = NodeWatch(kubeconfig, NodePoolSpec().name)
+        host_pods = Path(str(state.get("host_pods_root", "")))
+        read_log = (
+            functools.partial(hostpods.read_log, host_pods) if config.autoscaled_pool else None
+        )
+        with Watcher(kubeconfig, NAMESPACE, broker, queues, read_log=read_log) as watcher:
+            if config.autoscaled_pool:
+                watcher.on_sample(nodes.sample)
             step(
                 f"publishing {config.short_tasks} short tasks (0.2-1.5 s) to resize-images and "
                 f"{config.long_tasks} long ones (15-25 s) to train-models",
@@ -249,6 +282,21 @@ def run(config: DemoConfig) -> int:
             finally:
                 live.close()
         step("every task done; every worker left by itself after its idle timeout", began)
+        if config.autoscaled_pool:
+            step("waiting for Karpenter to remove the empty nodes", began)
+
+            def no_nodes() -> bool:
+                nodes.sample()
+                return nodes.zero_since() is not None
+
+            wait_for(
+                no_nodes, timeout=300, what="Karpenter's nodes consolidated to zero", interval=1
+            )
+            print(
+                f"Karpenter launched {len(nodes.records)} nodes (peak {nodes.peak}, "
+                f"{nodes.node_seconds():.0f} node-seconds); first Ready after "
+                f"{nodes.first_ready() or 0:.0f} s, none left after {nodes.zero_since():.0f} s"
+            )
         print()
         print(summary(watcher, published))
         png = plot(watcher, config.out_dir / "timeline.png", caps)
@@ -292,11 +340,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=CACHE / "demo", help="folder of the PNG and the values file"
     )
+    parser.add_argument(
+        "--autoscaled-pool",
+        action="store_true",
+        help="run the workers on a node pool that Karpenter scales from zero and back "
+        "(`ci/testbed up --node --autoscaled-pool`; nodes are kwok's, workers host processes)",
+    )
 
 
 def run_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
-        config = DemoConfig(args.keep, args.short_tasks, args.long_tasks, args.out, args.seed)
+        config = DemoConfig(
+            args.keep, args.short_tasks, args.long_tasks, args.out, args.seed, args.autoscaled_pool
+        )
     except ValueError as error:
         parser.error(str(error))
     return run(config)

@@ -71,7 +71,7 @@ class KubeCluster:
         self.etcd_peer_port = free_port()
         self.apiserver_port = free_port()
         # The apiserver listens on its advertise address only: loopback by default, the
-        # real node's address when pods must reach it (testbed/node.py).
+        # real node's address when pods must reach it (node.py).
         self.server = f"https://{advertise_address}:{self.apiserver_port}"
         self.pki = PKI(root / "pki")
         self.kubeconfig = root / "admin.kubeconfig"

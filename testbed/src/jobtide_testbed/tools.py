@@ -40,7 +40,7 @@ STAGE_OF_TOOL = {
         ),
         "kube",
     ),
-    **dict.fromkeys(("kubelet", "kube-proxy", "coredns"), "node"),
+    **dict.fromkeys(("kubelet", "kube-proxy", "coredns", "karpenter-kwok"), "node"),
 }
 
 _ready_stages: set[str] = set()
