@@ -272,6 +272,25 @@ def compared_cell(row: Row) -> str:
     )
 
 
+def racing_evictions(settings: Settings, levers: Levers) -> dict[str, int]:
+    """Per row that can evict a pod with workers (WhenEmpty cannot), the busy workers evicted
+    before their annotation landed: with no grace each one is cut off and counted."""
+    no_grace = replace(levers, eviction_grace_seconds=0.0)
+    return {
+        f"{name}/{pool}": simulate(
+            make_workload(name, SEED),
+            settings,
+            JobtideScaler(settings, levers=no_grace),
+            SEED,
+            POOLS[pool],
+        ).metrics.busy_pods_disrupted
+        for name in WORKLOADS
+        for pool in POOLS
+        if POOLS[pool].consolidation is not Consolidation.WHEN_EMPTY
+        or POOLS[pool].autoscaler is not Autoscaler.KARPENTER
+    }
+
+
 @pytest.fixture(scope="module")
 def candidate_rows() -> dict[str, list[Row]]:
     return {
@@ -311,6 +330,15 @@ def test_protect_busy_workers_only(
             f"{label}: {len(results) - len(missed)} of {len(results)} goals met or out of "
             f"reach, {disrupted} busy workers disrupted; missed: {', '.join(missed) or 'none'}"
         )
+    report += [
+        "",
+        "busy workers evicted before their annotation landed (grace 0, every one cut off):",
+    ]
+    for label, (settings, levers) in PROTECTION_CANDIDATES.items():
+        if levers.protect_busy_only:
+            raced = racing_evictions(settings, levers)
+            listed = ", ".join(f"{name} {count}" for name, count in raced.items() if count)
+            report.append(f"  {label}: {sum(raced.values())} ({listed or 'none'})")
     show(capsys, report)
     for rows in candidate_rows.values():
         assert [row.name for row in rows] == [row.name for row in bench.rows]
