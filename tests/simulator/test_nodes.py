@@ -134,6 +134,68 @@ def test_an_evicted_worker_finishes_its_task_within_its_grace(
     assert metrics.tasks_unfinished == 0
 
 
+def busy_only_run(levers: Levers, late_task: bool) -> tuple[float, int, int]:
+    """Five pods at 0 on two nodes (4 + 1, packed), ready at 31, up at 36, idle timeout 60 s.
+    The first node's tasks take 300, 300, 1, 1 s: its two short workers leave at 97 and make
+    room. The second node's worker works 36..86 and is idle from 86. A check at 100 finds the
+    second node settled (unchanged since 31) and its worker fitting on the first node. With
+    `late_task`, a task arrives at 108 and goes to that worker, the only idle one."""
+    settings = replace(FIXED, idle_timeout_seconds=60)
+    durations = (300, 300, 1, 1, 50)
+    arrivals = [Task(0.0, duration) for duration in durations]
+    if late_task:
+        arrivals.append(Task(108.0, 10))
+    workload = Workload("hand", tuple(arrivals), 0.0)
+    scaler = JobtideScaler(settings, levers=levers)
+    metrics = simulate(workload, settings, scaler, pool=POOL).metrics
+    assert metrics.tasks_unfinished == 0
+    return metrics.node_seconds, metrics.busy_pods_disrupted, metrics.jobs_created
+
+
+BUSY_ONLY = replace(JOBTIDE_LEVERS, protect_busy_only=True)
+
+
+@pytest.mark.parametrize(
+    ("levers", "late_task", "figures"),
+    [
+        # The annotation for the whole life: the second node goes when its worker does (146),
+        # settled at 176, at the check of 180 (179 node-s); the first node's workers are
+        # done at 336, leave at 396, and it goes at 430 (429).
+        (JOBTIDE_LEVERS, False, (608, 0, 5)),
+        # Busy workers only: the idle worker is evicted at 100 and gone (99 node-s).
+        (BUSY_ONLY, False, (528, 0, 5)),
+        # Its patch to idleness lands 20 s after 86: the check at 110 takes the node.
+        (replace(BUSY_ONLY, protection_delay_seconds=20), False, (538, 0, 5)),
+        # The late task: with the annotation for life the worker takes it and leaves at 178,
+        # the node goes at 210. Busy only, the worker was evicted at 100; the scaler's
+        # decision at 110 starts a sixth worker on the first node.
+        (JOBTIDE_LEVERS, True, (638, 0, 5)),
+        (BUSY_ONLY, True, (528, 0, 6)),
+        # The race: the worker takes the task at 108, its patch for it lands only at 128, and
+        # the check at 110 evicts it busy: its task is cut off and goes back to the queue,
+        # where the sixth worker takes it.
+        (replace(BUSY_ONLY, protection_delay_seconds=20), True, (538, 1, 6)),
+        # The same with the worker's grace on SIGTERM: it finishes the task at 118, and its
+        # cordoned node goes then (117 node-s). Nothing is lost, no new worker.
+        (
+            replace(BUSY_ONLY, protection_delay_seconds=20, eviction_grace_seconds=25),
+            True,
+            (546, 0, 5),
+        ),
+    ],
+)
+def test_protecting_busy_workers_only_lets_consolidation_take_idle_ones(
+    levers: Levers, late_task: bool, figures: tuple[float, int, int]
+) -> None:
+    node_seconds, disrupted, jobs = busy_only_run(levers, late_task)
+    assert (node_seconds, disrupted, jobs) == (pytest.approx(figures[0]), *figures[1:])
+
+
+def test_a_negative_lever_names_its_field() -> None:
+    with pytest.raises(ValueError, match="protection_delay_seconds"):
+        Levers(protection_delay_seconds=-1)
+
+
 def test_when_empty_never_moves_a_busy_worker() -> None:
     pool = replace(POOL, consolidation=Consolidation.WHEN_EMPTY)
     workload = tasks(1, 1, 300, 300, 300, 300)

@@ -204,11 +204,14 @@ class _Event(enum.IntEnum):
     LAUNCH_BATCH = 6
     AUTOSCALER_CHECK = 7
     GRACE_OVER = 8
-    DECIDE = 9
+    PROTECTION_PATCHED = 9
+    DECIDE = 10
 
 
 class _Pod:
     __slots__ = (
+        "annotated",
+        "annotation_wanted",
         "bound_at",
         "busy_seconds",
         "exited_at",
@@ -236,6 +239,10 @@ class _Pod:
         self.idle_token = 0
         self.node: Node | None = None
         self.stopping = False  # evicted, finishing its task within its grace
+        # Protecting busy workers only: whether the pod carries its do-not-evict annotations
+        # now, and what the worker's last patch asked for (it lands later).
+        self.annotated = False
+        self.annotation_wanted = False
 
 
 class _Run:
@@ -345,6 +352,20 @@ class _Run:
         pod.task = task
         pod.task_started_at = self.now
         self.schedule(self.now + self.tasks[task].duration, _Event.TASK_DONE, pod.number)
+        self.ask_protection(pod, True)
+
+    def ask_protection(self, pod: _Pod, wanted: bool) -> None:
+        """Protecting busy workers only: the worker patches its pod's annotations as it goes
+        busy or idle (not between two messages taken back to back); each patch lands
+        `protection_delay_seconds` later, in order."""
+        if not self.levers.protect_busy_only or pod.annotation_wanted is wanted:
+            return
+        pod.annotation_wanted = wanted
+        delay = self.levers.protection_delay_seconds
+        if delay == 0:
+            pod.annotated = wanted
+        else:
+            self.schedule(self.now + delay, _Event.PROTECTION_PATCHED, pod.number, int(wanted))
 
     def look_for_work(self, pod: _Pod) -> None:
         self.idle[pod.number] = pod
@@ -469,10 +490,16 @@ class _Run:
             if other is not node and other.ready
         )
 
-    def removable(self, node: Node) -> bool:
-        """The node's pods may be evicted and fit on the other ready nodes."""
+    def protected(self, pod: _Pod) -> bool:
+        """The pod carries the autoscaler's do-not-evict annotation now."""
         assert self.pool is not None
-        blocked = bool(node.pods) and self.levers.blocks_eviction(self.pool.autoscaler)
+        if not self.levers.blocks_eviction(self.pool.autoscaler):
+            return False
+        return pod.annotated or not self.levers.protect_busy_only
+
+    def removable(self, node: Node) -> bool:
+        """No pod of the node is protected, and they fit on the other ready nodes."""
+        blocked = any(self.protected(self.pods[number]) for number in node.pods)
         return not blocked and self.room_elsewhere(node) >= len(node.pods)
 
     def remove(self, node: Node) -> None:
@@ -586,6 +613,12 @@ class _Run:
             self.exit(pod)
         else:
             self.look_for_work(pod)
+        if pod.exited_at is None and pod.task is None:
+            self.ask_protection(pod, False)
+
+    def on_protection_patched(self, pod: _Pod, wanted: int) -> None:
+        if pod.exited_at is None:
+            pod.annotated = bool(wanted)
 
     def on_pod_ready(self, pod: _Pod) -> None:
         if pod.exited_at is None:
@@ -672,6 +705,8 @@ class _Run:
                 self.on_autoscaler_check()
             elif event is _Event.GRACE_OVER:
                 self.on_grace_over(self.pods[subject])
+            elif event is _Event.PROTECTION_PATCHED:
+                self.on_protection_patched(self.pods[subject], token)
             else:
                 self.on_pool_cold(subject)
         return self.result(end)

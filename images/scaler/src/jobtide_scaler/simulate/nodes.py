@@ -18,7 +18,9 @@ Stated once here (docs/simulator.md has the long form):
     `consolidate_after_seconds`. WhenEmpty removes consolidatable empty nodes;
     WhenEmptyOrUnderutilized also removes a consolidatable node whose pods all fit on the
     other ready nodes, evicting them (one such node per check), unless a pod carries
-    `karpenter.sh/do-not-disrupt: "true"`.
+    `karpenter.sh/do-not-disrupt: "true"`. A pod carries its annotations for its whole life,
+    or, when protecting busy workers only, from the moment its worker's patch for a message
+    lands until the patch for its idleness lands (`protection_delay_seconds` after each).
   - Cluster autoscaler: a node is unneeded while its requests are below
     `ca_utilization_threshold` of its allocatable and its pods fit on other nodes, none
     annotated `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`; after
@@ -151,7 +153,13 @@ class Levers:
     eviction_grace_seconds: how long an evicted busy worker may still work on its task (the
     worker's SIGTERM handling: it takes no new message and finishes its task within this
     grace, below the pod's `terminationGracePeriodSeconds`, then exits); the node is drained
-    until then. 0: the worker dies at once and its task's work is lost."""
+    until then. 0: the worker dies at once and its task's work is lost.
+    protect_busy_only: the pods carry their do-not-evict annotations only while their worker
+    holds a message (the worker patches its own pod as it goes busy and idle), so an idle
+    worker is evictable: evicted, it exits at once and nothing is lost.
+    protection_delay_seconds: how long such a patch takes to land (an API call). A worker
+    evicted in the window after it took a message, before its annotation landed, is a busy
+    worker evicted: its task is cut off unless it finishes within `eviction_grace_seconds`."""
 
     consumer_priorities: bool = False
     pack: bool = False
@@ -159,12 +167,23 @@ class Levers:
     ca_safe_to_evict: bool = True
     evicted_pod_retried: bool = True
     eviction_grace_seconds: float = 0.0
+    protect_busy_only: bool = False
+    protection_delay_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "eviction_grace_seconds": self.eviction_grace_seconds >= 0,
+            "protection_delay_seconds": self.protection_delay_seconds >= 0,
+        }
+        reject_invalid("lever", self, checks)
 
     @property
     def scheduler(self) -> Scheduler:
         return Scheduler.PACK if self.pack else Scheduler.SPREAD
 
     def blocks_eviction(self, autoscaler: Autoscaler) -> bool:
+        """Whether the pods carry that autoscaler's do-not-evict annotation (while busy only,
+        with `protect_busy_only`)."""
         if autoscaler is Autoscaler.KARPENTER:
             return self.karpenter_do_not_disrupt
         return not self.ca_safe_to_evict
