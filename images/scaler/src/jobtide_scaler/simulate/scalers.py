@@ -2,7 +2,7 @@
 
 - jobtide: `jobtide_scaler.policy.jobs_to_create`, the scaler's own code.
 - keda-<strategy>[-drain][-http][-30s]: KEDA ScaledJob, replayed from its formulas
-  (pkg/scaling/executor/scale_jobs.go, /work/shared/notes/anchors.md). The queue length is
+  (pkg/scaling/executor/scale_jobs.go in the KEDA repository). The queue length is
   what KEDA's RabbitMQ trigger reads over AMQP, ready messages only, or with "-http" (or
   `keda_counts_unacked`) over the management API, ready + unacked. Without "-drain" each Job
   takes one message (KEDA's model, target value 1); with "-drain" the workers are jobtide's
