@@ -260,12 +260,20 @@ def log_time(entry: dict[str, Any]) -> float:
     return stamp.replace(tzinfo=datetime.UTC).timestamp()
 
 
+def kube_time(text: str) -> float:
+    """Epoch seconds of a Kubernetes timestamp (RFC 3339 in UTC, whole seconds)."""
+    stamp = datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
+
 @dataclass
 class WorkerRecord:
     job: str
     pipeline: str
     created: float | None = None  # seconds after the watcher started
     running: float | None = None
+    # Epoch seconds (whole) the pod was bound to its node, from its PodScheduled condition.
+    scheduled_epoch: float | None = None
     finished: float | None = None
     exit_code: int | None = None
     log: str | None = None
@@ -426,6 +434,7 @@ class Watcher:
                 running += 1
                 if record.running is None:
                     record.running = now
+                    record.scheduled_epoch = scheduled_time(status)
             elif phase in ("Succeeded", "Failed") and record.finished is None:
                 record.finished = now
                 if record.running is None:
@@ -438,6 +447,14 @@ class Watcher:
         for pipeline, count in active.items():
             self.active_jobs_peak[pipeline] = max(self.active_jobs_peak.get(pipeline, 0), count)
         return active, pending, running
+
+
+def scheduled_time(status: dict[str, Any]) -> float | None:
+    """Epoch seconds of a pod's binding to its node (its PodScheduled condition), if bound."""
+    for condition in status.get("conditions", []):
+        if condition["type"] == "PodScheduled" and condition["status"] == "True":
+            return kube_time(condition["lastTransitionTime"])
+    return None
 
 
 def diagnostics(kubeconfig: Path, namespace: str) -> Iterator[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobtide_testbed.chartnode import node_values
+from jobtide_testbed.chartnode import kube_time, node_values
 from jobtide_testbed.hostpods import KWOK_NODE_LABEL, HostPods
 from jobtide_testbed.kube import KubeCluster
 from jobtide_testbed.process import Process, free_port, wait_for
@@ -295,8 +295,17 @@ class NodeRecord:
     name: str
     instance_type: str
     seen: float
+    # Its NodeClaim's creation: when Karpenter launched the instance (1 s precision). The
+    # Node itself appears only once the instance has registered.
+    launched: float | None = None
     ready: float | None = None
     gone: float | None = None
+    allocatable: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def billed_from(self) -> float:
+        """A node is billed from its launch (from its appearance if its claim was missed)."""
+        return self.seen if self.launched is None else min(self.launched, self.seen)
 
 
 def list_objects(kubeconfig: Path, *args: str) -> list[dict[str, Any]]:
@@ -331,21 +340,44 @@ class NodeWatch:
             name = node["metadata"]["name"]
             present[name] = node
             instance_type = node["metadata"]["labels"].get("node.kubernetes.io/instance-type", "")
-            record = self.records.setdefault(name, NodeRecord(name, instance_type, now))
+            allocatable = node.get("status", {}).get("allocatable", {})
+            record = self.records.setdefault(
+                name, NodeRecord(name, instance_type, now, allocatable=allocatable)
+            )
             if record.ready is None and node_ready(node):
                 record.ready = now
         for record in self.records.values():
             if record.gone is None and record.name not in present:
                 record.gone = now
+        if any(r.launched is None and r.gone is None for r in self.records.values()):
+            self._read_launches()
         self.counts.append((now, len(present)))
+
+    def _read_launches(self) -> None:
+        """Each new node's launch, from its NodeClaim (looked up only while a node lacks it)."""
+        claims = list_objects(
+            self.kubeconfig, "nodeclaims.karpenter.sh", "-l", f"{NODEPOOL_LABEL}={self.node_pool}"
+        )
+        for claim in claims:
+            record = self.records.get(claim.get("status", {}).get("nodeName", ""))
+            if record is not None and record.launched is None:
+                created = kube_time(claim["metadata"]["creationTimestamp"])
+                record.launched = created - self.started_epoch
 
     @property
     def peak(self) -> int:
         return max((count for _, count in self.counts), default=0)
 
     def node_seconds(self) -> float:
+        """What the nodes bill: each from its launch to its removal (or the last sample)."""
         end = self.counts[-1][0] if self.counts else 0.0
-        return sum((r.gone if r.gone is not None else end) - r.seen for r in self.records.values())
+        return sum(
+            (r.gone if r.gone is not None else end) - r.billed_from for r in self.records.values()
+        )
+
+    def provisioning_seconds(self) -> list[float]:
+        """Each node's launch to Ready: what a node takes to serve, as the simulator draws it."""
+        return [r.ready - r.billed_from for r in self.records.values() if r.ready is not None]
 
     def first_ready(self) -> float | None:
         ready = [r.ready for r in self.records.values() if r.ready is not None]
