@@ -133,8 +133,8 @@ def start_autoscaled_pool(cluster: KubeCluster, started: list[Process]) -> Autos
     """Karpenter, its kwok and the host-pod runner (karpenter.py), with one NodePool
     shaped like values.example.yaml's."""
     pool = AutoscaledPool(cluster, STATE_DIR / "karpenter", detached=True)
+    pool.start()  # may replace its Karpenter process: record the processes after
     started += pool.processes
-    pool.start()
     pool.apply_node_pool(NodePoolSpec())
     return pool
 

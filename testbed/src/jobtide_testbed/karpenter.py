@@ -32,6 +32,8 @@ from jobtide_testbed.tools import CACHE, kubectl, tool
 
 # Copied out of the module's source by ci/setup (build_karpenter).
 CRDS = CACHE / "karpenter-crds"
+# How long Karpenter must stay up after its first /readyz to count as started.
+KARPENTER_SETTLE_SECONDS = 3.0
 KWOK_STAGES = Path(__file__).with_name("kwok-karpenter") / "stages.yaml"
 NODE_CLASS = "default"
 NODEPOOL_LABEL = "karpenter.sh/nodepool"
@@ -180,12 +182,11 @@ class AutoscaledPool:
                 [
                     sys.executable,
                     "-m",
-                    "testbed.hostpods",
+                    "jobtide_testbed.hostpods",
                     str(cluster.kubeconfig),
                     str(self.host_pods_root),
                 ],
                 self.logs,
-                cwd=Path(__file__).resolve().parent.parent,
             )
             if detached
             else None
@@ -222,8 +223,7 @@ class AutoscaledPool:
         try:
             self.install_crds()
             self.kwok.start()
-            self.karpenter.start()
-            wait_for(self._karpenter_ready, timeout=120, what="Karpenter /readyz", interval=0.5)
+            self._start_karpenter()
             self.cluster.apply(node_class(self.registration_delay))
             if self.host_pods_process is None:
                 self.host_pods.start()
@@ -233,6 +233,28 @@ class AutoscaledPool:
             self.stop()
             raise
         return self
+
+    def _start_karpenter(self, attempts: int = 3) -> None:
+        """Start Karpenter until it stays up. Its ports are picked free but bound by Karpenter
+        a moment later on every interface, so another process may take one first: Karpenter
+        then answers /readyz and exits a second later (metrics server: address already in
+        use). Such a start is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            self.karpenter.start()
+            try:
+                wait_for(self._karpenter_ready, timeout=120, what="Karpenter /readyz", interval=0.5)
+                time.sleep(KARPENTER_SETTLE_SECONDS)
+                self.karpenter.check_alive()
+                return
+            except (RuntimeError, TimeoutError) as e:
+                if attempt == attempts or "address already in use" not in self.karpenter.tail():
+                    raise
+                print(f"Karpenter lost a port to another process ({e!r}); starting it again")
+                self.karpenter.stop()
+                self.health_port = free_port()
+                self.karpenter = Process(
+                    "karpenter", [tool("karpenter-kwok")], self.logs, env=self._karpenter_env()
+                )
 
     def install_crds(self) -> None:
         files = sorted(CRDS.glob("*.yaml"))
