@@ -40,6 +40,11 @@ def cond(kind: str, status: str = "True", at: str = "2026-01-01T00:01:00Z") -> d
         ),
         ({"failed": 1, "conditions": [cond("FailureTarget")]}, JobState.FAILED),
         ({"failed": 1, "conditions": [cond("FailureTarget"), cond("Failed")]}, JobState.FAILED),
+        # A deleted worker still handing its task back: its place under the cap is taken.
+        ({"terminating": 1, "conditions": [cond("FailureTarget")]}, JobState.RUNNING),
+        ({"active": 1, "conditions": [cond("FailureTarget")]}, JobState.RUNNING),
+        ({"terminating": 1, "conditions": [cond("SuccessCriteriaMet")]}, JobState.RUNNING),
+        ({"failed": 1, "terminating": 0, "conditions": [cond("FailureTarget")]}, JobState.FAILED),
         ({"active": 1, "ready": 1, "conditions": [cond("Failed", "False")]}, JobState.RUNNING),
         ({"active": 1, "conditions": [cond("Suspended", "False")]}, JobState.PENDING),
     ],

@@ -77,8 +77,15 @@ def _condition_true(status: Mapping[str, Any], *types: str) -> Mapping[str, Any]
 
 def classify(job: Mapping[str, Any]) -> JobState:
     """The state of a Job from its status alone. SuccessCriteriaMet and FailureTarget are the
-    early forms of Complete and Failed (Kubernetes 1.31+): the pod is done either way."""
+    early forms of Complete and Failed (Kubernetes 1.31+); they are set while the pod may still
+    be shutting down (a deleted worker hands its task back for up to its grace period). Such a
+    pod still holds its node's resources and a place under the cap, so the Job counts as
+    running until its pods are gone (`status.terminating`, Kubernetes 1.29+)."""
     status = job.get("status") or {}
+    finished = _condition_true(status, "Failed", "Complete")
+    early = _condition_true(status, "FailureTarget", "SuccessCriteriaMet")
+    if early and not finished and (status.get("terminating") or 0) + (status.get("active") or 0):
+        return JobState.RUNNING
     if _condition_true(status, "Failed", "FailureTarget"):
         return JobState.FAILED
     if _condition_true(status, "Complete", "SuccessCriteriaMet"):
