@@ -1,6 +1,7 @@
 """The chart on a real control plane (RBAC on): the apiserver accepts every rendering, the
 scaler's ServiceAccount may do exactly what the scaler needs, upgrades keep the generated
-credentials, releases share a namespace, and uninstalling leaves nothing behind."""
+credentials, releases share a namespace, and uninstalling leaves nothing behind: the worker
+Jobs the scaler created included (they are owned by its Deployment), another release's not."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART, EXAMPLE_VALUES, VALUES_CASES, case_id, render, scaler_jobs
+from chartlib import (
+    CHART,
+    EXAMPLE_VALUES,
+    VALUES_CASES,
+    case_id,
+    render,
+    scaler_jobs,
+    scaler_settings,
+)
 from jobtide_testbed import tools
 from jobtide_testbed.kube import KubeCluster
 from jobtide_testbed.process import wait_for
@@ -37,6 +46,33 @@ def secret_data(kube: KubeCluster, namespace: str, name: str) -> dict[str, str]:
     out = kube.kubectl("get", "secret", name, "-n", namespace, "-o", "json").stdout
     data: dict[str, str] = json.loads(out)["data"]
     return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+
+def create_worker_job_as_scaler(
+    kube: KubeCluster, namespace: str, release: str, tmp_path: Path
+) -> dict[str, Any]:
+    """The Job the scaler builds for the release's first pipeline, owned by the Deployment it
+    reads with its own code, created with its own ServiceAccount's token (the real RBAC)."""
+    from jobtide_scaler.cluster import Cluster
+    from jobtide_scaler.jobs import build_job, cache_selector, owner_reference
+    from kubernetes import config as k8s_config
+
+    service_account = f"{release}-jobtide-scaler"
+    token = kube.service_account_token(namespace, service_account)
+    kubeconfig = kube.kubeconfig_for_token(token, tmp_path / f"{release}-scaler.kubeconfig")
+    settings = scaler_settings(render([MINIMAL], namespace=namespace, release=release))
+    cluster = Cluster(
+        k8s_config.new_client_from_config(config_file=str(kubeconfig)),
+        namespace,
+        cache_selector(release),
+    )
+    owner = owner_reference(cluster.read_deployment(settings.owner_deployment))
+    job = build_job(settings.pipelines[0], release, "chart-test", owner)
+    created = cluster.create_job(job)
+    assert created.name.startswith(f"{release}-hello-"), created
+    out = kube.kubectl("get", "job", created.name, "-n", namespace, "-o", "json").stdout
+    stored: dict[str, Any] = json.loads(out)
+    return stored
 
 
 def release_objects(kube: KubeCluster, namespace: str, release: str) -> list[str]:
@@ -138,11 +174,23 @@ def test_install_upgrade_keeps_the_generated_secret(
 
 
 def test_two_releases_share_a_namespace_and_uninstall_cleanly(
-    kube: KubeCluster, namespace: str
+    kube: KubeCluster, namespace: str, tmp_path: Path
 ) -> None:
     for release in ("alpha", "beta"):
         helm(kube, namespace, "install", release, str(CHART), "-f", str(MINIMAL))
+        job = create_worker_job_as_scaler(kube, namespace, release, tmp_path)
+        (owner,) = job["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("Deployment", f"{release}-jobtide-scaler")
+        # Its pod (no node here: it stays Pending) is made by the Job controller; wait for it
+        # so that the release's objects below are complete.
+        wait_for(
+            lambda name=job["metadata"]["name"]: kube.kubectl(
+                "get", "pods", "-n", namespace, "-o", "name", "-l", f"job-name={name}"
+            ).stdout.strip(),
+            timeout=30, what="the worker Job's pod", interval=0.5,
+        )  # fmt: skip
     alpha, beta = (release_objects(kube, namespace, r) for r in ("alpha", "beta"))
+    assert any(o.startswith("job.batch/alpha-hello-") for o in alpha)
     assert alpha
     assert len(alpha) == len(beta)
     assert not set(alpha) & set(beta)
@@ -175,7 +223,10 @@ FORBIDDEN = [
 ]  # fmt: skip
 
 
-def can(kube: KubeCluster, user: str, namespace: str, group: str, resource: str, verb: str) -> bool:
+def can(
+    kube: KubeCluster, user: str, namespace: str, group: str, resource: str, verb: str,
+    name: str = "",
+) -> bool:  # fmt: skip
     subresource = ""
     if "/" in resource:
         resource, subresource = resource.split("/", 1)
@@ -187,7 +238,7 @@ def can(kube: KubeCluster, user: str, namespace: str, group: str, resource: str,
             "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
             "resourceAttributes": {
                 "namespace": namespace, "group": group, "resource": resource,
-                "subresource": subresource, "verb": verb,
+                "subresource": subresource, "verb": verb, "name": name,
             },
         },
     }  # fmt: skip
@@ -204,23 +255,21 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     assert denied == []
     granted = [rule for rule in FORBIDDEN if can(kube, user, namespace, *rule)]
     assert granted == []
+    # Its own Deployment (the owner of its Jobs) and no other.
+    assert can(kube, user, namespace, "apps", "deployments", "get", "jobs-jobtide-scaler")
+    assert not can(kube, user, namespace, "apps", "deployments", "get", "jobs-jobtide-rabbitmq")
+    assert not can(kube, user, namespace, "apps", "deployments", "get")
+    assert not can(kube, user, namespace, "apps", "deployments", "list")
     # Nothing outside its own namespace, nothing cluster-wide.
     assert not can(kube, user, "kube-system", "batch", "jobs", "create")
     assert not can(kube, user, "", "", "nodes", "list")
 
-    # And for real, with the ServiceAccount's own token: it creates the Job the scaler
-    # builds from the rendered configuration, and cannot read the broker's Secret.
-    token = kube.service_account_token(namespace, "jobs-jobtide-scaler")
-    as_scaler = kube.kubeconfig_for_token(token, tmp_path / "scaler.kubeconfig")
-    docs = render([MINIMAL], namespace=namespace)
-    (job,) = scaler_jobs(docs)
-    created = kube.kubectl(
-        "create", "-n", namespace, "-o", "json", "-f", "-",
-        stdin=json.dumps(job), kubeconfig=as_scaler,
-    ).stdout  # fmt: skip
-    created_job = json.loads(created)
-    assert created_job["metadata"]["name"].startswith("jobs-hello-")
+    # And for real, with the ServiceAccount's own token: it reads its owner and creates the
+    # Job the scaler builds from the rendered configuration, and cannot read the broker's
+    # Secret.
+    created_job = create_worker_job_as_scaler(kube, namespace, "jobs", tmp_path)
     assert created_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    as_scaler = tmp_path / "jobs-scaler.kubeconfig"
     secret = kube.kubectl(
         "get", "secret", "jobs-jobtide-rabbitmq", "-n", namespace,
         kubeconfig=as_scaler, check=False,

@@ -108,9 +108,14 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     rules = find(docs, "Role", "-scaler")["rules"]
     assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
         (["batch"], ["jobs"], ["list", "watch", "create", "delete"]),
+        (["apps"], ["deployments"], ["get"]),
         (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
     ]
-    assert all(set(r) == {"apiGroups", "resources", "verbs"} for r in rules)
+    # The Deployment rule names the scaler's own Deployment, the owner of its Jobs, only.
+    assert rules[1]["resourceNames"] == [find(docs, "Deployment", "-scaler")["metadata"]["name"]]
+    assert scaler_config(docs)["ownerDeployment"] == rules[1]["resourceNames"][0]
+    assert all(set(r) - {"resourceNames"} == {"apiGroups", "resources", "verbs"} for r in rules)
+    assert [r for r in rules if "resourceNames" in r] == [rules[1]]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     binding = find(docs, "RoleBinding", "-scaler")
     assert binding["roleRef"]["name"] == find(docs, "Role", "-scaler")["metadata"]["name"]

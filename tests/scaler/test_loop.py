@@ -61,6 +61,9 @@ class FakeJobs:
         self.created_manifests: list[dict[str, Any]] = []
         self.deleted: list[str] = []
         self.seen: set[str] = set()
+        # The Deployments the apiserver would return; reading another one fails as a 404.
+        self.deployments: dict[str, dict[str, Any]] = {}
+        self.deployment_reads = 0
 
     def snapshot(self) -> CacheSnapshot:
         failed: dict[str, list[JobRecord]] = {}
@@ -98,6 +101,12 @@ class FakeJobs:
         if outcome is CreateOutcome.CREATED:
             return CreateResult(outcome, name=name)
         return CreateResult(outcome, reason="injected")
+
+    def read_deployment(self, name: str) -> dict[str, Any]:
+        self.deployment_reads += 1
+        if name not in self.deployments:
+            raise LookupError(f"deployments.apps {name!r} not found")
+        return self.deployments[name]
 
     def delete_failed_job(self, record: JobRecord) -> None:
         self.deleted.append(record.name)
@@ -321,3 +330,35 @@ def test_metrics_names() -> None:
     assert w.metric("jobtide_queue_messages_unacked", pipeline="resize") == 1
     assert w.metric("jobtide_decisions_total", pipeline="resize", result="create") == 1
     assert w.metric("jobtide_cycle_duration_seconds_count") == 1
+
+
+def test_no_job_is_created_before_its_owner_is_known() -> None:
+    w = world(ownerDeployment="jobs-jobtide-scaler")
+    w.broker.counts["resize-q"] = (2, 0)
+    # The owner cannot be read (not there yet, or the API refuses): nothing is created.
+    assert w.cycle() == {"resize": "owner_unknown"}
+    assert w.scaler.owner_known is False
+    assert w.jobs.created_manifests == []
+    assert w.metric("jobtide_errors_total", kind="kubernetes_owner") == 1
+    w.jobs.deployments["jobs-jobtide-scaler"] = {
+        "metadata": {"name": "jobs-jobtide-scaler", "uid": "uid-deploy", "labels": {"x": "y"}}
+    }
+    assert w.cycle() == {"resize": "create"}
+    assert w.scaler.owner_known is True
+    owners = [m["metadata"]["ownerReferences"] for m in w.jobs.created_manifests]
+    assert owners == [
+        [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "jobs-jobtide-scaler",
+          "uid": "uid-deploy"}]
+    ] * 2  # fmt: skip
+    # Read once: later cycles reuse it.
+    w.jobs.catch_up()
+    w.cycle()
+    assert w.jobs.deployment_reads == 2
+
+
+def test_without_an_owner_configured_jobs_have_none() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (1, 0)
+    assert w.cycle() == {"resize": "create"}
+    assert "ownerReferences" not in w.jobs.created_manifests[0]["metadata"]
+    assert w.jobs.deployment_reads == 0

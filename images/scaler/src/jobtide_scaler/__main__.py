@@ -65,9 +65,10 @@ def run(config: ScalerConfig, options: argparse.Namespace) -> int:
         on_error=metrics.error,
     )
     broker = Broker(config.broker, on_error=metrics.error)
+    scaler: Scaler | None = None
     health = Health(
         stall_seconds=max(60.0, 6 * config.settings.poll_interval_seconds),
-        ready=lambda: cluster.synced,
+        ready=lambda: cluster.synced and scaler is not None and scaler.owner_known,
     )
     server = MetricsServer(config.metrics_port, metrics, health)
     elector: LeaderElector | None = None

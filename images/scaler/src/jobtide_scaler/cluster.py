@@ -201,6 +201,7 @@ class Cluster:
         create_timeout: tuple[float, float] = CREATE_TIMEOUT,
     ) -> None:
         self.batch = k8s.BatchV1Api(api_client)
+        self.apps = k8s.AppsV1Api(api_client)
         self.create_timeout = create_timeout
         self.namespace = namespace
         self.selector = selector
@@ -363,6 +364,15 @@ class Cluster:
         for create_id, seen_at in list(self._seen.items()):
             if now - seen_at > SEEN_CREATE_IDS_SECONDS:
                 del self._seen[create_id]
+
+    def read_deployment(self, name: str) -> dict[str, Any]:
+        """One Deployment of the namespace as plain JSON (the owner of the worker Jobs)."""
+        self._on_request("get")
+        response: Any = self.apps.read_namespaced_deployment(
+            name, self.namespace, _preload_content=False, _request_timeout=LIST_TIMEOUT
+        )
+        deployment: dict[str, Any] = json.loads(response.data)
+        return deployment
 
     # --- writes ------------------------------------------------------------------------
 

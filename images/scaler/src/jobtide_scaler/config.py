@@ -66,6 +66,9 @@ class ScalerConfig:
     metrics_port: int
     pipelines: tuple[PipelineConfig, ...]
     broker: BrokerConfig
+    # The Deployment whose deletion deletes the worker Jobs (jobs.build_job's owner); None
+    # when the scaler runs outside the chart.
+    owner_deployment: str | None = None
     dry_run: bool = False
     once: bool = False
 
@@ -229,6 +232,7 @@ def build_config(
         metrics_port=metrics["port"],
         pipelines=tuple(pipelines),
         broker=broker,
+        owner_deployment=document.get("ownerDeployment"),
         dry_run=dry_run,
         once=once,
     )

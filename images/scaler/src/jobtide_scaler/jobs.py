@@ -4,6 +4,7 @@ needs merged in (docs/architecture.md, "Scaler configuration file" and "Labels")
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from jobtide_scaler.config import PipelineConfig
@@ -61,8 +62,26 @@ def _merge_env(container: dict[str, Any], ours: list[dict[str, str]]) -> None:
     container["env"] = kept + ours
 
 
-def build_job(pipeline: PipelineConfig, release: str, create_id: str) -> dict[str, Any]:
-    """The Job to POST for one new worker of `pipeline`."""
+def owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """An owner reference to the scaler's Deployment, so that deleting the release (or the
+    Deployment) lets the garbage collector delete the worker Jobs, and their pods with them.
+    Not the Jobs' controller: no Kubernetes controller manages Jobs for a Deployment."""
+    metadata = deployment["metadata"]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+    }
+
+
+def build_job(
+    pipeline: PipelineConfig,
+    release: str,
+    create_id: str,
+    owner: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Job to POST for one new worker of `pipeline`, owned by `owner` if given."""
     job: dict[str, Any] = json.loads(pipeline.job_template_json)
     labels = job_labels(release, pipeline.name)
 
@@ -76,6 +95,8 @@ def build_job(pipeline: PipelineConfig, release: str, create_id: str) -> dict[st
         **(metadata.get("annotations") or {}),
         ANNOTATION_CREATE_ID: create_id,
     }
+    if owner is not None:
+        metadata["ownerReferences"] = [dict(owner)]
     job["apiVersion"] = "batch/v1"
     job["kind"] = "Job"
     job.pop("status", None)

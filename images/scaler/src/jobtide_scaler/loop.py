@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ from jobtide_scaler.cluster import (
     JobRecord,
 )
 from jobtide_scaler.config import PipelineConfig, ScalerConfig
-from jobtide_scaler.jobs import build_job
+from jobtide_scaler.jobs import build_job, owner_reference
 from jobtide_scaler.metrics import Metrics
 from jobtide_scaler.policy import Observation, jobs_to_create
 
@@ -47,6 +47,8 @@ class JobStore(Protocol):
     def create_job(self, manifest: dict[str, Any]) -> CreateResult: ...
 
     def delete_failed_job(self, record: JobRecord) -> None: ...
+
+    def read_deployment(self, name: str) -> dict[str, Any]: ...
 
 
 class Leadership(Protocol):
@@ -119,6 +121,30 @@ class Scaler:
         self.ledger = ledger or CreateLedger()
         self.clock = clock
         self.new_id = new_id
+        self._owner: Mapping[str, Any] | None = None
+
+    @property
+    def owner_known(self) -> bool:
+        """False while the Deployment that must own the Jobs has not been read: no Job is
+        created without its owner, or `helm uninstall` would leave it behind."""
+        return self.config.owner_deployment is None or self._owner is not None
+
+    def _read_owner(self) -> None:
+        name = self.config.owner_deployment
+        if name is None or self._owner is not None:
+            return
+        try:
+            self._owner = owner_reference(self.jobs.read_deployment(name))
+        except Exception as e:
+            self.metrics.error("kubernetes_owner")
+            log.warning(
+                "reading Deployment %s, the owner of the worker Jobs: %s; creating no Job "
+                "until it can be read",
+                name,
+                e,
+            )
+            return
+        log.info("worker Jobs are owned by Deployment %s (uid %s)", name, self._owner["uid"])
 
     def run_cycle(self) -> list[PipelineDecision]:
         started = self.clock()
@@ -157,6 +183,7 @@ class Scaler:
         return observations
 
     def _cycle(self) -> list[PipelineDecision]:
+        self._read_owner()
         snapshot = self.jobs.snapshot()
         observations = self._observe(snapshot)
         wanted = jobs_to_create(
@@ -185,6 +212,8 @@ class Scaler:
     ) -> str:
         if not synced:
             return "cache_unsynced"
+        if not self.owner_known:
+            return "owner_unknown"
         if not observation.broker_fresh:
             return "stale"
         if self.ledger.is_in_doubt(p.name):
@@ -218,7 +247,7 @@ class Scaler:
             if not self.leadership.is_leader():
                 break  # lost the Lease mid-cycle: the new leader decides from here
             create_id = f"{cycle_id}-{index}"
-            result = self.jobs.create_job(build_job(p, self.config.release, create_id))
+            result = self.jobs.create_job(build_job(p, self.config.release, create_id, self._owner))
             if result.outcome is CreateOutcome.CREATED:
                 self.ledger.created(p.name, create_id, self.clock())
                 self.metrics.jobs_created.labels(p.name).inc()

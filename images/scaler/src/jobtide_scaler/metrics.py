@@ -49,7 +49,8 @@ class Metrics:
             "jobtide_decisions",
             "Per-pipeline decisions of each cycle, by result: create, none, dry_run, "
             "stale (broker data missing or old), in_doubt (an earlier create's outcome is "
-            "unknown), not_leader, cache_unsynced.",
+            "unknown), not_leader, cache_unsynced, owner_unknown (the Deployment that owns the "
+            "worker Jobs could not be read yet).",
             ["pipeline", "result"],
             registry=r,
         )
