@@ -49,7 +49,7 @@ def secret_data(kube: KubeCluster, namespace: str, name: str) -> dict[str, str]:
 
 
 def create_worker_job_as_scaler(
-    kube: KubeCluster, namespace: str, release: str, tmp_path: Path
+    kube: KubeCluster, namespace: str, release: str, tmp_path: Path, values: Path = MINIMAL
 ) -> dict[str, Any]:
     """The Job the scaler builds for the release's first pipeline, owned by the Deployment it
     reads with its own code, created with its own ServiceAccount's token (the real RBAC)."""
@@ -60,7 +60,7 @@ def create_worker_job_as_scaler(
     service_account = f"{release}-jobtide-scaler"
     token = kube.service_account_token(namespace, service_account)
     kubeconfig = kube.kubeconfig_for_token(token, tmp_path / f"{release}-scaler.kubeconfig")
-    settings = scaler_settings(render([MINIMAL], namespace=namespace, release=release))
+    settings = scaler_settings(render([values], namespace=namespace, release=release))
     cluster = Cluster(
         k8s_config.new_client_from_config(config_file=str(kubeconfig)),
         namespace,
@@ -69,7 +69,7 @@ def create_worker_job_as_scaler(
     owner = owner_reference(cluster.read_deployment(settings.owner_deployment))
     job = build_job(settings.pipelines[0], release, "chart-test", owner)
     created = cluster.create_job(job)
-    assert created.name.startswith(f"{release}-hello-"), created
+    assert created.name.startswith(f"{release}-{settings.pipelines[0].name}-"), created
     out = kube.kubectl("get", "job", created.name, "-n", namespace, "-o", "json").stdout
     stored: dict[str, Any] = json.loads(out)
     return stored
@@ -279,3 +279,39 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     kube.kubectl(
         "delete", "job", created_job["metadata"]["name"], "-n", namespace, kubeconfig=as_scaler
     )
+
+
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
+@pytest.mark.parametrize("values", [MINIMAL, EXAMPLE_VALUES], ids=["minimal", "example"])
+def test_every_pod_is_admitted_under_the_restricted_pod_security_level(
+    kube: KubeCluster, namespace: str, tmp_path: Path, values: Path
+) -> None:
+    """The apiserver's own PodSecurity admission, enforcing `restricted` on the namespace,
+    admits the broker's, the scaler's and a worker Job's pods (created by their controllers;
+    no node here, so they stay Pending: admission is at creation)."""
+    labels = [f"{key}={value}" for key, value in RESTRICTED.items()]
+    kube.kubectl("label", "namespace", namespace, *labels)
+    helm(kube, namespace, "install", "jobs", str(CHART), "-f", str(values))
+    create_worker_job_as_scaler(kube, namespace, "jobs", tmp_path, values=values)
+
+    def components() -> set[str]:
+        out = kube.kubectl(
+            "get", "pods", "-n", namespace, "-l", "app.kubernetes.io/instance=jobs",
+            "-o", "jsonpath={.items[*].metadata.labels.app\\.kubernetes\\.io/component}",
+        ).stdout  # fmt: skip
+        return set(str(out).split())
+
+    expected = {"rabbitmq", "scaler", "worker"}
+    try:
+        wait_for(lambda: components() >= expected, timeout=60, what="every pod created")
+    except TimeoutError:
+        refused = kube.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "reason=FailedCreate",
+            "-o", "jsonpath={range .items[*]}{.message}{'\\n'}{end}",
+        ).stdout  # fmt: skip
+        pytest.fail(f"pods {expected - components()} not created:\n{refused}")
