@@ -40,11 +40,24 @@ class FakeBroker:
         self.clock = clock
         self.counts: dict[str, tuple[int, int]] = {}
         self.read_at: float | None = None
+        # Queues whose publish counter the broker keeps, with their oldest_waiting_since.
+        self.oldest: dict[str, float | None] = {}
 
     def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
         at = self.clock() if self.read_at is None else self.read_at
         wanted = set(queues)
-        return {q: QueueReading(r, u, 0, at) for q, (r, u) in self.counts.items() if q in wanted}
+        return {
+            q: QueueReading(
+                r,
+                u,
+                0,
+                at,
+                published=0 if q in self.oldest else None,
+                oldest_waiting_since=self.oldest.get(q),
+            )
+            for q, (r, u) in self.counts.items()
+            if q in wanted
+        }
 
 
 class FakeJobs:
@@ -300,6 +313,7 @@ def test_failed_jobs_beyond_the_history_limit_are_deleted_oldest_first() -> None
 def test_metrics_names() -> None:
     w = world()
     w.broker.counts["resize-q"] = (2, 1)
+    w.broker.oldest["resize-q"] = None
     w.cycle()
     names = {m.name for m in w.metrics.registry.collect()}
     assert {
@@ -307,6 +321,7 @@ def test_metrics_names() -> None:
         "jobtide_queue_messages_unacked",
         "jobtide_queue_consumers",
         "jobtide_broker_data_age_seconds",
+        "jobtide_queue_oldest_message_age_seconds",
         "jobtide_jobs_active",
         "jobtide_jobs_pending",
         "jobtide_jobs_created",
@@ -321,3 +336,22 @@ def test_metrics_names() -> None:
     assert w.metric("jobtide_queue_messages_unacked", pipeline="resize") == 1
     assert w.metric("jobtide_decisions_total", pipeline="resize", result="create") == 1
     assert w.metric("jobtide_cycle_duration_seconds_count") == 1
+
+
+def test_the_oldest_waiting_message_age_is_absent_when_unknown_and_0_when_none_waits() -> None:
+    w = world()
+    name = "jobtide_queue_oldest_message_age_seconds"
+    w.broker.counts["resize-q"] = (4, 0)
+    w.cycle()
+    assert w.metrics.registry.get_sample_value(name, {"pipeline": "resize"}) is None
+    w.broker.oldest["resize-q"] = w.clock.now - 30.0
+    w.cycle(advance=2.0)
+    assert w.metric(name, pipeline="resize") == 32.0
+    # The live count says the queue emptied since the management API's reading.
+    w.broker.counts["resize-q"] = (0, 4)
+    w.cycle()
+    assert w.metric(name, pipeline="resize") == 0.0
+    # Statistics turned off on the broker: the figure goes rather than stays.
+    del w.broker.oldest["resize-q"]
+    w.cycle()
+    assert w.metrics.registry.get_sample_value(name, {"pipeline": "resize"}) is None

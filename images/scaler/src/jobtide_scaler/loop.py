@@ -11,6 +11,7 @@ event cannot cause a second Job either."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -154,6 +155,12 @@ class Scaler:
                 m.queue_unacked.labels(p.name).set(reading.unacked)
                 m.queue_consumers.labels(p.name).set(reading.consumers)
                 m.broker_data_age.labels(p.name).set(now - reading.read_at)
+                if reading.published is not None:
+                    m.queue_oldest_age.labels(p.name).set(oldest_waiting_age(reading, now))
+                else:
+                    # Unknown is absent, never a 0 that would read as "nothing waits".
+                    with contextlib.suppress(KeyError):
+                        m.queue_oldest_age.remove(p.name)
         return observations
 
     def _cycle(self) -> list[PipelineDecision]:
@@ -258,6 +265,14 @@ class Scaler:
                     record.name,
                     p.settings.failed_jobs_history_limit,
                 )
+
+
+def oldest_waiting_age(reading: QueueReading, now: float) -> float:
+    """0 when nothing waits (by the live count, fresher than the estimate's)."""
+    since = reading.oldest_waiting_since
+    if reading.ready == 0 or since is None:
+        return 0.0
+    return max(0.0, now - since)
 
 
 def oldest_first(records: Sequence[JobRecord]) -> list[JobRecord]:

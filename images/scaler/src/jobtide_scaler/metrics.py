@@ -33,6 +33,12 @@ class Metrics:
         self.queue_consumers = per_pipeline(
             "jobtide_queue_consumers", "Consumers of the pipeline's queue."
         )
+        self.queue_oldest_age = per_pipeline(
+            "jobtide_queue_oldest_message_age_seconds",
+            "How long the oldest message waiting in the pipeline's queue has been there, at "
+            "least (estimated from the broker's publish counter; 0 when none waits; absent "
+            "when the broker keeps no message statistics).",
+        )
         self.broker_data_age = per_pipeline(
             "jobtide_broker_data_age_seconds", "Age of the pipeline's broker counts."
         )
