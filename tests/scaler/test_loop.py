@@ -135,6 +135,10 @@ class Leader:
         return self.leading
 
 
+# When the scaler under test started: 2026-01-01T00:00:00Z.
+STARTED_AT = 1767225600.0
+
+
 class World:
     def __init__(self, config: ScalerConfig) -> None:
         self.clock = Clock()
@@ -151,6 +155,7 @@ class World:
             leadership=self.leader,
             ledger=self.ledger,
             clock=self.clock,
+            wall_clock=lambda: STARTED_AT,
         )
 
     def cycle(self, advance: float = 1.0) -> dict[str, str]:
@@ -331,6 +336,10 @@ def test_metrics_names() -> None:
         "jobtide_cycle_duration_seconds",
         "jobtide_leader",
         "jobtide_failed_jobs_deleted",
+        "jobtide_dead_letter_messages",
+        "jobtide_pipeline_max_workers",
+        "jobtide_max_total_workers",
+        "jobtide_jobs_failed",
     } <= names
     assert w.metric("jobtide_queue_messages_ready", pipeline="resize") == 2
     assert w.metric("jobtide_queue_messages_unacked", pipeline="resize") == 1
@@ -355,3 +364,33 @@ def test_the_oldest_waiting_message_age_is_absent_when_unknown_and_0_when_none_w
     del w.broker.oldest["resize-q"]
     w.cycle()
     assert w.metrics.registry.get_sample_value(name, {"pipeline": "resize"}) is None
+
+
+def test_failed_jobs_are_counted_once_and_only_when_they_failed_after_the_start() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (0, 0)
+    failed = [
+        JobRecord("old", "u-old", "resize", "", JobState.FAILED, "2025-12-31T23:59:59Z"),
+        JobRecord("new", "u-new", "resize", "", JobState.FAILED, "2026-01-01T00:00:05Z"),
+    ]
+    w.jobs.records.extend(failed)
+    w.cycle()
+    w.cycle()
+    assert w.metric("jobtide_jobs_failed_total", pipeline="resize") == 1
+    w.jobs.records.append(
+        JobRecord("newer", "u-newer", "resize", "", JobState.FAILED, "2026-01-01T00:01:00Z")
+    )
+    w.cycle()
+    assert w.metric("jobtide_jobs_failed_total", pipeline="resize") == 2
+
+
+def test_caps_and_the_dead_letter_queue_are_exported() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (0, 0)
+    w.broker.counts["resize-q.dlq"] = (4, 1)
+    w.cycle()
+    assert w.metric("jobtide_dead_letter_messages", pipeline="resize") == 5
+    assert w.metric("jobtide_pipeline_max_workers", pipeline="resize") == (
+        w.scaler.config.pipelines[0].settings.max_workers
+    )
+    assert w.metric("jobtide_max_total_workers") == w.scaler.config.settings.max_total_workers

@@ -48,6 +48,24 @@ class Metrics:
         self.jobs_pending = per_pipeline(
             "jobtide_jobs_pending", "Worker Jobs with no running pod yet."
         )
+        self.dead_letter_messages = per_pipeline(
+            "jobtide_dead_letter_messages",
+            "Messages in the pipeline's dead-letter queue (<queue>.dlq).",
+        )
+        self.max_workers = per_pipeline(
+            "jobtide_pipeline_max_workers", "The pipeline's cap on worker Jobs (maxWorkers)."
+        )
+        self.max_total_workers = Gauge(
+            "jobtide_max_total_workers",
+            "The release's cap on worker Jobs over all pipelines (scaler.maxTotalWorkers).",
+            registry=r,
+        )
+        self.jobs_failed = Counter(
+            "jobtide_jobs_failed",
+            "Worker Jobs seen failing since this scaler started.",
+            ["pipeline"],
+            registry=r,
+        )
         self.jobs_created = Counter(
             "jobtide_jobs_created", "Worker Jobs created.", ["pipeline"], registry=r
         )
