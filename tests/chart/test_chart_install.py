@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART, EXAMPLE_VALUES, VALUES_CASES, case_id, render, scaler_jobs
+from chartlib import (
+    CHART,
+    EXAMPLE_VALUES,
+    OPERATOR_KINDS,
+    VALUES_CASES,
+    case_id,
+    render,
+    scaler_jobs,
+)
 from jobtide_testbed import tools
 from jobtide_testbed.kube import KubeCluster
 from jobtide_testbed.process import wait_for
@@ -85,8 +93,7 @@ def test_apiserver_accepts_every_rendering(
 ) -> None:
     docs = render([values], ["pipelines.resize.queue=resize"] if values is None else (),
                   namespace=namespace)  # fmt: skip
-    # No Prometheus Operator CRDs in the test bed: the ServiceMonitor is checked by render tests.
-    served = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    served = [d for d in docs if d["kind"] not in OPERATOR_KINDS]
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump_all(served))
     result = kube.kubectl(
