@@ -136,7 +136,8 @@ build_coredns() {
 }
 
 # build_promtool: Prometheus' promtool without its service-discovery plugins (the build tag
-# `remove_all_sd`; rule checks and rule unit tests need none): a third of the code to compile.
+# `remove_all_sd`; rule checks and rule unit tests need none): 1,117 packages to build instead
+# of 1,364 (v0.316.0), the cloud providers' SDKs among those left out.
 build_promtool() {
   go_install promtool "$PROMTOOL_VERSION" github.com/prometheus/prometheus/cmd/promtool \
     "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION" "" remove_all_sd
