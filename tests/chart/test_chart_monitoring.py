@@ -192,6 +192,31 @@ def test_the_alerts_pass_their_unit_tests(rule_files: Path) -> None:
     assert "SUCCESS" in result.stdout
 
 
+# Grafana's variables in the panels' queries, as Grafana would fill them in.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$namespace": "pipelines",
+    "$job": "jobs-jobtide-scaler",
+    "$pipeline": "resize|thumbs",
+}
+
+
+def test_every_dashboard_panel_query_is_valid_promql(tmp_path: Path) -> None:
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for variable, value in GRAFANA_VARIABLES.items():
+        queries = [q.replace(variable, value) for q in queries]
+    assert not [q for q in queries if "$" in q]
+    # promtool parses each one as a recording rule's expression.
+    rules = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    (tmp_path / "dashboard.yaml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]})
+    )
+    result = promtool("check", "rules", "dashboard.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
 def test_the_alert_unit_tests_fail_on_a_rule_that_no_longer_fires(rule_files: Path) -> None:
     rules = rule_files / "rules.yaml"
     rules.write_text(rules.read_text().replace("> 900", "> 90000"))
