@@ -21,9 +21,9 @@ link_current() {
   for f in "$1"/*; do ln -sfn "$f" "$JOBTIDE_CACHE/bin/current/$(basename "$f")"; done
 }
 
-# go_install NAME VERSION PACKAGE [LDFLAGS [BINARY]]: plain `go install` for modules without
-# replaces. BINARY renames a command whose name another tool already has (Karpenter's kwok
-# provider is a command called `kwok`, like kwok itself).
+# go_install NAME VERSION PACKAGE [LDFLAGS [BINARY [TAGS]]]: plain `go install` for modules
+# without replaces. BINARY renames a command whose name another tool already has (Karpenter's
+# kwok provider is a command called `kwok`, like kwok itself); TAGS are Go build tags.
 go_install() {
   local name=$1 version=$2 pkg=$3 dir t0=$SECONDS
   dir=$(go_tool_dir "$name" "$version")
@@ -32,7 +32,8 @@ go_install() {
     mkdir -p "$dir"
     # The same -trimpath as the wrapper-module builds, so packages they share at the same
     # version compile once into GOCACHE; no symbol tables or DWARF: shorter links.
-    GOBIN="$dir" CGO_ENABLED=0 go install -trimpath -ldflags "-s -w${4:+ $4}" "$pkg@$version"
+    GOBIN="$dir" CGO_ENABLED=0 go install -trimpath -tags "${6:-}" -ldflags "-s -w${4:+ $4}" \
+      "$pkg@$version"
     if [ -n "${5:-}" ]; then mv "$dir/$(basename "$pkg")" "$dir/$5"; fi
     touch "$dir/.done"
     echo "setup: built $name in $((SECONDS - t0)) s"
@@ -132,4 +133,12 @@ build_coredns() {
     echo "setup: built coredns in $((SECONDS - t0)) s"
   fi
   link_current "$dir"
+}
+
+# build_promtool: Prometheus' promtool without its service-discovery plugins (the build tag
+# `remove_all_sd`; rule checks and rule unit tests need none): 1,117 packages to build instead
+# of 1,364 (v0.316.0), the cloud providers' SDKs among those left out.
+build_promtool() {
+  go_install promtool "$PROMTOOL_VERSION" github.com/prometheus/prometheus/cmd/promtool \
+    "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION" "" remove_all_sd
 }

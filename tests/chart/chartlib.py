@@ -13,6 +13,9 @@ EXAMPLE_VALUES = REPO / "values.example.yaml"
 SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_SCHEMAS = CACHE / "kube-schemas"
 VALIDATED_KUBE_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0")
+# The Prometheus Operator's kinds the chart can render (off by default): the test bed has no
+# CRDs and no schema for them; the render and monitoring tests check them instead.
+OPERATOR_KINDS = ("ServiceMonitor", "PrometheusRule")
 # Every values file a user might start from: defaults (None), the example, each scenario.
 VALUES_CASES: list[Path | None] = [None, EXAMPLE_VALUES, *SCENARIOS]
 

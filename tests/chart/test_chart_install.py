@@ -16,6 +16,7 @@ import yaml
 from chartlib import (
     CHART,
     EXAMPLE_VALUES,
+    OPERATOR_KINDS,
     VALUES_CASES,
     case_id,
     render,
@@ -121,8 +122,7 @@ def test_apiserver_accepts_every_rendering(
 ) -> None:
     docs = render([values], ["pipelines.resize.queue=resize"] if values is None else (),
                   namespace=namespace)  # fmt: skip
-    # No Prometheus Operator CRDs in the test bed: the ServiceMonitor is checked by render tests.
-    served = [d for d in docs if d["kind"] != "ServiceMonitor"]
+    served = [d for d in docs if d["kind"] not in OPERATOR_KINDS]
     manifest = tmp_path / "rendered.yaml"
     manifest.write_text(yaml.safe_dump_all(served))
     result = kube.kubectl(

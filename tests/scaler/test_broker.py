@@ -5,36 +5,52 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pika
 import pytest
-from jobtide_scaler.broker import Broker
+from jobtide_scaler.broker import Broker, QueueReading
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
 from jobtide_worker.config import BrokerConfig
+from jobtide_worker.task import DELIVERY_COUNT_HEADER
 
 pytestmark = pytest.mark.integration
 
 
-def test_live_ready_count_wins_even_when_the_management_request_starts_late(
-    rabbitmq: RabbitMQ,
-) -> None:
-    queue = f"broker-{uuid.uuid4().hex[:8]}"
+def broker_config(rabbitmq: RabbitMQ) -> BrokerConfig:
+    return BrokerConfig(
+        host=rabbitmq.host,
+        port=rabbitmq.amqp_port,
+        management_port=rabbitmq.management_port,
+        vhost=rabbitmq.vhost,
+        username=rabbitmq.username,
+        password=rabbitmq.password,
+        tls=False,
+    )
+
+
+@pytest.fixture
+def pipeline_queue(rabbitmq: RabbitMQ) -> Iterator[tuple[str, Any]]:
+    """A pipeline's queue (a quorum queue) and a channel to it, deleted afterwards."""
+    name = f"broker-{uuid.uuid4().hex[:8]}"
     connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.amqp_url))
     channel = connection.channel()
-    topology.declare(channel, queue)
-    broker = Broker(
-        BrokerConfig(
-            host=rabbitmq.host,
-            port=rabbitmq.amqp_port,
-            management_port=rabbitmq.management_port,
-            vhost=rabbitmq.vhost,
-            username=rabbitmq.username,
-            password=rabbitmq.password,
-            tls=False,
-        )
-    )
+    topology.declare(channel, name)
+    try:
+        yield name, channel
+    finally:
+        channel.queue_delete(name)
+        connection.close()
+
+
+def test_live_ready_count_wins_even_when_the_management_request_starts_late(
+    rabbitmq: RabbitMQ, pipeline_queue: tuple[str, Any]
+) -> None:
+    queue, channel = pipeline_queue
+    broker = Broker(broker_config(rabbitmq))
     try:
         # The management API lists the queue, empty, before anything is published.
         wait_for(lambda: queue in broker.read([queue]), timeout=30, what="queue listed")
@@ -50,5 +66,51 @@ def test_live_ready_count_wins_even_when_the_management_request_starts_late(
         assert reading.ready == 3
     finally:
         broker.close()
-        channel.queue_delete(queue)
-        connection.close()
+
+
+def test_the_oldest_waiting_message_is_dated_by_the_publish_counter_without_touching_it(
+    rabbitmq: RabbitMQ, pipeline_queue: tuple[str, Any]
+) -> None:
+    queue, channel = pipeline_queue
+    channel.confirm_delivery()
+    now = [1000.0]
+    broker = Broker(broker_config(rabbitmq), clock=lambda: now[0])
+
+    def reading_when(what: str, ok: Callable[[QueueReading], bool]) -> QueueReading:
+        # The management API's figures lag by the broker's statistics interval.
+        wait_for(lambda: ok(broker.read([queue])[queue]), timeout=30, what=what)
+        return broker.read([queue])[queue]
+
+    try:
+        # No timestamp property: nothing of the message is read.
+        for i in range(3):
+            channel.basic_publish("", queue, f"early {i}".encode())
+        # The publish counter and the ready count are not updated at the same instant.
+        early = reading_when(
+            "3 published and waiting",
+            lambda r: r.published == 3 and r.oldest_waiting_since is not None,
+        )
+        assert early.oldest_waiting_since == 1000.0
+        now[0] = 1100.0
+        for i in range(2):
+            channel.basic_publish("", queue, f"late {i}".encode())
+        later = reading_when("5 published", lambda r: r.published == 5)
+        assert later.oldest_waiting_since == 1000.0  # the early ones still wait
+        for _ in range(3):
+            method, _props, body = channel.basic_get(queue)
+            assert body.startswith(b"early")
+            channel.basic_ack(method.delivery_tag)
+        now[0] = 1200.0
+        # The oldest waiting one was first counted at 1100.
+        reading_when("the early ones gone", lambda r: r.oldest_waiting_since == 1100.0)
+        # Read again and again, the messages were never delivered: no delivery counted.
+        method, props, body = channel.basic_get(queue)
+        assert body == b"late 0"
+        assert method.redelivered is False
+        assert (props.headers or {}).get(DELIVERY_COUNT_HEADER, 0) == 0
+        channel.basic_ack(method.delivery_tag)
+        channel.queue_purge(queue)
+        emptied = reading_when("empty", lambda r: r.ready == 0 and r.oldest_waiting_since is None)
+        assert emptied.published == 5
+    finally:
+        broker.close()

@@ -40,11 +40,24 @@ class FakeBroker:
         self.clock = clock
         self.counts: dict[str, tuple[int, int]] = {}
         self.read_at: float | None = None
+        # Queues whose publish counter the broker keeps, with their oldest_waiting_since.
+        self.oldest: dict[str, float | None] = {}
 
     def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
         at = self.clock() if self.read_at is None else self.read_at
         wanted = set(queues)
-        return {q: QueueReading(r, u, 0, at) for q, (r, u) in self.counts.items() if q in wanted}
+        return {
+            q: QueueReading(
+                r,
+                u,
+                0,
+                at,
+                published=0 if q in self.oldest else None,
+                oldest_waiting_since=self.oldest.get(q),
+            )
+            for q, (r, u) in self.counts.items()
+            if q in wanted
+        }
 
 
 class FakeJobs:
@@ -131,6 +144,10 @@ class Leader:
         return self.leading
 
 
+# When the scaler under test started: 2026-01-01T00:00:00Z.
+STARTED_AT = 1767225600.0
+
+
 class World:
     def __init__(self, config: ScalerConfig) -> None:
         self.clock = Clock()
@@ -147,6 +164,7 @@ class World:
             leadership=self.leader,
             ledger=self.ledger,
             clock=self.clock,
+            wall_clock=lambda: STARTED_AT,
         )
 
     def cycle(self, advance: float = 1.0) -> dict[str, str]:
@@ -309,6 +327,7 @@ def test_failed_jobs_beyond_the_history_limit_are_deleted_oldest_first() -> None
 def test_metrics_names() -> None:
     w = world()
     w.broker.counts["resize-q"] = (2, 1)
+    w.broker.oldest["resize-q"] = None
     w.cycle()
     names = {m.name for m in w.metrics.registry.collect()}
     assert {
@@ -316,6 +335,7 @@ def test_metrics_names() -> None:
         "jobtide_queue_messages_unacked",
         "jobtide_queue_consumers",
         "jobtide_broker_data_age_seconds",
+        "jobtide_queue_oldest_message_age_seconds",
         "jobtide_jobs_active",
         "jobtide_jobs_pending",
         "jobtide_jobs_created",
@@ -325,6 +345,10 @@ def test_metrics_names() -> None:
         "jobtide_cycle_duration_seconds",
         "jobtide_leader",
         "jobtide_failed_jobs_deleted",
+        "jobtide_dead_letter_messages",
+        "jobtide_pipeline_max_workers",
+        "jobtide_max_total_workers",
+        "jobtide_jobs_failed",
     } <= names
     assert w.metric("jobtide_queue_messages_ready", pipeline="resize") == 2
     assert w.metric("jobtide_queue_messages_unacked", pipeline="resize") == 1
@@ -362,3 +386,52 @@ def test_without_an_owner_configured_jobs_have_none() -> None:
     assert w.cycle() == {"resize": "create"}
     assert "ownerReferences" not in w.jobs.created_manifests[0]["metadata"]
     assert w.jobs.deployment_reads == 0
+
+
+def test_the_oldest_waiting_message_age_is_absent_when_unknown_and_0_when_none_waits() -> None:
+    w = world()
+    name = "jobtide_queue_oldest_message_age_seconds"
+    w.broker.counts["resize-q"] = (4, 0)
+    w.cycle()
+    assert w.metrics.registry.get_sample_value(name, {"pipeline": "resize"}) is None
+    w.broker.oldest["resize-q"] = w.clock.now - 30.0
+    w.cycle(advance=2.0)
+    assert w.metric(name, pipeline="resize") == 32.0
+    # The live count says the queue emptied since the management API's reading.
+    w.broker.counts["resize-q"] = (0, 4)
+    w.cycle()
+    assert w.metric(name, pipeline="resize") == 0.0
+    # Statistics turned off on the broker: the figure goes rather than stays.
+    del w.broker.oldest["resize-q"]
+    w.cycle()
+    assert w.metrics.registry.get_sample_value(name, {"pipeline": "resize"}) is None
+
+
+def test_failed_jobs_are_counted_once_and_only_when_they_failed_after_the_start() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (0, 0)
+    failed = [
+        JobRecord("old", "u-old", "resize", "", JobState.FAILED, "2025-12-31T23:59:59Z"),
+        JobRecord("new", "u-new", "resize", "", JobState.FAILED, "2026-01-01T00:00:05Z"),
+    ]
+    w.jobs.records.extend(failed)
+    w.cycle()
+    w.cycle()
+    assert w.metric("jobtide_jobs_failed_total", pipeline="resize") == 1
+    w.jobs.records.append(
+        JobRecord("newer", "u-newer", "resize", "", JobState.FAILED, "2026-01-01T00:01:00Z")
+    )
+    w.cycle()
+    assert w.metric("jobtide_jobs_failed_total", pipeline="resize") == 2
+
+
+def test_caps_and_the_dead_letter_queue_are_exported() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (0, 0)
+    w.broker.counts["resize-q.dlq"] = (4, 1)
+    w.cycle()
+    assert w.metric("jobtide_dead_letter_messages", pipeline="resize") == 5
+    assert w.metric("jobtide_pipeline_max_workers", pipeline="resize") == (
+        w.scaler.config.pipelines[0].settings.max_workers
+    )
+    assert w.metric("jobtide_max_total_workers") == w.scaler.config.settings.max_total_workers

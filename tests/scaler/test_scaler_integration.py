@@ -70,6 +70,15 @@ def test_published_messages_get_that_many_jobs_with_the_right_spec(bed: ScalerBe
     )
     assert scaler.metric("jobtide_jobs_created_total", pipeline="resize") == 3
     assert scaler.metric("jobtide_queue_messages_ready", pipeline="resize") == 3
+    # Nothing consumes: the 3 messages wait, their age read from the broker's counters.
+    wait_for(
+        lambda: scaler.metric("jobtide_queue_oldest_message_age_seconds", pipeline="resize") > 0,
+        timeout=60,
+        what="the oldest waiting message's age",
+    )
+    exported = scaler.metrics()
+    assert exported[("jobtide_dead_letter_messages", (("pipeline", "resize"),))] == 0
+    assert exported[("jobtide_pipeline_max_workers", (("pipeline", "resize"),))] > 0
 
     bed.publish(queue, 2)
     bed.wait_jobs(5, "resize")

@@ -33,16 +33,22 @@ def _record(event: str, task: Task, **extra: Any) -> None:
 
 
 def handle(task: Task) -> None:
-    spec = task.json
     _record("start", task)
-    time.sleep(float(spec.get("seconds", 0)))
+    time.sleep(float(task.json.get("seconds", 0)))
+    fail_as_told(task)
+    _record("done", task)
+
+
+def fail_as_told(task: Task) -> None:
+    """Fails as the task says (`permanent`, `always_fail`, `fail_until_attempt`), records
+    nothing: for run-local, in process or as its --handler."""
+    spec = task.json
     if spec.get("permanent"):
         raise PermanentError(f"task {spec['id']} can never work")
     if spec.get("always_fail"):
         raise ValueError(f"boom {spec['id']}")
     if task.attempt < int(spec.get("fail_until_attempt", 0)):
         raise RuntimeError(f"transient failure on attempt {task.attempt}")
-    _record("done", task)
 
 
 def trivial(task: Task) -> None:

@@ -41,6 +41,7 @@ STAGE_OF_TOOL = {
         "kube",
     ),
     **dict.fromkeys(("kubelet", "kube-proxy", "coredns", "karpenter-kwok"), "node"),
+    "promtool": "promtool",
 }
 
 _ready_stages: set[str] = set()

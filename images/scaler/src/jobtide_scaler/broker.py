@@ -5,22 +5,27 @@ request, but its figures are as old as the broker's `collect_statistics_interval
 default). A passive queue declare over AMQP answers with the live ready and consumer counts,
 so when AMQP is reachable those replace the management API's; unacked comes only from the
 management API. A queue's reading carries the time of its oldest part, so the loop can tell
-fresh data from stale."""
+fresh data from stale. The management API's `publish` counter of each queue also dates its
+oldest waiting message (backlog.py)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import requests
 from jobtide_worker.config import BrokerConfig
+
+from jobtide_scaler.backlog import PublishHistory
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,12 @@ class QueueReading:
     unacked: int
     consumers: int
     read_at: float  # monotonic seconds of the oldest figure in it
+    # The broker's count of messages published to the queue so far; None when it keeps none
+    # (management statistics off): then the oldest waiting message's age is unknown.
+    published: int | None = None
+    # Monotonic seconds by which the oldest waiting message had been published (a lower bound
+    # of its age, backlog.py); None when none was waiting at the management API's reading.
+    oldest_waiting_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class Broker:
         self._session = requests.Session()
         self._session.auth = (settings.username, settings.password)
         self._management: dict[str, QueueReading] = {}
+        self._published: dict[str, PublishHistory] = {}  # touched by the management thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-management")
         self._live: dict[str, _Live] = {}
         self._connection: pika.BlockingConnection | None = None
@@ -87,11 +99,11 @@ class Broker:
                 continue
             live = self._live.get(queue)
             if live is not None and live.read_at >= managed.read_at:
-                readings[queue] = QueueReading(
-                    live.ready,
-                    managed.unacked,
-                    live.consumers,
-                    min(live.read_at, managed.read_at),
+                readings[queue] = dataclasses.replace(
+                    managed,
+                    ready=live.ready,
+                    consumers=live.consumers,
+                    read_at=min(live.read_at, managed.read_at),
                 )
             else:
                 readings[queue] = managed
@@ -103,7 +115,10 @@ class Broker:
         try:
             response = self._session.get(
                 url,
-                params={"columns": "name,messages_ready,messages_unacknowledged,consumers"},
+                params={
+                    "columns": "name,messages_ready,messages_unacknowledged,consumers,"
+                    "message_stats.publish"
+                },
                 timeout=MANAGEMENT_TIMEOUT,
             )
             response.raise_for_status()
@@ -112,16 +127,32 @@ class Broker:
             self._on_error("broker_management")
             log.warning("broker management API: %s", e)
             return
+        # After the answer: a message counted in it was published by now (backlog.py).
+        answered_at = self.clock()
         # Queues that disappeared are forgotten, so their pipelines count as missing.
-        self._management = {
-            q["name"]: QueueReading(
-                int(q.get("messages_ready") or 0),
-                int(q.get("messages_unacknowledged") or 0),
-                int(q.get("consumers") or 0),
-                asked_at,
-            )
-            for q in queues
+        self._management = {q["name"]: self._reading(q, asked_at, answered_at) for q in queues}
+        self._published = {
+            name: history for name, history in self._published.items() if name in self._management
         }
+
+    def _reading(self, queue: dict[str, Any], asked_at: float, answered_at: float) -> QueueReading:
+        name = queue["name"]
+        ready = int(queue.get("messages_ready") or 0)
+        published = (queue.get("message_stats") or {}).get("publish")
+        since = None
+        if published is None:
+            self._published.pop(name, None)
+        else:
+            history = self._published.setdefault(name, PublishHistory())
+            since = history.observe(int(published), ready, answered_at)
+        return QueueReading(
+            ready,
+            int(queue.get("messages_unacknowledged") or 0),
+            int(queue.get("consumers") or 0),
+            asked_at,
+            published=None if published is None else int(published),
+            oldest_waiting_since=since,
+        )
 
     def _open_amqp(self) -> pika.adapters.blocking_connection.BlockingChannel:
         if self._channel is not None and self._channel.is_open:

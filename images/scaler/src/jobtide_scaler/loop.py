@@ -11,12 +11,15 @@ event cannot cause a second Job either."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from jobtide_worker import topology
 
 from jobtide_scaler.broker import QueueReading
 from jobtide_scaler.cluster import (
@@ -112,6 +115,7 @@ class Scaler:
         ledger: CreateLedger | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12],
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -121,6 +125,10 @@ class Scaler:
         self.ledger = ledger or CreateLedger()
         self.clock = clock
         self.new_id = new_id
+        self.metrics.max_total_workers.set(config.settings.max_total_workers)
+        # RFC 3339 UTC, as the apiserver writes a Job's failure time: they compare as text.
+        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_clock()))
+        self._failed_seen: set[str] = set()
         self._owner: Mapping[str, Any] | None = None
 
     @property
@@ -155,7 +163,8 @@ class Scaler:
 
     def _observe(self, snapshot: CacheSnapshot) -> dict[str, Observation]:
         pipelines = self.config.pipelines
-        readings = self.broker.read(p.queue for p in pipelines)
+        dead_letter_queues = {p.name: topology.dead_letter_queue(p.queue) for p in pipelines}
+        readings = self.broker.read([*(p.queue for p in pipelines), *dead_letter_queues.values()])
         now = self.clock()
         self.ledger.reconcile(snapshot, now)
         observations = {}
@@ -173,6 +182,10 @@ class Scaler:
                 broker_fresh=fresh,
             )
             m = self.metrics
+            m.max_workers.labels(p.name).set(p.settings.max_workers)
+            dead = readings.get(dead_letter_queues[p.name])
+            if dead is not None:
+                m.dead_letter_messages.labels(p.name).set(dead.ready + dead.unacked)
             m.jobs_active.labels(p.name).set(counts.active)
             m.jobs_pending.labels(p.name).set(counts.pending)
             if reading is not None:
@@ -180,11 +193,18 @@ class Scaler:
                 m.queue_unacked.labels(p.name).set(reading.unacked)
                 m.queue_consumers.labels(p.name).set(reading.consumers)
                 m.broker_data_age.labels(p.name).set(now - reading.read_at)
+                if reading.published is not None:
+                    m.queue_oldest_age.labels(p.name).set(oldest_waiting_age(reading, now))
+                else:
+                    # Unknown is absent, never a 0 that would read as "nothing waits".
+                    with contextlib.suppress(KeyError):
+                        m.queue_oldest_age.remove(p.name)
         return observations
 
     def _cycle(self) -> list[PipelineDecision]:
         self._read_owner()
         snapshot = self.jobs.snapshot()
+        self._count_failures(snapshot)
         observations = self._observe(snapshot)
         wanted = jobs_to_create(
             {p.name: (p.settings, observations[p.name]) for p in self.config.pipelines},
@@ -201,6 +221,18 @@ class Scaler:
         if leading and snapshot.synced and not self.config.dry_run:
             self._trim_failed(snapshot)
         return decisions
+
+    def _count_failures(self, snapshot: CacheSnapshot) -> None:
+        """Count each failed worker Job once, and only those that failed after this scaler
+        started: a restarted scaler does not report old failures as new ones."""
+        failed_now = set()
+        for pipeline, records in snapshot.failed.items():
+            for record in records:
+                failed_now.add(record.uid)
+                if record.uid not in self._failed_seen and record.failed_at >= self._started_at:
+                    self.metrics.jobs_failed.labels(pipeline).inc()
+        # Forget the Jobs that are gone, so the set stays as small as the cache.
+        self._failed_seen = failed_now
 
     def _act(
         self,
@@ -287,6 +319,14 @@ class Scaler:
                     record.name,
                     p.settings.failed_jobs_history_limit,
                 )
+
+
+def oldest_waiting_age(reading: QueueReading, now: float) -> float:
+    """0 when nothing waits (by the live count, fresher than the estimate's)."""
+    since = reading.oldest_waiting_since
+    if reading.ready == 0 or since is None:
+        return 0.0
+    return max(0.0, now - since)
 
 
 def oldest_first(records: Sequence[JobRecord]) -> list[JobRecord]:

@@ -33,6 +33,12 @@ class Metrics:
         self.queue_consumers = per_pipeline(
             "jobtide_queue_consumers", "Consumers of the pipeline's queue."
         )
+        self.queue_oldest_age = per_pipeline(
+            "jobtide_queue_oldest_message_age_seconds",
+            "How long the oldest message waiting in the pipeline's queue has been there, at "
+            "least (estimated from the broker's publish counter; 0 when none waits; absent "
+            "when the broker keeps no message statistics).",
+        )
         self.broker_data_age = per_pipeline(
             "jobtide_broker_data_age_seconds", "Age of the pipeline's broker counts."
         )
@@ -41,6 +47,24 @@ class Metrics:
         )
         self.jobs_pending = per_pipeline(
             "jobtide_jobs_pending", "Worker Jobs with no running pod yet."
+        )
+        self.dead_letter_messages = per_pipeline(
+            "jobtide_dead_letter_messages",
+            "Messages in the pipeline's dead-letter queue (<queue>.dlq).",
+        )
+        self.max_workers = per_pipeline(
+            "jobtide_pipeline_max_workers", "The pipeline's cap on worker Jobs (maxWorkers)."
+        )
+        self.max_total_workers = Gauge(
+            "jobtide_max_total_workers",
+            "The release's cap on worker Jobs over all pipelines (scaler.maxTotalWorkers).",
+            registry=r,
+        )
+        self.jobs_failed = Counter(
+            "jobtide_jobs_failed",
+            "Worker Jobs seen failing since this scaler started.",
+            ["pipeline"],
+            registry=r,
         )
         self.jobs_created = Counter(
             "jobtide_jobs_created", "Worker Jobs created.", ["pipeline"], registry=r

@@ -33,6 +33,7 @@ from jobtide_worker.outcome import (
     dead_letter_headers,
     describe,
     execute,
+    log_task,
 )
 
 _REMEMBERED_DONE = 1000
@@ -392,21 +393,7 @@ class Consumer:
         return outcome
 
     def _log_task(self, delivery: Delivery, outcome: Outcome) -> None:
-        extra: dict[str, str] = {}
-        if outcome.reason:
-            extra["reason"] = outcome.reason
-        if outcome.error is not None:
-            extra["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
-        self.log.defer(
-            INFO if outcome.kind in ("done", "duplicate") else WARNING,
-            "task",
-            outcome=outcome.kind,
-            queue=self.config.queue,
-            message_id=delivery.properties.message_id,
-            attempt=outcome.attempt,
-            duration=f"{outcome.seconds:.3f}",
-            **extra,
-        )
+        log_task(self.log, delivery, outcome, queue=self.config.queue)
 
 
 def _closing_reason(channel: Any) -> str:

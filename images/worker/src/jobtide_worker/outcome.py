@@ -1,4 +1,5 @@
-"""What a delivery is, and what running its task came to: pure, no broker, no threads."""
+"""What a delivery is, what running its task came to and the log line that says so: no broker,
+no threads. The worker (consumer.py) and `run_local` (local.py) both decide through here."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from collections.abc import Callable, Container
 from typing import Any, NamedTuple
 
+from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.task import PermanentError, Task, UndecodableBody
 
 HEADER_PREFIX = "x-jobtide-"
@@ -96,3 +98,22 @@ def dead_letter_headers(
 
 def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:ERROR_TEXT_LIMIT]
+
+
+def log_task(log: EventLog, delivery: Delivery, outcome: Outcome, *, queue: str) -> None:
+    """Queue the one line every task ends in (written by the next `flush` or `event`)."""
+    extra: dict[str, str] = {}
+    if outcome.reason:
+        extra["reason"] = outcome.reason
+    if outcome.error is not None:
+        extra["error"] = f"{type(outcome.error).__name__}: {outcome.error}"[:300]
+    log.defer(
+        INFO if outcome.kind in ("done", "duplicate") else WARNING,
+        "task",
+        outcome=outcome.kind,
+        queue=queue,
+        message_id=delivery.properties.message_id,
+        attempt=outcome.attempt,
+        duration=f"{outcome.seconds:.3f}",
+        **extra,
+    )

@@ -33,25 +33,26 @@ def publish(
             topology.declare(channel, queue)
         channel.confirm_delivery()
         for task in tasks:
-            message_id = uuid.uuid4().hex
-            if isinstance(task, bytes):
-                body, content_type = task, "application/octet-stream"
-            else:
-                body, content_type = json.dumps(task).encode(), "application/json"
+            body, properties = message(task, headers)
             # mandatory: a missing queue raises UnroutableError instead of dropping the task.
-            channel.basic_publish(
-                "",
-                queue,
-                body,
-                pika.BasicProperties(
-                    content_type=content_type,
-                    delivery_mode=pika.DeliveryMode.Persistent,
-                    message_id=message_id,
-                    headers=dict(headers or {}),
-                ),
-                mandatory=True,
-            )
-            message_ids.append(message_id)
+            channel.basic_publish("", queue, body, properties, mandatory=True)
+            message_ids.append(properties.message_id)
     finally:
         connection.close()
     return message_ids
+
+
+def message(task: Any, headers: Mapping[str, Any] | None = None) -> tuple[bytes, Any]:
+    """The body and pika.BasicProperties `publish` sends for one task: `bytes` as they are
+    (application/octet-stream), anything else as JSON; persistent, with a fresh message id."""
+    if isinstance(task, bytes):
+        body, content_type = task, "application/octet-stream"
+    else:
+        body, content_type = json.dumps(task).encode(), "application/json"
+    properties = pika.BasicProperties(
+        content_type=content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=uuid.uuid4().hex,
+        headers=dict(headers or {}),
+    )
+    return body, properties

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JSON_CONTENT_TYPES = ("application/json",)
+# Set by a quorum queue on a redelivery: how many earlier deliveries of the message came back.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 # JSON bodies are UTF-8 (RFC 8259, 8.1), parsed by one decoder made once: json.loads would
 # look for another encoding and check its arguments on every task, a third of its time here.
@@ -69,7 +71,7 @@ class Task:
 def attempt_of(headers: Mapping[str, Any]) -> int:
     """Quorum queues count every earlier delivery that was returned (nack, lost channel,
     crashed worker) in `x-delivery-count`; absent on the first delivery."""
-    raw = headers.get("x-delivery-count")
+    raw = headers.get(DELIVERY_COUNT_HEADER)
     try:
         earlier = int(raw) if raw is not None else 0
     except (TypeError, ValueError):
