@@ -25,6 +25,7 @@ from chartlib import (
     worker_container,
     worker_pod_spec,
 )
+from jobtide_scaler.contracts import reserved_label_keys
 from jobtide_scaler.jobs import LABEL_PIPELINE, WORKER_CONTAINER, job_labels
 from jobtide_worker import topology
 
@@ -189,6 +190,24 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
             pod_labels = doc["spec"]["template"]["metadata"]["labels"]
             assert selector.items() <= pod_labels.items()
             assert "app.kubernetes.io/version" not in selector  # selectors are immutable
+
+
+@pytest.mark.parametrize("values", [None, SCENARIO["two-pipelines"]], ids=case_id)
+def test_the_schema_reserves_every_label_key_the_chart_and_the_scaler_set(
+    values: Path | None,
+) -> None:
+    """A user's label of one of these keys would be overwritten: the schema refuses them.
+    (Rendered without labels of the user's: these are the chart's and the scaler's alone.)"""
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    label_maps = [doc["metadata"]["labels"] for doc in docs]
+    for doc in docs:
+        template = doc.get("template") or doc.get("spec", {}).get("template")
+        if template:
+            label_maps.append(template["metadata"].get("labels", {}))
+    for job in scaler_jobs(docs):
+        label_maps += [job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]]
+    set_keys = {key for labels in label_maps for key in labels}
+    assert set_keys == set(reserved_label_keys())
 
 
 @pytest.mark.parametrize("name", ["jobtide", "etl"])
