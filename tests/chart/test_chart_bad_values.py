@@ -1,6 +1,7 @@
 """Each file under bad-values/ is a mistake a user could make. Its `# expect:` lines are what
 `helm template` and `helm lint --strict` must fail with (the schema's or the chart's own rules,
-naming the field)."""
+naming the field); its `# expect-install:` lines, for mistakes only the cluster can see, what
+the apiserver answers at `helm install` (test_chart_bad_values_install.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ pytestmark = pytest.mark.unit
 RENDER_CHECKED = [path for path in BAD_VALUES if expectations(path)]
 # Mistakes that `helm lint` cannot see, each file saying why on a `# lint: passes` line.
 LINT_BLIND = [path for path in RENDER_CHECKED if "\n# lint: passes" in path.read_text()]
+INSTALL_CHECKED = [path for path in BAD_VALUES if expectations(path, install=True)]
 
 
 def test_corpus_is_large_and_every_file_says_what_it_expects() -> None:
     assert len(RENDER_CHECKED) >= 60
+    assert len(INSTALL_CHECKED) >= 5
     for path in BAD_VALUES:
-        assert expectations(path), f"{path.name} has no '# expect:' line"
+        assert bool(expectations(path)) != bool(expectations(path, install=True)), (
+            f"{path.name} needs '# expect:' or '# expect-install:' lines (one kind)"
+        )
 
 
 @pytest.mark.parametrize("binary", ["helm", "helm4"])
@@ -57,3 +62,12 @@ def test_helm_lint_strict_fails_on_bad_values(values: Path, binary: str) -> None
 def test_what_helm_lint_cannot_see_is_said_in_the_file(values: Path, binary: str) -> None:
     """If lint starts failing on one of these, drop its `# lint: passes` line."""
     assert lint(values, binary).returncode == 0
+
+
+@pytest.mark.parametrize("values", INSTALL_CHECKED, ids=lambda p: p.stem)
+def test_what_only_the_cluster_refuses_renders(values: Path) -> None:
+    """These pass the schema and the chart's rules (the apiserver refuses them at install):
+    if one starts failing here, the chart catches it earlier, so move it to `# expect:`."""
+    result = helm(*template_args([values]), check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "kind: PodTemplate" in result.stdout

@@ -181,7 +181,9 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
         assert labels["app.kubernetes.io/instance"] == "jobs", where
         assert labels["app.kubernetes.io/version"] == "0.1.0", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "test"), where
+        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "worker", "test"), (
+            where
+        )
         assert labels["helm.sh/chart"] == "jobtide-0.1.0", where
         assert doc["metadata"]["namespace"] == "pipelines", where
     for doc in docs:
@@ -528,6 +530,22 @@ def test_without_a_worker_entry_the_worker_comes_first(tmp_path: Path) -> None:
         "worker",
         "agent",
     ]
+
+
+def test_each_pipeline_pod_goes_to_the_apiserver_first_as_a_pod_template() -> None:
+    """A pre-install/pre-upgrade hook: the apiserver checks the workers' pod before anything
+    of the release exists; it is deleted once accepted."""
+    docs = render([SCENARIO["two-pipelines"]])
+    pipelines = scaler_config(docs)["pipelines"]
+    templates = [d for d in docs if d["kind"] == "PodTemplate"]
+    assert len(templates) == len(pipelines) == 2
+    for name in pipelines:
+        pod_template = find(docs, "PodTemplate", f"-{name}")
+        job_template = pipelines[name]["jobTemplate"]["spec"]["template"]
+        assert pod_template["template"] == job_template
+        annotations = pod_template["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
 
 
 def test_secure_defaults_merge_under_overrides(tmp_path: Path) -> None:
