@@ -532,6 +532,24 @@ def test_without_a_worker_entry_the_worker_comes_first(tmp_path: Path) -> None:
     ]
 
 
+def test_worker_pods_request_resources_by_default_and_pipelines_merge_over_them(
+    tmp_path: Path,
+) -> None:
+    """Without requests a node autoscaler has nothing to size a node for."""
+    docs = render_values(tmp_path, {"pipelines": {
+        "plain": {"queue": "plain"},
+        "big": {"queue": "big", "resources": {"requests": {"memory": "2Gi"},
+                                              "limits": {"memory": "4Gi"}}},
+    }})  # fmt: skip
+    assert worker_container(docs, "plain")["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"}
+    }
+    assert worker_container(docs, "big")["resources"] == {
+        "requests": {"cpu": "100m", "memory": "2Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+
+
 def test_each_pipeline_pod_goes_to_the_apiserver_first_as_a_pod_template() -> None:
     """A pre-install/pre-upgrade hook: the apiserver checks the workers' pod before anything
     of the release exists; it is deleted once accepted."""
