@@ -102,10 +102,12 @@ def test_scenarios_cover_the_documented_cases() -> None:
 
 
 # Objects whose own properties only add the chart's rules to a closed Kubernetes shape (the
-# pod spec under podTemplate, see test_chart_schema.py), and the condition that picks out the
-# worker container among podTemplate's containers.
+# pod spec under podTemplate, see test_chart_schema.py), label maps whose properties are the
+# keys refused (any other label is allowed), and the condition that picks out the worker
+# container among podTemplate's containers.
 PASS_THROUGH = {
     "/definitions/podTemplate/properties/spec",
+    "/definitions/userLabels",
     "/definitions/podTemplateContainer/allOf/1/if",
     "/definitions/podTemplateContainer/allOf/1/then",
 }

@@ -103,9 +103,10 @@ def chart_schema(current: str) -> str:
     pipeline = _properties(pipeline_specs())
     schema["properties"]["pipelineDefaults"]["properties"].update(pipeline)
     schema["definitions"]["pipeline"]["properties"].update(pipeline)
-    schema["definitions"]["userLabels"]["propertyNames"] = {
-        "not": {"enum": reserved_label_keys()},
-        "description": "set by the chart or the scaler",
+    # As properties, not propertyNames: helm's validator then names the label in its message.
+    schema["definitions"]["userLabels"]["properties"] = {
+        key: {"not": {}, "description": "set by the chart or the scaler"}
+        for key in reserved_label_keys()
     }
     schema["properties"]["externalBroker"]["properties"]["host"]["pattern"] = (
         f"^$|{HOST_PATTERN}"  # empty while the release runs its own broker
