@@ -566,6 +566,20 @@ def test_each_pipeline_pod_goes_to_the_apiserver_first_as_a_pod_template() -> No
         assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
 
 
+def test_pod_security_level_privileged_lets_a_pipeline_run_as_root(tmp_path: Path) -> None:
+    """The restricted check (bad-values/pod-security-context-runs-as-root.yaml) is the
+    default; a cluster that does not enforce that level can turn it off."""
+    values = {"pipelines": {"build": {
+        "queue": "build",
+        "podTemplate": {"spec": {"securityContext": {"runAsUser": 0, "runAsNonRoot": False}}},
+    }}}  # fmt: skip
+    docs = render_values(tmp_path, {**values, "podSecurityLevel": "privileged"})
+    security = worker_pod_spec(docs, "build")["securityContext"]
+    assert security["runAsUser"] == 0
+    assert security["runAsNonRoot"] is False
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}  # the other defaults stay
+
+
 def test_secure_defaults_merge_under_overrides(tmp_path: Path) -> None:
     docs = render_values(tmp_path, {"pipelines": {"resize": {
         "queue": "resize",
