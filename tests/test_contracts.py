@@ -107,6 +107,8 @@ def test_tls_spellings_accepted(value: str, tls: bool) -> None:
         ("JOBTIDE_BROKER_PORT", "65536"),
         ("JOBTIDE_BROKER_MANAGEMENT_PORT", "-1"),
         ("JOBTIDE_BROKER_HOST", " "),
+        ("JOBTIDE_BROKER_HOST", "amqp://rabbit.example.com:5672"),
+        ("JOBTIDE_BROKER_HOST", "rabbit.example.com:5672"),
         ("JOBTIDE_BROKER_USERNAME", ""),
         ("JOBTIDE_BROKER_PASSWORD", ""),
         ("JOBTIDE_BROKER_PASSWORD_FILE", "/nonexistent/password"),

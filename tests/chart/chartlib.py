@@ -16,8 +16,16 @@ VALIDATED_KUBE_VERSIONS = ("1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0")
 # The Prometheus Operator's kinds the chart can render (off by default): the test bed has no
 # CRDs and no schema for them; the render and monitoring tests check them instead.
 OPERATOR_KINDS = ("ServiceMonitor", "PrometheusRule")
+BAD_VALUES = sorted((Path(__file__).parent / "bad-values").glob("*.yaml"))
 # Every values file a user might start from: defaults (None), the example, each scenario.
 VALUES_CASES: list[Path | None] = [None, EXAMPLE_VALUES, *SCENARIOS]
+
+
+def expectations(path: Path, install: bool = False) -> list[str]:
+    """The `# expect:` lines of a bad-values file (`# expect-install:` ones with `install`)."""
+    prefix = "# expect-install: " if install else "# expect: "
+    lines = path.read_text().splitlines()
+    return [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
 
 
 def case_id(values: Path | None) -> str:

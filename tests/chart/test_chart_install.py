@@ -33,7 +33,8 @@ MINIMAL = CHART / "ci" / "minimal-values.yaml"
 # Cluster-side objects the chart creates; a release must leave none of them behind.
 RELEASE_KINDS = (
     "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
-    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs"
+    "roles,rolebindings,poddisruptionbudgets,networkpolicies,persistentvolumeclaims,jobs,"
+    "podtemplates"
 )
 
 

@@ -25,6 +25,7 @@ from chartlib import (
     worker_container,
     worker_pod_spec,
 )
+from jobtide_scaler.contracts import reserved_label_keys
 from jobtide_scaler.jobs import LABEL_PIPELINE, WORKER_CONTAINER, job_labels
 from jobtide_worker import topology
 
@@ -185,7 +186,9 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
         assert labels["app.kubernetes.io/instance"] == "jobs", where
         assert labels["app.kubernetes.io/version"] == "0.1.0", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "test"), where
+        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "worker", "test"), (
+            where
+        )
         assert labels["helm.sh/chart"] == "jobtide-0.1.0", where
         assert doc["metadata"]["namespace"] == "pipelines", where
     for doc in docs:
@@ -194,6 +197,24 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
             pod_labels = doc["spec"]["template"]["metadata"]["labels"]
             assert selector.items() <= pod_labels.items()
             assert "app.kubernetes.io/version" not in selector  # selectors are immutable
+
+
+@pytest.mark.parametrize("values", [None, SCENARIO["two-pipelines"]], ids=case_id)
+def test_the_schema_reserves_every_label_key_the_chart_and_the_scaler_set(
+    values: Path | None,
+) -> None:
+    """A user's label of one of these keys would be overwritten: the schema refuses them.
+    (Rendered without labels of the user's: these are the chart's and the scaler's alone.)"""
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    label_maps = [doc["metadata"]["labels"] for doc in docs]
+    for doc in docs:
+        template = doc.get("template") or doc.get("spec", {}).get("template")
+        if template:
+            label_maps.append(template["metadata"].get("labels", {}))
+    for job in scaler_jobs(docs):
+        label_maps += [job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]]
+    set_keys = {key for labels in label_maps for key in labels}
+    assert set_keys == set(reserved_label_keys())
 
 
 @pytest.mark.parametrize("name", ["jobtide", "etl"])
@@ -514,6 +535,54 @@ def test_without_a_worker_entry_the_worker_comes_first(tmp_path: Path) -> None:
         "worker",
         "agent",
     ]
+
+
+def test_worker_pods_request_resources_by_default_and_pipelines_merge_over_them(
+    tmp_path: Path,
+) -> None:
+    """Without requests a node autoscaler has nothing to size a node for."""
+    docs = render_values(tmp_path, {"pipelines": {
+        "plain": {"queue": "plain"},
+        "big": {"queue": "big", "resources": {"requests": {"memory": "2Gi"},
+                                              "limits": {"memory": "4Gi"}}},
+    }})  # fmt: skip
+    assert worker_container(docs, "plain")["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"}
+    }
+    assert worker_container(docs, "big")["resources"] == {
+        "requests": {"cpu": "100m", "memory": "2Gi"},
+        "limits": {"memory": "4Gi"},
+    }
+
+
+def test_each_pipeline_pod_goes_to_the_apiserver_first_as_a_pod_template() -> None:
+    """A pre-install/pre-upgrade hook: the apiserver checks the workers' pod before anything
+    of the release exists; it is deleted once accepted."""
+    docs = render([SCENARIO["two-pipelines"]])
+    pipelines = scaler_config(docs)["pipelines"]
+    templates = [d for d in docs if d["kind"] == "PodTemplate"]
+    assert len(templates) == len(pipelines) == 2
+    for name in pipelines:
+        pod_template = find(docs, "PodTemplate", f"-{name}")
+        job_template = pipelines[name]["jobTemplate"]["spec"]["template"]
+        assert pod_template["template"] == job_template
+        annotations = pod_template["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert "hook-succeeded" in annotations["helm.sh/hook-delete-policy"]
+
+
+def test_pod_security_level_privileged_lets_a_pipeline_run_as_root(tmp_path: Path) -> None:
+    """The restricted check (bad-values/pod-security-context-runs-as-root.yaml) is the
+    default; a cluster that does not enforce that level can turn it off."""
+    values = {"pipelines": {"build": {
+        "queue": "build",
+        "podTemplate": {"spec": {"securityContext": {"runAsUser": 0, "runAsNonRoot": False}}},
+    }}}  # fmt: skip
+    docs = render_values(tmp_path, {**values, "podSecurityLevel": "privileged"})
+    security = worker_pod_spec(docs, "build")["securityContext"]
+    assert security["runAsUser"] == 0
+    assert security["runAsNonRoot"] is False
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}  # the other defaults stay
 
 
 def test_secure_defaults_merge_under_overrides(tmp_path: Path) -> None:

@@ -100,12 +100,13 @@ def test_scenarios_cover_the_documented_cases() -> None:
     }  # fmt: skip
 
 
-# Objects deliberately passed through to Kubernetes (their own API validates them), and the
-# condition that picks out the worker container among podTemplate's containers.
+# Objects whose own properties only add the chart's rules to a closed Kubernetes shape (the
+# pod spec under podTemplate, see test_chart_schema.py), label maps whose properties are the
+# keys refused (any other label is allowed), and the condition that picks out the worker
+# container among podTemplate's containers.
 PASS_THROUGH = {
     "/definitions/podTemplate/properties/spec",
-    "/definitions/envList/items",
-    "/definitions/container",
+    "/definitions/userLabels",
     "/definitions/podTemplateContainer/allOf/1/if",
     "/definitions/podTemplateContainer/allOf/1/then",
 }

@@ -149,3 +149,14 @@ merge functions skip those, which would keep a default the user turned off).
 {{- max 1800000 (int64 (ceil (mulf (addf $longest 60) 1000))) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Fails the render with the message given. `helm lint` replaces `fail` with a function that only
+logs and lets the render go on, so a chart's own rules would pass `helm lint --strict`; reaching
+the line after `fail` means that happened, and including a template that does not exist is an
+error lint reports, with the message in it (as the missing template's name).
+*/}}
+{{- define "jobtide.fail" -}}
+{{- fail . }}
+{{- include (printf "values rejected: %s" .) dict }}
+{{- end }}

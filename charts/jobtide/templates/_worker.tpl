@@ -141,3 +141,69 @@ volumeMounts:
 {{- end }}
 {{- toYaml $secured }}
 {{- end }}
+
+{{/*
+Why a pipeline's worker pod spec (as rendered) breaks the restricted Pod Security Standard, as
+a YAML list of messages naming the field; empty when it meets it. A namespace enforcing that
+level refuses every such pod, so the first Job of the pipeline would fail, not the install.
+Checked after the merges above, on what the pod would really carry:
+  include "jobtide.worker.restrictedProblems" (dict "name" $pipelineName "spec" $podSpec)
+*/}}
+{{- define "jobtide.worker.restrictedProblems" -}}
+{{- $problems := list }}
+{{- $spec := .spec }}
+{{- $at := printf "pipelines.%s" .name }}
+{{- $pod := $spec.securityContext | default dict }}
+{{- range $field := list "hostNetwork" "hostPID" "hostIPC" }}
+{{- if eq (toString (get $spec $field)) "true" }}
+{{- $problems = append $problems (printf "%s.podTemplate.spec.%s must not be true" $at $field) }}
+{{- end }}
+{{- end }}
+{{- $volumeTypes := list "configMap" "csi" "downwardAPI" "emptyDir" "ephemeral" "image" "persistentVolumeClaim" "projected" "secret" }}
+{{- range $volume := $spec.volumes }}
+{{- range $type := omit $volume "name" | keys | sortAlpha }}
+{{- if not (has $type $volumeTypes) }}
+{{- $problems = append $problems (printf "%s.extraVolumes: volume %q is a %s volume; allowed: %s" $at $volume.name $type (join ", " $volumeTypes)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $list := list "initContainers" "containers" }}
+{{- range $c := get $spec $list | default list }}
+{{- $sc := $c.securityContext | default dict }}
+{{- $where := printf "%s: %s %q securityContext" $at (trimSuffix "s" $list) $c.name }}
+{{- if ne (toString $sc.allowPrivilegeEscalation) "false" }}
+{{- $problems = append $problems (printf "%s.allowPrivilegeEscalation must be false" $where) }}
+{{- end }}
+{{- if eq (toString $sc.privileged) "true" }}
+{{- $problems = append $problems (printf "%s.privileged must not be true" $where) }}
+{{- end }}
+{{- $caps := $sc.capabilities | default dict }}
+{{- if not (has "ALL" ($caps.drop | default list)) }}
+{{- $problems = append $problems (printf "%s.capabilities.drop must contain ALL" $where) }}
+{{- end }}
+{{- range $cap := $caps.add | default list }}
+{{- if ne $cap "NET_BIND_SERVICE" }}
+{{- $problems = append $problems (printf "%s.capabilities.add must not add %s (only NET_BIND_SERVICE)" $where $cap) }}
+{{- end }}
+{{- end }}
+{{- $nonRoot := ternary $sc.runAsNonRoot $pod.runAsNonRoot (not (kindIs "invalid" $sc.runAsNonRoot)) }}
+{{- if ne (toString $nonRoot) "true" }}
+{{- $problems = append $problems (printf "%s.runAsNonRoot (or the pod's) must be true" $where) }}
+{{- end }}
+{{- $user := ternary $sc.runAsUser $pod.runAsUser (not (kindIs "invalid" $sc.runAsUser)) }}
+{{- if and (not (kindIs "invalid" $user)) (eq (toString $user) "0") }}
+{{- $problems = append $problems (printf "%s.runAsUser (or the pod's) must not be 0" $where) }}
+{{- end }}
+{{- $seccomp := ternary $sc.seccompProfile $pod.seccompProfile (not (kindIs "invalid" $sc.seccompProfile)) | default dict }}
+{{- if not (has (toString $seccomp.type) (list "RuntimeDefault" "Localhost")) }}
+{{- $problems = append $problems (printf "%s.seccompProfile.type (or the pod's) must be RuntimeDefault or Localhost" $where) }}
+{{- end }}
+{{- range $c.ports }}
+{{- if .hostPort }}
+{{- $problems = append $problems (printf "%s: %s %q must not use a hostPort" $at (trimSuffix "s" $list) $c.name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $problems }}
+{{- end }}

@@ -6,7 +6,9 @@
 From the settings (`jobtide_worker.pipeline_settings.PipelineSettings`,
 `jobtide_scaler.settings.ScalerSettings`): their blocks in the scaler's configuration schema,
 in the chart's values schema and in the chart's values.yaml (defaults and `# --` comments),
-and the list of setting keys the chart copies into the scaler's configuration. From the queue
+and the list of setting keys the chart copies into the scaler's configuration. From the Kubernetes
+OpenAPI schemas (`jobtide_scaler.kubeschema`): the shapes of the Kubernetes objects values pass
+through, in the chart's values schema. From the queue
 topology (`jobtide_worker.topology`): the chart's per-pipeline broker definitions, as a JSON
 skeleton whose placeholders the chart fills in for each pipeline (Helm cannot run Python).
 
@@ -25,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from jobtide_worker import topology
+from jobtide_worker.config import HOST_PATTERN
 from jobtide_worker.pipeline_settings import PipelineSettings, SettingSpec, setting_specs
 
+from jobtide_scaler import kubeschema
+from jobtide_scaler.jobs import job_labels
 from jobtide_scaler.settings import ScalerSettings
 
 COMMAND = "python -m jobtide_scaler.contracts --write"
@@ -73,12 +78,41 @@ def scaler_schema(current: str) -> str:
     return _json_text(schema)
 
 
+# The label keys the chart's templates set on the objects they render (_helpers.tpl,
+# "jobtide.labels"); tests/chart checks that every rendered object has no other chart label.
+CHART_LABEL_KEYS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+
+
+def reserved_label_keys() -> list[str]:
+    """Label keys the chart or the scaler sets: a user's label of the same key would be
+    overwritten without a word, so the schema refuses it."""
+    return sorted({*CHART_LABEL_KEYS, *job_labels("release", "pipeline")})
+
+
 def chart_schema(current: str) -> str:
     schema = json.loads(current)
     schema["properties"]["scaler"]["properties"].update(_properties(scaler_specs()))
     pipeline = _properties(pipeline_specs())
     schema["properties"]["pipelineDefaults"]["properties"].update(pipeline)
     schema["definitions"]["pipeline"]["properties"].update(pipeline)
+    # As properties, not propertyNames: helm's validator then names the label in its message.
+    schema["definitions"]["userLabels"]["properties"] = {
+        key: {"not": {}, "description": "set by the chart or the scaler"}
+        for key in reserved_label_keys()
+    }
+    schema["properties"]["externalBroker"]["properties"]["host"]["pattern"] = (
+        f"^$|{HOST_PATTERN}"  # empty while the release runs its own broker
+    )
+    ours = {k: v for k, v in schema["definitions"].items() if not k.startswith(kubeschema.PREFIX)}
+    schema["definitions"] = {**ours, **kubeschema.definitions()}
     return _json_text(schema)
 
 

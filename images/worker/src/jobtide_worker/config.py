@@ -8,6 +8,7 @@ worker, the publisher and the scaler all use them."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 from collections.abc import Callable, Mapping
@@ -25,6 +26,9 @@ T = TypeVar("T")
 # What a worker started without the scaler's variables does: the pipeline settings' defaults.
 _PIPELINE_DEFAULTS = PipelineSettings()
 _PIPELINE_SPECS = setting_specs(PipelineSettings)
+# A broker host: a DNS name or an IPv4 address, never a URL (`amqp://host:5672`) or host:port.
+# The chart's schema takes its externalBroker.host pattern from here.
+HOST_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 class ConfigError(ValueError):
@@ -60,7 +64,7 @@ class BrokerConfig:
     @classmethod
     def _read(cls, e: _Env) -> BrokerConfig:
         return cls(
-            host=e.required("JOBTIDE_BROKER_HOST"),
+            host=e.host("JOBTIDE_BROKER_HOST"),
             port=e.port("JOBTIDE_BROKER_PORT", 5672),
             vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
             username=e.secret("JOBTIDE_BROKER_USERNAME"),
@@ -202,6 +206,13 @@ class _Env:
     def required(self, name: str) -> str:
         value = self.env.get(name, "").strip()
         return value or self._problem(name, "is required", "")
+
+    def host(self, name: str) -> str:
+        value = self.required(name)
+        if value and not re.fullmatch(HOST_PATTERN, value):
+            problem = "expected a host name or IPv4 address (no scheme, port or path)"
+            return self._problem(name, f"{problem}, got {value!r}", value)
+        return value
 
     def secret(self, name: str) -> str:
         """From `name` or the file named by `name_FILE`; never echoed in errors."""

@@ -35,6 +35,10 @@ B = TypeVar("B", bound="SettingsBlock")
 _SPEC = "jobtide.setting"
 # The kinds a setting may have, by annotation (a string under postponed evaluation).
 _KINDS: dict[str, type] = {"int": int, "float": float}
+# The bound of a setting that names none: the largest value of Kubernetes' int32 fields (two
+# settings become backoffLimit and ttlSecondsAfterFinished). Without one, a value beyond 64 bits
+# passes the schema and wraps around or loses digits on its way (Helm reads numbers as float64).
+DEFAULT_MAXIMUM = 2**31 - 1
 # Made on first use: every settings object is checked against its class's specs when made.
 _SPECS_BY_CLASS: dict[type[SettingsBlock], dict[str, SettingSpec]] = {}
 
@@ -72,7 +76,7 @@ class SettingSpec:
         if self.exclusive_minimum is not None and value <= self.exclusive_minimum:
             return f"{self.key}: must be greater than {self.exclusive_minimum:g}, got {value!r}"
         if self.maximum is not None and value > self.maximum:
-            return f"{self.key}: must be at most {self.maximum:g}, got {value!r}"
+            return f"{self.key}: must be at most {self.maximum:.15g}, got {value!r}"
         return None
 
     def json_schema(self) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def setting(
     doc: str,
     minimum: float | None = None,
     exclusive_minimum: float | None = None,
-    maximum: float | None = None,
+    maximum: float = DEFAULT_MAXIMUM,
 ) -> T:
     """A settings field; its key and kind are filled in from the field by `setting_specs`.
     A float field may have an integral default (`5`): the chart's values show it as written."""
