@@ -207,9 +207,11 @@ def test_two_releases_share_a_namespace_and_uninstall_cleanly(
 
 
 # What the scaler calls (images/scaler: cluster.py and leader.py), and what it must not.
-ALLOWED = [("batch", "jobs", verb) for verb in ("list", "watch", "create", "delete")] + [
-    ("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")
-]
+ALLOWED = (
+    [("batch", "jobs", verb) for verb in ("list", "watch", "create", "delete")]
+    + [("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")]
+    + [("", "events", "create")]
+)
 FORBIDDEN = [
     ("batch", "jobs", "get"), ("batch", "jobs", "update"), ("batch", "jobs", "patch"),
     ("batch", "jobs", "deletecollection"),
@@ -220,7 +222,7 @@ FORBIDDEN = [
     ("", "serviceaccounts/token", "create"), ("coordination.k8s.io", "leases", "delete"),
     ("coordination.k8s.io", "leases", "list"), ("apps", "deployments", "create"),
     ("apps", "statefulsets", "update"), ("rbac.authorization.k8s.io", "roles", "create"),
-    ("", "events", "create"), ("events.k8s.io", "events", "create"),
+    ("", "events", "update"), ("", "events", "list"), ("events.k8s.io", "events", "create"),
 ]  # fmt: skip
 
 
@@ -271,6 +273,22 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     created_job = create_worker_job_as_scaler(kube, namespace, "jobs", tmp_path)
     assert created_job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     as_scaler = tmp_path / "jobs-scaler.kubeconfig"
+    # It reports an Event on its Deployment, the owner of the Jobs, as the scaler does.
+    from jobtide_scaler.cluster import Cluster
+    from jobtide_scaler.events import Event
+    from kubernetes import config as k8s_config
+
+    cluster = Cluster(k8s_config.new_client_from_config(config_file=str(as_scaler)), namespace, "")
+    owner = created_job["metadata"]["ownerReferences"][0]
+    cluster.post_event(owner, Event("AtCap", "pipeline hello held at maxWorkers"))
+    events = json.loads(kube.kubectl(
+        "get", "events", "-n", namespace, "-o", "json",
+        "--field-selector", f"involvedObject.uid={owner['uid']}",
+    ).stdout)["items"]  # fmt: skip
+    ours = [e for e in events if e["source"].get("component") == "jobtide-scaler"]
+    assert [(e["reason"], e["type"], e["message"]) for e in ours] == [
+        ("AtCap", "Normal", "pipeline hello held at maxWorkers")
+    ]
     secret = kube.kubectl(
         "get", "secret", "jobs-jobtide-rabbitmq", "-n", namespace,
         kubeconfig=as_scaler, check=False,

@@ -110,6 +110,7 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
         (["batch"], ["jobs"], ["list", "watch", "create", "delete"]),
         (["apps"], ["deployments"], ["get"]),
+        ([""], ["events"], ["create"]),
         (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
     ]
     # The Deployment rule names the scaler's own Deployment, the owner of its Jobs, only.

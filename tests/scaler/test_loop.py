@@ -5,7 +5,7 @@ against the test bed in test_scaler_integration.py."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from jobtide_scaler.cluster import (
     count_jobs,
 )
 from jobtide_scaler.config import ScalerConfig, build_config
+from jobtide_scaler.events import Event
 from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
 from jobtide_scaler.loop import CreateLedger, Scaler
 from jobtide_scaler.metrics import Metrics
@@ -77,6 +78,7 @@ class FakeJobs:
         # The Deployments the apiserver would return; reading another one fails as a 404.
         self.deployments: dict[str, dict[str, Any]] = {}
         self.deployment_reads = 0
+        self.events: list[tuple[dict[str, Any], Event]] = []
 
     def snapshot(self) -> CacheSnapshot:
         failed: dict[str, list[JobRecord]] = {}
@@ -114,6 +116,9 @@ class FakeJobs:
         if outcome is CreateOutcome.CREATED:
             return CreateResult(outcome, name=name)
         return CreateResult(outcome, reason="injected")
+
+    def post_event(self, owner: Mapping[str, Any], event: Event) -> None:
+        self.events.append((dict(owner), event))
 
     def read_deployment(self, name: str) -> dict[str, Any]:
         self.deployment_reads += 1
@@ -435,3 +440,44 @@ def test_caps_and_the_dead_letter_queue_are_exported() -> None:
         w.scaler.config.pipelines[0].settings.max_workers
     )
     assert w.metric("jobtide_max_total_workers") == w.scaler.config.settings.max_total_workers
+
+
+def test_the_leader_reports_events_on_the_owner_and_a_follower_does_not() -> None:
+    w = world(ownerDeployment="jobs-jobtide-scaler")
+    w.jobs.deployments["jobs-jobtide-scaler"] = {
+        "metadata": {"name": "jobs-jobtide-scaler", "uid": "uid-deploy"}
+    }
+    max_workers = w.scaler.config.pipelines[0].settings.max_workers
+    w.broker.counts["resize-q"] = (10 * max_workers, 0)
+    w.leader.leading = False
+    w.cycle()
+    assert w.jobs.events == []
+    w.leader.leading = True
+    # Up to the cap at maxNewPerCycle a cycle: creations are reported at once (then summed
+    # up a minute later), reaching the cap once.
+    while w.jobs.jobs_of("resize") < max_workers:
+        w.cycle()
+        w.jobs.catch_up()
+    w.cycle(advance=60)
+    owners = {owner["uid"] for owner, _ in w.jobs.events}
+    assert owners == {"uid-deploy"}
+    assert [event.reason for _, event in w.jobs.events] == ["JobsCreated", "AtCap", "JobsCreated"]
+    assert f"created {max_workers - w.scaler.config.pipelines[0].settings.max_new_per_cycle}" in (
+        w.jobs.events[-1][1].message
+    )
+    w.broker.read_at = w.clock.now - 100  # the broker's counts go stale
+    w.cycle()
+    assert w.jobs.events[-1][1].reason == "BrokerCountsStale"
+
+
+def test_a_lost_event_never_stops_the_scaling() -> None:
+    w = world(ownerDeployment="jobs-jobtide-scaler")
+    w.jobs.deployments["jobs-jobtide-scaler"] = {"metadata": {"name": "d", "uid": "u"}}
+
+    def refuse(owner: Mapping[str, Any], event: Event) -> None:
+        raise RuntimeError("events are forbidden")
+
+    w.jobs.post_event = refuse  # type: ignore[method-assign]
+    w.broker.counts["resize-q"] = (1, 0)
+    assert w.cycle() == {"resize": "create"}
+    assert w.metric("jobtide_errors_total", kind="kubernetes_event") == 1

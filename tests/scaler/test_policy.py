@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from jobtide_scaler.policy import Observation, PipelineSettings, jobs_to_create
+from jobtide_scaler.policy import Observation, PipelineSettings, jobs_to_create, limiting_cap
 
 pytestmark = pytest.mark.unit
 
@@ -70,6 +70,23 @@ def test_global_cap_counts_stale_pipelines_active_jobs() -> None:
         "fresh": (policy(), seen(ready=9)),
     }
     assert jobs_to_create(pipelines, 10) == {"stale": 0, "fresh": 2}
+
+
+@pytest.mark.parametrize(
+    ("settings", "observation", "granted", "cap"),
+    [
+        pytest.param(policy(max_workers=4), seen(ready=9), 4, "maxWorkers", id="reaches its cap"),
+        pytest.param(policy(max_workers=4), seen(ready=9, active=4), 0, "maxWorkers", id="at it"),
+        pytest.param(policy(max_workers=4), seen(ready=4), 4, None, id="demand fits exactly"),
+        pytest.param(policy(max_new=3), seen(ready=9), 3, None, id="paced, not capped"),
+        pytest.param(policy(), seen(ready=9), 2, "maxTotalWorkers", id="room shared out"),
+        pytest.param(policy(max_workers=4), seen(ready=9, fresh=False), 0, None, id="stale"),
+    ],
+)
+def test_limiting_cap_names_the_cap_that_holds_a_pipeline_back(
+    settings: PipelineSettings, observation: Observation, granted: int, cap: str | None
+) -> None:
+    assert limiting_cap(settings, observation, granted) == cap
 
 
 def test_invalid_settings_name_the_field() -> None:

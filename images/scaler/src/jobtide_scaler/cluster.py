@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import enum
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +29,8 @@ import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
+from jobtide_scaler.events import Event
+from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE, MANAGER
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +205,7 @@ class Cluster:
     ) -> None:
         self.batch = k8s.BatchV1Api(api_client)
         self.apps = k8s.AppsV1Api(api_client)
+        self.core = k8s.CoreV1Api(api_client)
         self.create_timeout = create_timeout
         self.namespace = namespace
         self.selector = selector
@@ -375,6 +379,33 @@ class Cluster:
         return deployment
 
     # --- writes ------------------------------------------------------------------------
+
+    def post_event(self, owner: Mapping[str, Any], event: Event) -> None:
+        """A core/v1 Event about `owner` (an owner reference), as `kubectl describe` shows
+        them; the scaler's pod name is the reporting instance."""
+        self._on_request("create")
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{owner['name']}.", "namespace": self.namespace},
+            "involvedObject": {**owner, "namespace": self.namespace},
+            "reason": event.reason,
+            "message": event.message,
+            "type": "Warning" if event.warning else "Normal",
+            "source": {"component": MANAGER},
+            "reportingComponent": MANAGER,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.core.create_namespaced_event(
+            self.namespace,
+            body,  # type: ignore[arg-type]
+            _preload_content=False,
+            _request_timeout=CREATE_TIMEOUT,
+        )
 
     def create_job(self, manifest: Mapping[str, Any]) -> CreateResult:
         self._on_request("create")

@@ -30,9 +30,10 @@ from jobtide_scaler.cluster import (
     JobRecord,
 )
 from jobtide_scaler.config import PipelineConfig, ScalerConfig
+from jobtide_scaler.events import Event, EventPolicy, PipelineFacts
 from jobtide_scaler.jobs import build_job, owner_reference
 from jobtide_scaler.metrics import Metrics
-from jobtide_scaler.policy import Observation, jobs_to_create
+from jobtide_scaler.policy import Observation, jobs_to_create, limiting_cap
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class JobStore(Protocol):
     def delete_failed_job(self, record: JobRecord) -> None: ...
 
     def read_deployment(self, name: str) -> dict[str, Any]: ...
+
+    def post_event(self, owner: Mapping[str, Any], event: Event) -> None: ...
 
 
 class Leadership(Protocol):
@@ -130,6 +133,10 @@ class Scaler:
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_clock()))
         self._failed_seen: set[str] = set()
         self._owner: Mapping[str, Any] | None = None
+        self.events = EventPolicy()
+        # Per pipeline, this cycle: Jobs created and why a create failed.
+        self._created: dict[str, int] = {}
+        self._create_failed: dict[str, str] = {}
 
     @property
     def owner_known(self) -> bool:
@@ -212,6 +219,7 @@ class Scaler:
         )
         leading = self.leadership.is_leader()
         decisions = []
+        self._created, self._create_failed = {}, {}
         for p in self.config.pipelines:
             observation = observations[p.name]
             count = wanted.get(p.name, 0)
@@ -220,7 +228,33 @@ class Scaler:
             decisions.append(PipelineDecision(p.name, result))
         if leading and snapshot.synced and not self.config.dry_run:
             self._trim_failed(snapshot)
+            self._report(observations, wanted)
         return decisions
+
+    def _report(self, observations: Mapping[str, Observation], wanted: Mapping[str, int]) -> None:
+        """Post this cycle's Events on the owner (the leader only: one voice per release)."""
+        if self._owner is None:
+            return
+        now = self.clock()
+        for p in self.config.pipelines:
+            o = observations[p.name]
+            facts = PipelineFacts(
+                pipeline=p.name,
+                queue=p.queue,
+                broker_fresh=o.broker_fresh,
+                cap=limiting_cap(p.settings, o, wanted.get(p.name, 0)),
+                active_jobs=o.active_jobs,
+                backlog=o.ready + o.unacked,
+                created=self._created.get(p.name, 0),
+                create_failed=self._create_failed.get(p.name),
+            )
+            for event in self.events.observe(facts, now):
+                try:
+                    self.jobs.post_event(self._owner, event)
+                except Exception as e:
+                    # An Event is a courtesy: losing one never stops the scaling.
+                    self.metrics.error("kubernetes_event")
+                    log.warning("posting Event %s: %s", event.reason, e)
 
     def _count_failures(self, snapshot: CacheSnapshot) -> None:
         """Count each failed worker Job once, and only those that failed after this scaler
@@ -284,7 +318,9 @@ class Scaler:
                 self.ledger.created(p.name, create_id, self.clock())
                 self.metrics.jobs_created.labels(p.name).inc()
                 created += 1
+                self._created[p.name] = created
                 continue
+            self._create_failed[p.name] = result.reason or result.outcome.value
             if result.outcome is CreateOutcome.UNKNOWN:
                 self.ledger.unknown(p.name, create_id, self.clock())
                 self.metrics.error("kubernetes_create_unknown")

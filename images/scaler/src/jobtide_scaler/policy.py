@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from jobtide_worker.pipeline_settings import PipelineSettings
 
-__all__ = ["Observation", "PipelineSettings", "desired_workers", "jobs_to_create"]
+__all__ = ["Observation", "PipelineSettings", "desired_workers", "jobs_to_create", "limiting_cap"]
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,16 @@ class Observation:
                 raise ValueError(f"{name} must not be negative")
 
 
-def desired_workers(policy: PipelineSettings, observation: Observation) -> int:
-    """Active Jobs the pipeline should have for this backlog, within its own caps."""
+def _demand(policy: PipelineSettings, observation: Observation) -> int:
     backlog = observation.ready + observation.unacked
     if backlog > policy.activation_messages:
-        demand = -(-backlog // policy.messages_per_worker)
-    else:
-        demand = 0
-    return min(max(demand, policy.min_workers), policy.max_workers)
+        return -(-backlog // policy.messages_per_worker)
+    return 0
+
+
+def desired_workers(policy: PipelineSettings, observation: Observation) -> int:
+    """Active Jobs the pipeline should have for this backlog, within its own caps."""
+    return min(max(_demand(policy, observation), policy.min_workers), policy.max_workers)
 
 
 def _wanted(policy: PipelineSettings, observation: Observation) -> int:
@@ -110,3 +112,18 @@ def jobs_to_create(
         if granted[name] < wanted[name]:
             heapq.heappush(heap, (workers + 1, name))
     return granted
+
+
+def limiting_cap(policy: PipelineSettings, observation: Observation, granted: int) -> str | None:
+    """The cap that keeps the pipeline below its backlog's demand this cycle, once `granted`
+    new Jobs are created: "maxTotalWorkers" (the room left was shared out), "maxWorkers", or
+    None. Waiting for `maxNewPerCycle` is a pace, not a cap."""
+    if granted < _wanted(policy, observation):
+        return "maxTotalWorkers"
+    if (
+        observation.broker_fresh
+        and _demand(policy, observation) > policy.max_workers
+        and observation.active_jobs + granted >= policy.max_workers
+    ):
+        return "maxWorkers"
+    return None
