@@ -118,8 +118,8 @@ class NodePool:
     # taint, the drain, the instance's deletion and the node's and claim's finalizers.
     # Karpenter drains for at least 5 s, empty nodes too (MinDrainTime in
     # pkg/controllers/node/termination: the scheduler may not have seen the taint yet); its
-    # kwok provider on the test bed took 5.3 s (median, docs/autoscaled-pool.md). A cloud's
-    # instance shutdown after that is not counted.
+    # kwok provider on the test bed took 5.3-6.6 s (medians of four runs,
+    # docs/autoscaled-pool.md). A cloud's instance shutdown after that is not counted.
     termination_seconds: float = 5.0
     batch_idle_seconds: float = 1.0
     batch_max_seconds: float = 10.0
