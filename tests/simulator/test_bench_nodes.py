@@ -71,6 +71,14 @@ KNOWN_MISSES = frozenset(
         "diurnal/karpenter at-most evictable",
         "diurnal/ca at-most evictable",
         "steady/ca at-most evictable",
+        # Since Karpenter's validation (15 s) and termination (5 s) are modelled, a removed
+        # node is billed at least 20 s more: the trickle's many short-lived nodes (jobtide
+        # 6012 -> 6495 node-s, 0.25 % above the goal; the HPA keeps its one node throughout,
+        # 10799), and the evictable KEDA on steady, which consolidation repacks at the price
+        # of 16 busy workers' work.
+        "steady/karpenter at-most evictable",
+        "trickle/karpenter hpa",
+        "trickle/karpenter-when-empty hpa",
         "diurnal/karpenter hpa",
         "diurnal/karpenter-when-empty hpa",
         "diurnal/ca hpa",

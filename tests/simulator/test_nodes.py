@@ -17,6 +17,7 @@ from jobtide_scaler.simulate.nodes import (
     Consolidation,
     Levers,
     Node,
+    NodeLife,
     NodePool,
     Scheduler,
     choose_node,
@@ -30,8 +31,11 @@ from simlib import FIXED
 
 pytestmark = pytest.mark.unit
 
-# Four workers per node, nodes ready 30 s after their launch.
-POOL = NodePool(provisioning_seconds=(30, 30))
+# Four workers per node, nodes ready 30 s after their launch. Karpenter's validation of a
+# decision and the node's termination take no time here, so that each case's figures are
+# those of what it is about; KARPENTER_POOL has them, and its own cases below.
+POOL = NodePool(provisioning_seconds=(30, 30), validation_seconds=0, termination_seconds=0)
+KARPENTER_POOL = NodePool(provisioning_seconds=(30, 30))
 NO_LEVERS = Levers()
 GUARDED = Levers(karpenter_do_not_disrupt=True, ca_safe_to_evict=False)
 
@@ -51,6 +55,60 @@ def test_one_node_from_launch_to_consolidation() -> None:
     assert metrics.pod_seconds == pytest.approx(20)
     assert (metrics.nodes_launched, metrics.peak_nodes) == (1, 1)
     assert metrics.node_seconds == pytest.approx(89)
+
+
+def test_karpenter_validates_its_decision_then_terminates_the_node() -> None:
+    # test_one_node_from_launch_to_consolidation with Karpenter's own delays: the check at 90
+    # decides to remove the empty node, validates the decision 15 s later (105: still empty,
+    # no pod event since 51) and deletes its claim; the instance is gone 5 s later (110).
+    result = simulate(tasks(10), FIXED, JobtideScaler(FIXED), pool=KARPENTER_POOL)
+    assert result.metrics.node_seconds == pytest.approx(109)
+    assert result.nodes == (
+        NodeLife(launched=1, ready=31, emptied=51, last_pod_event=51, decided=105, gone=110),
+    )
+
+
+def test_a_pod_bound_during_the_validation_keeps_the_node() -> None:
+    # A second task arrives at 92, while the decision of 90 waits for its validation. The
+    # scaler's decision at 95 starts a worker, bound to the node (not cordoned yet): a pod
+    # event at 95, so at 105 the node is no longer consolidatable and is kept. The worker is
+    # up at 100, works until 110 and exits at 115 (a pod event); the checks every 10 s from
+    # 105 find it consolidatable at 145, validated at 160, gone at 165.
+    workload = Workload("hand", (Task(0.0, 10), Task(92.0, 10)), 92.0)
+    result = simulate(workload, FIXED, JobtideScaler(FIXED), pool=KARPENTER_POOL)
+    assert result.metrics.wait_p99 == pytest.approx(36)
+    assert result.metrics.jobs_created == 2
+    assert result.metrics.node_seconds == pytest.approx(164)
+    assert (result.nodes[0].decided, result.nodes[0].gone) == (160, 165)
+
+
+@pytest.mark.parametrize(("ttl", "last_event", "node_seconds"), [(30, 81, 139), (300, 51, 109)])
+def test_a_finished_jobs_deletion_is_a_pod_event(
+    ttl: int, last_event: float, node_seconds: float
+) -> None:
+    # The worker exits at 51. Its Job's TTL deletes it, and its pod, at 51 + ttl: the pod
+    # turns terminating, an event Karpenter records. With 30 s (the autoscaled-pool
+    # benchmark's), at 81, before the node was taken: consolidatable at 111, decided at the
+    # check of 120, validated at 135, gone at 140. With 300 s the node is long gone.
+    settings = replace(FIXED, ttl_seconds_after_finished=ttl)
+    result = simulate(tasks(10), settings, JobtideScaler(settings), pool=KARPENTER_POOL)
+    assert result.nodes[0].last_pod_event == last_event
+    assert result.metrics.node_seconds == pytest.approx(node_seconds)
+
+
+def test_karpenter_records_pod_events_at_most_every_ten_seconds() -> None:
+    node = Node(0, 0.0)
+    node.ready_at = 0.0
+    pool = NodePool(consolidate_after_seconds=30)
+    assert not node.consolidatable(pool, 29.9)  # since it became ready
+    assert node.consolidatable(pool, 30.0)
+    node.bind(1, pool, 5.0)
+    node.unbind(1, pool, 12.0)  # 7 s after the last event recorded: not recorded
+    assert (node.last_pod_event, node.emptied_at) == (5.0, 12.0)
+    assert node.consolidatable(pool, 35.0)
+    node.pod_event(15.0)  # 10 s after: recorded
+    assert node.last_pod_event == 15.0
+    assert not node.consolidatable(pool, 44.9)
 
 
 def test_two_nodes_filling() -> None:
@@ -268,9 +326,10 @@ def test_ideal_node_seconds_by_hand() -> None:
     settings = replace(FIXED, startup_seconds=(10, 10))
     pool = NodePool(provisioning_seconds=(60, 60))
     # Five simultaneous 100 s tasks, budget 0: five pods, each up 10 s before its task,
-    # 2 nodes for 110 s, each paying one 60 s launch and Karpenter's 30 s for an empty node.
+    # 2 nodes for 110 s, each paying one 60 s launch and Karpenter's least time for an empty
+    # node: its 30 s consolidateAfter, 15 s validation and 5 s termination.
     assert ideal_node_seconds(tasks(*[100] * 5), settings, pool, 0.0) == pytest.approx(
-        2 * (110 + 60 + 30), abs=0.01
+        2 * (110 + 60 + 30 + 15 + 5), abs=0.01
     )
 
 
@@ -317,7 +376,7 @@ def test_levers_and_requests_from_values() -> None:
     }
     values["pipelines"]["resize"]["env"] = [{"name": "JOBTIDE_CONSUMER_PRIORITY", "value": "none"}]
     assert levers_from_values(values, None) == Levers(
-        ca_safe_to_evict=False, evicted_pod_retried=False
+        ca_safe_to_evict=False, evicted_pod_retried=False, finished_pods_deleted=True
     )
     values["pipelines"]["resize"]["resources"] = {"requests": {"memory": "a lot"}}
     with pytest.raises(ValueError, match=r"pipelines\.resize\.resources\.requests\.memory"):
@@ -335,12 +394,16 @@ def test_node_options_through_the_command(
         "pipelines: {resize: {queue: resize}}\n"
     )
     arguments = ["--trace", str(trace), "--values", str(values), "--format", "json"]
-    code = main([*arguments, "--autoscaler", "ca", "--node-cpu", "4", "--policy", "jobtide"])
-    assert code == 0
-    jobtide = json.loads(capsys.readouterr().out)["policies"]["jobtide"]
-    # Three tasks, two workers of 2 CPUs per 4-CPU node: one node, kept 10 minutes empty.
-    assert (jobtide["nodes_launched"], jobtide["busy_pods_disrupted"]) == (1, 0)
-    assert jobtide["node_seconds"] > 600
+    billed = []
+    for termination in ("0", "30"):
+        command = [*arguments, "--autoscaler", "ca", "--node-cpu", "4", "--policy", "jobtide"]
+        assert main([*command, "--node-termination", termination]) == 0
+        jobtide = json.loads(capsys.readouterr().out)["policies"]["jobtide"]
+        # Three tasks, two workers of 2 CPUs per 4-CPU node: one node, kept 10 minutes empty.
+        assert (jobtide["nodes_launched"], jobtide["busy_pods_disrupted"]) == (1, 0)
+        assert jobtide["node_seconds"] > 600
+        billed.append(jobtide["node_seconds"])
+    assert billed[1] - billed[0] == pytest.approx(30)  # the one node's termination
     assert main([*arguments, "--autoscaler", "none", "--policy", "jobtide"]) == 0
     assert "node_seconds" not in json.loads(capsys.readouterr().out)["policies"]["jobtide"]
     assert main([*arguments, "--pod-cpu", "8", "--policy", "jobtide"]) == 2

@@ -311,6 +311,17 @@ class AutoscaledPool:
 
 
 @dataclass
+class PodRecord:
+    """A pod bound to one of the pool's nodes, in seconds after the watch began (times read
+    from the API have its 1 s precision, times seen by a sample the sampling period's)."""
+
+    node: str
+    bound: float | None = None  # its PodScheduled condition
+    exited: float | None = None  # its container's finishedAt
+    deleted: float | None = None  # its deletionTimestamp, or when it was first seen gone
+
+
+@dataclass
 class NodeRecord:
     """One node of the pool, in seconds after the watch began."""
 
@@ -323,11 +334,27 @@ class NodeRecord:
     ready: float | None = None
     gone: float | None = None
     allocatable: Mapping[str, str] = field(default_factory=dict)
+    claim: str = ""
+    # Karpenter's view of it, from its NodeClaim: the last pod event it recorded
+    # (`status.lastPodEventTime`), when it became Consolidatable, and the claim's deletion
+    # (`deletionTimestamp`: the disruption decision, once validated), and when the claim was
+    # gone. And the Node's own deletionTimestamp.
+    last_pod_event: float | None = None
+    consolidatable: float | None = None
+    decided: float | None = None
+    node_deleting: float | None = None
+    claim_gone: float | None = None
+    pods: list[PodRecord] = field(default_factory=list)
 
     @property
     def billed_from(self) -> float:
         """A node is billed from its launch (from its appearance if its claim was missed)."""
         return self.seen if self.launched is None else min(self.launched, self.seen)
+
+    def last(self, what: str) -> float | None:
+        """The latest `bound`, `exited` or `deleted` of its pods."""
+        times = [t for pod in self.pods if (t := getattr(pod, what)) is not None]
+        return max(times) if times else None
 
 
 def list_objects(kubeconfig: Path, *args: str) -> list[dict[str, Any]]:
@@ -344,15 +371,19 @@ def pool_nodes(kubeconfig: Path, node_pool: str | None = None) -> list[dict[str,
 
 class NodeWatch:
     """The nodes of one NodePool, looked at on each `sample()` (e.g. once a second, as a
-    chartnode.Watcher listener): launches, Ready times, removals, node-seconds, peak."""
+    chartnode.Watcher listener): launches, Ready times, removals, node-seconds, peak; and
+    with `pods_namespace`, each node's tail: its pods' binding, exit and deletion, and
+    Karpenter's last pod event, disruption decision and the claim's removal."""
 
-    def __init__(self, kubeconfig: Path, node_pool: str) -> None:
+    def __init__(self, kubeconfig: Path, node_pool: str, pods_namespace: str | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.node_pool = node_pool
+        self.pods_namespace = pods_namespace
         self.started = time.monotonic()
         self.started_epoch = time.time()  # the same instant, on the wall clock
         self.records: dict[str, NodeRecord] = {}
         self.counts: list[tuple[float, int]] = []
+        self.pods: dict[str, PodRecord] = {}  # by uid
 
     def sample(self, *_: object) -> None:
         """Look at the nodes once (extra arguments ignored: a Watcher passes its Sample)."""
@@ -368,23 +399,79 @@ class NodeWatch:
             )
             if record.ready is None and node_ready(node):
                 record.ready = now
+            deleting = node["metadata"].get("deletionTimestamp")
+            if deleting and record.node_deleting is None:
+                record.node_deleting = self._since(deleting)
         for record in self.records.values():
             if record.gone is None and record.name not in present:
                 record.gone = now
-        if any(r.launched is None and r.gone is None for r in self.records.values()):
-            self._read_launches()
+        if self.pods_namespace is not None:
+            self._read_claims(now)
+            self._read_pods(now)
+        elif any(r.launched is None and r.gone is None for r in self.records.values()):
+            self._read_claims(now)
         self.counts.append((now, len(present)))
 
-    def _read_launches(self) -> None:
-        """Each new node's launch, from its NodeClaim (looked up only while a node lacks it)."""
+    def _since(self, stamp: str) -> float:
+        return kube_time(stamp) - self.started_epoch
+
+    def _read_claims(self, now: float) -> None:
+        """Each node's launch from its NodeClaim; with the tail watched, Karpenter's last pod
+        event, its Consolidatable condition, the claim's deletion and removal."""
         claims = list_objects(
             self.kubeconfig, "nodeclaims.karpenter.sh", "-l", f"{NODEPOOL_LABEL}={self.node_pool}"
         )
+        present = set()
         for claim in claims:
-            record = self.records.get(claim.get("status", {}).get("nodeName", ""))
-            if record is not None and record.launched is None:
-                created = kube_time(claim["metadata"]["creationTimestamp"])
-                record.launched = created - self.started_epoch
+            status = claim.get("status", {})
+            record = self.records.get(status.get("nodeName", ""))
+            if record is None:
+                continue
+            record.claim = claim["metadata"]["name"]
+            present.add(record.claim)
+            if record.launched is None:
+                record.launched = self._since(claim["metadata"]["creationTimestamp"])
+            if status.get("lastPodEventTime"):
+                record.last_pod_event = self._since(status["lastPodEventTime"])
+            for condition in status.get("conditions", []):
+                if condition["type"] == "Consolidatable" and condition["status"] == "True":
+                    record.consolidatable = self._since(condition["lastTransitionTime"])
+            deleting = claim["metadata"].get("deletionTimestamp")
+            if deleting and record.decided is None:
+                record.decided = self._since(deleting)
+        for record in self.records.values():
+            if record.claim and record.claim_gone is None and record.claim not in present:
+                record.claim_gone = now
+
+    def _read_pods(self, now: float) -> None:
+        """The pods bound to the pool's nodes: their binding, exit and deletion."""
+        assert self.pods_namespace is not None
+        seen = set()
+        for pod in list_objects(self.kubeconfig, "pods", "-n", self.pods_namespace):
+            node = pod.get("spec", {}).get("nodeName", "")
+            record = self.records.get(node)
+            if record is None:
+                continue
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            if uid not in self.pods:
+                self.pods[uid] = PodRecord(node)
+                record.pods.append(self.pods[uid])
+            tracked = self.pods[uid]
+            status = pod.get("status", {})
+            for condition in status.get("conditions", []):
+                if condition["type"] == "PodScheduled" and condition["status"] == "True":
+                    tracked.bound = self._since(condition["lastTransitionTime"])
+            for container in status.get("containerStatuses", []):
+                finished = container.get("state", {}).get("terminated", {}).get("finishedAt")
+                if finished:
+                    tracked.exited = self._since(finished)
+            deleting = pod["metadata"].get("deletionTimestamp")
+            if deleting and tracked.deleted is None:
+                tracked.deleted = self._since(deleting)
+        for uid, tracked in self.pods.items():
+            if uid not in seen and tracked.deleted is None:
+                tracked.deleted = now
 
     @property
     def peak(self) -> int:

@@ -139,6 +139,7 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
         ).lower()
         != "false",
         evicted_pod_retried=backoff_limit > 0,
+        finished_pods_deleted=True,  # the chart's Jobs always carry ttlSecondsAfterFinished
     )
 
 
@@ -192,6 +193,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LOW-HIGH",
         help=f"seconds from a node's launch to its readiness (default "
         f"{pool.provisioning_seconds[0]:.0f}-{pool.provisioning_seconds[1]:.0f})",
+    )
+    nodes.add_argument(
+        "--node-termination",
+        type=float,
+        default=pool.termination_seconds,
+        metavar="SECONDS",
+        help="seconds a node is still billed after the autoscaler decided to remove it (its "
+        "drain and the instance's deletion)",
     )
     nodes.add_argument("--node-cpu", type=float, default=pool.node_cpu, help="allocatable CPUs")
     nodes.add_argument(
@@ -267,6 +276,7 @@ def _pool(args: argparse.Namespace) -> NodePool | None:
         "autoscaler": Autoscaler(args.autoscaler),
         "consolidation": Consolidation(args.consolidation),
         "consolidate_after_seconds": args.consolidate_after,
+        "termination_seconds": args.node_termination,
         "node_cpu": args.node_cpu,
         "node_memory_gib": args.node_memory,
         "node_max_pods": args.node_max_pods,

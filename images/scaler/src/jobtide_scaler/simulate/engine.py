@@ -51,6 +51,7 @@ from jobtide_scaler.simulate.nodes import (
     Consolidation,
     Levers,
     Node,
+    NodeLife,
     NodePool,
     choose_node,
     reject_invalid,
@@ -179,6 +180,7 @@ class SimulationResult:
     # (time, ready messages, active pods, nodes) at every decision of the scaler, for plots.
     timeline: tuple[tuple[float, int, int, int], ...]
     waits: tuple[float, ...] = field(repr=False)
+    nodes: tuple[NodeLife, ...] = field(default=(), repr=False)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -203,9 +205,11 @@ class _Event(enum.IntEnum):
     POOL_COLD = 5
     LAUNCH_BATCH = 6
     AUTOSCALER_CHECK = 7
-    GRACE_OVER = 8
-    PROTECTION_PATCHED = 9
-    DECIDE = 10
+    DECISION_VALIDATED = 8
+    GRACE_OVER = 9
+    PROTECTION_PATCHED = 10
+    FINISHED_POD_DELETED = 11
+    DECIDE = 12
 
 
 class _Pod:
@@ -286,6 +290,9 @@ class _Run:
         self.last_pending_at = 0.0
         self.last_scale_up = -math.inf
         self.peak_nodes = 0
+        # Karpenter's disruption decision waiting for its validation: its nodes, and whether
+        # they were taken as empty (else as underutilized).
+        self.deciding: tuple[list[Node], bool] | None = None
 
     # -- event plumbing -------------------------------------------------------------------
     def schedule(self, at: float, event: _Event, subject: int, token: int = 0) -> None:
@@ -315,13 +322,26 @@ class _Run:
         pod.running_at = self.now + max(0.0, pod.startup_seconds - CONNECT_SECONDS)
         self.schedule(self.now + pod.startup_seconds, _Event.POD_READY, pod.number)
 
-    def exit(self, pod: _Pod) -> None:
+    def exit(self, pod: _Pod, deleted: bool = False) -> None:
+        """The pod's container has exited (`deleted`: the pod was deleted, so no Job's TTL
+        deletes it later)."""
         pod.exited_at = self.now
         del self.live[pod.number]
         self.idle.pop(pod.number, None)
         if pod in self.waiting_for_node:
             self.waiting_for_node.remove(pod)
         if self.pool is not None:
+            if (
+                pod.node is not None
+                and not deleted
+                and self.levers.finished_pods_deleted
+                and self.scaler.worker is not WorkerModel.DEPLOYMENT
+            ):
+                self.schedule(
+                    self.now + self.settings.ttl_seconds_after_finished,
+                    _Event.FINISHED_POD_DELETED,
+                    pod.node.number,
+                )
             self.leave_node(pod)
         elif not self.live and self.workload.node_provisioning_seconds is not None:
             self.pool_token += 1
@@ -337,7 +357,7 @@ class _Run:
             pod.busy_seconds += self.now - pod.task_started_at
             self.queue.appendleft(pod.task)
             pod.task = None
-        self.exit(pod)
+        self.exit(pod, deleted=True)
         return busy
 
     def delete(self, count: int) -> None:
@@ -478,8 +498,15 @@ class _Run:
                 self.bind(pod)
             return
         node = self.nodes[number]
-        node.ready_at = node.changed_at = self.now
+        node.ready_at = self.now
         self.bind_pending()
+
+    def on_finished_pod_deleted(self, number: int) -> None:
+        """A finished worker's Job was deleted by its TTL, and its pod with it: a pod event on
+        the node it ran on, if that node is still there and not being removed."""
+        node = self.nodes[number]
+        if node.decided_at is None:
+            node.pod_event(self.now)
 
     def room_elsewhere(self, node: Node) -> int:
         assert self.pool is not None
@@ -503,7 +530,9 @@ class _Run:
         return not blocked and self.room_elsewhere(node) >= len(node.pods)
 
     def remove(self, node: Node) -> None:
-        node.terminated_at = self.now
+        """The node has no pod left: its termination begins, billed until it is over."""
+        assert self.pool is not None
+        node.terminated_at = self.now + self.pool.termination_seconds
         del self.alive[node.number]
 
     def terminate(self, node: Node) -> None:
@@ -511,6 +540,7 @@ class _Run:
         pod's replacement may land on it. A busy worker with a grace finishes its task first,
         and the node stays until its last pod has left."""
         node.cordoned = True
+        node.decided_at = self.now
         grace = self.levers.eviction_grace_seconds
         for number in sorted(node.pods):
             pod = self.pods[number]
@@ -535,33 +565,66 @@ class _Run:
     def on_autoscaler_check(self) -> None:
         assert self.pool is not None
         if self.pool.autoscaler is Autoscaler.KARPENTER:
-            self.karpenter_disruption()
+            if self.karpenter_disruption():
+                return  # the loop waits for the decision's validation
         else:
             self.cluster_autoscaler_scan()
         self.schedule(self.now + AUTOSCALER_CHECK_SECONDS, _Event.AUTOSCALER_CHECK, 0)
 
-    def karpenter_disruption(self) -> None:
+    def karpenter_disruption(self, skip_empty: bool = False) -> bool:
+        """One pass of Karpenter's disruption loop: a decision on every consolidatable empty
+        node (unless `skip_empty`), else (WhenEmptyOrUnderutilized) on one consolidatable node
+        whose pods fit elsewhere. Returns whether it took one; its validation follows."""
         assert self.pool is not None
-        settled = [
-            node
-            for node in self.alive.values()
-            if node.ready and self.now - node.changed_at >= self.pool.consolidate_after_seconds
-        ]
-        for node in settled:
-            if not node.pods:
-                self.terminate(node)
+        settled = [node for node in self.alive.values() if node.consolidatable(self.pool, self.now)]
+        empty = [node for node in settled if not node.pods]
+        if empty and not skip_empty:
+            return self.decide_disruption(empty, True)
         if self.pool.consolidation is not Consolidation.WHEN_EMPTY_OR_UNDERUTILIZED:
-            return
+            return False
         if self.pending:
-            return  # pods still wait for room: no node is underutilized
+            return False  # pods still wait for room: no node is underutilized
         candidates = sorted(
-            (node for node in settled if node.pods and node.ready),
+            (node for node in settled if node.pods),
             key=lambda node: (len(node.pods), node.number),
         )
         for node in candidates:
             if self.removable(node):
-                self.terminate(node)  # one consolidation decision per check
-                return
+                return self.decide_disruption([node], False)  # one node per decision
+        return False
+
+    def decide_disruption(self, nodes: list[Node], empty: bool) -> bool:
+        assert self.pool is not None
+        self.deciding = (nodes, empty)
+        self.schedule(self.now + self.pool.validation_seconds, _Event.DECISION_VALIDATED, 0)
+        return True
+
+    def on_decision_validated(self) -> None:
+        """Karpenter validates its decision: the nodes still consolidatable and still empty (or
+        still removable) are removed, and the loop runs again at once. When none is, an
+        emptiness decision is dropped and the loop goes on to the underutilized nodes; an
+        underutilized decision is dropped until the next run of the loop."""
+        assert self.deciding is not None
+        assert self.pool is not None
+        nodes, empty = self.deciding
+        self.deciding = None
+        valid = [
+            node
+            for node in nodes
+            if node.number in self.alive
+            and node.consolidatable(self.pool, self.now)
+            and (not node.pods if empty else self.removable(node))
+        ]
+        for node in valid:
+            self.terminate(node)
+        if valid:
+            started = self.karpenter_disruption()
+        elif empty:
+            started = self.karpenter_disruption(skip_empty=True)
+        else:
+            started = False
+        if not started:
+            self.schedule(self.now + AUTOSCALER_CHECK_SECONDS, _Event.AUTOSCALER_CHECK, 0)
 
     def cluster_autoscaler_scan(self) -> None:
         assert self.pool is not None
@@ -703,6 +766,10 @@ class _Run:
                 self.on_launch_batch()
             elif event is _Event.AUTOSCALER_CHECK:
                 self.on_autoscaler_check()
+            elif event is _Event.DECISION_VALIDATED:
+                self.on_decision_validated()
+            elif event is _Event.FINISHED_POD_DELETED:
+                self.on_finished_pod_deleted(subject)
             elif event is _Event.GRACE_OVER:
                 self.on_grace_over(self.pods[subject])
             elif event is _Event.PROTECTION_PATCHED:
@@ -745,7 +812,12 @@ class _Run:
             nodes_launched=len(self.nodes),
             busy_pods_disrupted=self.busy_disrupted,
         )
-        return SimulationResult(metrics=metrics, timeline=tuple(self.timeline), waits=waits)
+        return SimulationResult(
+            metrics=metrics,
+            timeline=tuple(self.timeline),
+            waits=waits,
+            nodes=tuple(node.life() for node in self.nodes),
+        )
 
 
 def simulate(

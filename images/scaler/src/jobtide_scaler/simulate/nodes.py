@@ -13,14 +13,22 @@ Stated once here (docs/simulator.md has the long form):
   launch decision (Karpenter: the batch closes 1 s after the last new pending pod or 10 s
   after the first; the cluster autoscaler: at its next 10 s scan), which launches as many
   nodes as they fill. A node is ready after a latency drawn from `provisioning_seconds`.
-- Scale-down, checked every 10 s:
-  - Karpenter: a node is consolidatable when no pod was bound to or left it for
-    `consolidate_after_seconds`. WhenEmpty removes consolidatable empty nodes;
-    WhenEmptyOrUnderutilized also removes a consolidatable node whose pods all fit on the
-    other ready nodes, evicting them (one such node per check), unless a pod carries
-    `karpenter.sh/do-not-disrupt: "true"`. A pod carries its annotations for its whole life,
-    or, when protecting busy workers only, from the moment its worker's patch for a message
-    lands until the patch for its idleness lands (`protection_delay_seconds` after each).
+- Scale-down:
+  - Karpenter (sigs.k8s.io/karpenter v1.14, pkg/controllers/nodeclaim/podevents and
+    pkg/controllers/disruption): each node keeps the time of its last pod event, a pod bound
+    to it, finishing (its phase Succeeded or Failed) or being deleted (a finished Job's pod
+    when the Job's `ttlSecondsAfterFinished` deletes it, an evicted or scaled-down pod); an
+    event within `POD_EVENT_DEDUPE_SECONDS` of the last one recorded is not recorded. A node
+    is consolidatable `consolidate_after_seconds` after that time (after it became ready,
+    without one). The disruption loop runs every 10 s: WhenEmpty takes every consolidatable
+    empty node in one decision; WhenEmptyOrUnderutilized, when no node is empty, a
+    consolidatable node whose pods all fit on the other ready nodes (one per decision, only
+    while no pod is pending), unless a pod carries `karpenter.sh/do-not-disrupt: "true"`. A
+    decision is validated `validation_seconds` later (the loop waits meanwhile): the nodes
+    still consolidatable (and empty, or removable) are removed, the others kept, and the loop
+    runs again at once. A pod carries its annotations for its whole life, or, when protecting
+    busy workers only, from the moment its worker's patch for a message lands until the
+    patch for its idleness lands (`protection_delay_seconds` after each).
   - Cluster autoscaler: a node is unneeded while its requests are below
     `ca_utilization_threshold` of its allocatable and its pods fit on other nodes, none
     annotated `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`; after
@@ -28,7 +36,9 @@ Stated once here (docs/simulator.md has the long form):
     within `ca_delay_after_add_seconds` of a scale-up.
 - An evicted worker exits; a busy one's message goes back to the queue and its work is lost,
   unless the worker finishes its task within its grace on SIGTERM (`eviction_grace_seconds`):
-  the node is then cordoned and drained, and removed when its last pod has left.
+  the node is then cordoned and drained, and removed when its last pod has left. A removed
+  node is billed `termination_seconds` more: the autoscaler's termination (taint, drain,
+  the instance's deletion, the finalizers) until the instance is gone.
   A Job with retries left (`backoffLimit` above 0, Kubernetes' default) starts a new pod for
   it at once (the Job controller's first back-off of 10 s is not modelled).
 """
@@ -43,10 +53,12 @@ from typing import Any
 
 __all__ = [
     "AUTOSCALER_CHECK_SECONDS",
+    "POD_EVENT_DEDUPE_SECONDS",
     "Autoscaler",
     "Consolidation",
     "Levers",
     "Node",
+    "NodeLife",
     "NodePool",
     "Scheduler",
     "choose_node",
@@ -58,6 +70,9 @@ __all__ = [
 
 # Karpenter's disruption controller and the cluster autoscaler's scan both run every 10 s.
 AUTOSCALER_CHECK_SECONDS = 10.0
+# Karpenter records a node's last pod event at most once per 10 s (podevents' dedupeTimeout:
+# fewer writes to the API server); an event within that time of the last one recorded is not.
+POD_EVENT_DEDUPE_SECONDS = 10.0
 
 
 def reject_invalid(kind: str, instance: object, checks: Mapping[str, bool]) -> None:
@@ -96,6 +111,16 @@ class NodePool:
     autoscaler: Autoscaler = Autoscaler.KARPENTER
     consolidation: Consolidation = Consolidation.WHEN_EMPTY_OR_UNDERUTILIZED
     consolidate_after_seconds: float = 30.0
+    # Karpenter waits this long after a disruption decision before it validates it and acts
+    # (commandValidationDelay in pkg/controllers/disruption, 15 s, not configurable).
+    validation_seconds: float = 15.0
+    # From the autoscaler's decision to remove an empty node to its instance being gone: the
+    # taint, the drain, the instance's deletion and the node's and claim's finalizers.
+    # Karpenter drains for at least 5 s, empty nodes too (MinDrainTime in
+    # pkg/controllers/node/termination: the scheduler may not have seen the taint yet); its
+    # kwok provider on the test bed took 5.3-6.6 s (medians of four runs,
+    # docs/autoscaled-pool.md). A cloud's instance shutdown after that is not counted.
+    termination_seconds: float = 5.0
     batch_idle_seconds: float = 1.0
     batch_max_seconds: float = 10.0
     ca_utilization_threshold: float = 0.5
@@ -113,6 +138,8 @@ class NodePool:
             <= self.provisioning_seconds[0]
             <= self.provisioning_seconds[1],
             "consolidate_after_seconds": self.consolidate_after_seconds >= 0,
+            "validation_seconds": self.validation_seconds >= 0,
+            "termination_seconds": self.termination_seconds >= 0,
             "batch_idle_seconds": 0 <= self.batch_idle_seconds <= self.batch_max_seconds,
             "ca_utilization_threshold": 0 <= self.ca_utilization_threshold <= 1,
             "ca_unneeded_seconds": self.ca_unneeded_seconds >= 0,
@@ -122,10 +149,12 @@ class NodePool:
 
     @property
     def empty_node_kept_seconds(self) -> float:
-        """How long the autoscaler keeps an empty node."""
+        """The least time the autoscaler keeps an empty node billed."""
         if self.autoscaler is Autoscaler.KARPENTER:
-            return self.consolidate_after_seconds
-        return self.ca_unneeded_seconds
+            kept = self.consolidate_after_seconds + self.validation_seconds
+        else:
+            kept = self.ca_unneeded_seconds
+        return kept + self.termination_seconds
 
     @property
     def pods_per_node(self) -> int:
@@ -159,7 +188,11 @@ class Levers:
     worker is evictable: evicted, it exits at once and nothing is lost.
     protection_delay_seconds: how long such a patch takes to land (an API call). A worker
     evicted in the window after it took a message, before its annotation landed, is a busy
-    worker evicted: its task is cut off unless it finishes within `eviction_grace_seconds`."""
+    worker evicted: its task is cut off unless it finishes within `eviction_grace_seconds`.
+    finished_pods_deleted: a finished worker's Job is deleted `ttlSecondsAfterFinished` after
+    it finished, and its pod with it: a pod event on its node for Karpenter (jobtide's Jobs).
+    KEDA's ScaledJob keeps its last 100 finished Jobs (`successfulJobsHistoryLimit`): their
+    deletion is not modelled."""
 
     consumer_priorities: bool = False
     pack: bool = False
@@ -169,6 +202,7 @@ class Levers:
     eviction_grace_seconds: float = 0.0
     protect_busy_only: bool = False
     protection_delay_seconds: float = 0.0
+    finished_pods_deleted: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -193,9 +227,11 @@ class Node:
     """One node: its bound pods (by number), how full it is, and its timers."""
 
     __slots__ = (
-        "changed_at",
         "cordoned",
         "cpu_used",
+        "decided_at",
+        "emptied_at",
+        "last_pod_event",
         "launched_at",
         "memory_used",
         "nominated",
@@ -210,18 +246,36 @@ class Node:
         self.number = number
         self.launched_at = launched_at
         self.ready_at: float | None = None
-        self.terminated_at: float | None = None
+        self.decided_at: float | None = None  # the autoscaler decided to remove it
+        self.terminated_at: float | None = None  # its instance is gone: billed until then
+        self.emptied_at: float | None = None  # its last pod left (None while it has pods)
         self.pods: set[int] = set()
         self.cpu_used = 0.0
         self.memory_used = 0.0
         self.nominated = 0  # pending pods this launching node was started for
-        self.changed_at = launched_at
+        self.last_pod_event: float | None = None  # as Karpenter recorded it
         self.unneeded_since: float | None = None
         self.cordoned = False  # being drained for removal: no pod is bound to it any more
 
     @property
     def ready(self) -> bool:
-        return self.ready_at is not None and self.terminated_at is None and not self.cordoned
+        return self.ready_at is not None and self.decided_at is None and not self.cordoned
+
+    def pod_event(self, now: float) -> None:
+        """A pod was bound to the node, finished or was deleted: Karpenter records the time,
+        unless it recorded one less than POD_EVENT_DEDUPE_SECONDS ago."""
+        last = self.last_pod_event
+        if last is None or now - last >= POD_EVENT_DEDUPE_SECONDS:
+            self.last_pod_event = now
+
+    def consolidatable(self, pool: NodePool, now: float) -> bool:
+        """Karpenter's Consolidatable condition: `consolidateAfter` has passed since the last
+        pod event recorded (since the node became ready, without one)."""
+        if not self.ready:
+            return False
+        since = self.ready_at if self.last_pod_event is None else self.last_pod_event
+        assert since is not None
+        return now - since >= pool.consolidate_after_seconds
 
     def fits(self, pool: NodePool, extra_pods: int = 1) -> bool:
         return (
@@ -238,13 +292,35 @@ class Node:
         self.pods.add(pod)
         self.cpu_used += pool.pod_cpu
         self.memory_used += pool.pod_memory_gib
-        self.changed_at = now
+        self.emptied_at = None
+        self.pod_event(now)
 
     def unbind(self, pod: int, pool: NodePool, now: float) -> None:
+        """The pod finished or was deleted: it no longer counts on the node."""
         self.pods.discard(pod)
         self.cpu_used -= pool.pod_cpu
         self.memory_used -= pool.pod_memory_gib
-        self.changed_at = now
+        if not self.pods:
+            self.emptied_at = now
+        self.pod_event(now)
+
+    def life(self) -> NodeLife:
+        times = (self.ready_at, self.emptied_at, self.last_pod_event, self.decided_at)
+        return NodeLife(self.launched_at, *times, gone=self.terminated_at)
+
+
+@dataclass(frozen=True)
+class NodeLife:
+    """One node's timeline, in seconds of the run (None: did not happen before the end):
+    launched, ready, its last pod left, the last pod event Karpenter recorded, the
+    autoscaler's decision to remove it, its instance gone."""
+
+    launched: float
+    ready: float | None
+    emptied: float | None
+    last_pod_event: float | None
+    decided: float | None
+    gone: float | None
 
 
 def choose_node(nodes: Iterable[Node], pool: NodePool, scheduler: Scheduler) -> Node | None:

@@ -42,13 +42,15 @@ _PIPELINE = "simulated"
 
 # What the product ships: the worker consumes with a consumer priority, older workers first;
 # the chart gives the worker pods a preferred pod affinity to the release's other workers and
-# both node autoscalers' do-not-evict annotations.
+# both node autoscalers' do-not-evict annotations; its Jobs are deleted
+# `ttlSecondsAfterFinished` after they finish.
 JOBTIDE_LEVERS = Levers(
     consumer_priorities=True,
     pack=True,
     karpenter_do_not_disrupt=True,
     ca_safe_to_evict=False,
     evicted_pod_retried=False,
+    finished_pods_deleted=True,
 )
 KEDA_DEFAULT_POLLING_SECONDS = 30.0
 # Everyone else's pods: spread by the default scheduler, round robin, evictable, and their
