@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from jobtide_testbed.images import DockerDaemon
 from jobtide_testbed.kube import KubeCluster, namespace_name
 from jobtide_testbed.node import Node, start_cluster_with_node
 from jobtide_testbed.rabbitmq import RabbitMQ
@@ -111,3 +112,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 continue
             report.sections.append((f"log tail: {path}", tail))
     return report
+
+
+@pytest.fixture(scope="session")
+def docker_daemon() -> Iterator[DockerDaemon]:
+    """The test bed's private Docker engine, one for the session (images stay cached): a
+    second one in the same session would wait for the first one's lock."""
+    with DockerDaemon() as daemon:
+        yield daemon

@@ -5,7 +5,6 @@ chart's ServiceAccount token, against the test bed's control plane and RabbitMQ.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,11 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def images() -> Iterator[ImageBuilder]:
-    with DockerDaemon() as daemon:
-        builder = ImageBuilder(daemon)
-        scaler_image(builder)
-        yield builder
+def images(docker_daemon: DockerDaemon) -> ImageBuilder:
+    builder = ImageBuilder(docker_daemon)
+    scaler_image(builder)
+    return builder
 
 
 def test_image_metadata_and_user(images: ImageBuilder) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobtide_testbed.images import DockerDaemon
 from jobtide_testbed.rabbitmq import RabbitMQ
 from workerbed import WorkerBed
 
@@ -38,10 +37,3 @@ def private_bed(
     finally:
         for bed in beds:
             bed.close()
-
-
-@pytest.fixture(scope="session")
-def docker_daemon() -> Iterator[DockerDaemon]:
-    """The test bed's private Docker engine for the session (images stay cached)."""
-    with DockerDaemon() as daemon:
-        yield daemon
