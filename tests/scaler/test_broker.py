@@ -14,7 +14,7 @@ from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
 from jobtide_worker.config import BrokerConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker_compat]
 
 
 def test_live_ready_count_wins_even_when_the_management_request_starts_late(
