@@ -67,11 +67,18 @@ class Task:
 
 
 def attempt_of(headers: Mapping[str, Any]) -> int:
-    """Quorum queues count every earlier delivery that was returned (nack, lost channel,
-    crashed worker) in `x-delivery-count`; absent on the first delivery."""
-    raw = headers.get("x-delivery-count")
+    """Quorum queues count the earlier deliveries of a message; both headers are absent on the
+    first. RabbitMQ 4 counts every earlier one in `x-acquired-count` and only the failed ones
+    (lost channel, crashed worker; not a nack with requeue) in `x-delivery-count`: a handler
+    failure requeued by nack shows only in the former. RabbitMQ 3 counted them all in
+    `x-delivery-count`. The larger of the two is right for both."""
+    return max(_count(headers, "x-acquired-count"), _count(headers, "x-delivery-count")) + 1
+
+
+def _count(headers: Mapping[str, Any], name: str) -> int:
+    raw = headers.get(name)
     try:
         earlier = int(raw) if raw is not None else 0
     except (TypeError, ValueError):
         earlier = 0
-    return max(earlier, 0) + 1
+    return max(earlier, 0)
