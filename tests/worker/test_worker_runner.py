@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -140,10 +141,15 @@ def test_a_crash_loop_ends_after_max_attempts_past_the_brokers_default(bed: Work
     bed.publish({"id": "crasher"})
     with bed.channel() as channel:
         for attempt in range(1, MANY_ATTEMPTS + 1):
-            # A worker that takes the task and dies: its channel goes, the task is returned.
+            # A worker that takes the task and dies: its channel goes, the task is returned
+            # (a moment later: the queue handles the return after the close).
             crashed = channel.connection.channel()
-            method, _props, _body = crashed.basic_get(bed.queue)
-            assert method is not None, f"the task was gone before attempt {attempt}"
+
+            def taken(channel: Any = crashed) -> bool:
+                method, _props, _body = channel.basic_get(bed.queue)
+                return method is not None
+
+            wait_for(taken, timeout=10, what=f"the task back for attempt {attempt}")
             crashed.close()
     worker = bed.start_worker(JOBTIDE_MAX_ATTEMPTS=str(MANY_ATTEMPTS))
     assert worker.wait(60) == 0
