@@ -10,17 +10,43 @@ import pytest
 from jobtide_testbed.images import DockerDaemon
 from jobtide_testbed.kube import KubeCluster, namespace_name
 from jobtide_testbed.node import Node, start_cluster_with_node
-from jobtide_testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.rabbitmq import FLOOR, NEWEST, BrokerRelease, RabbitMQ
 
 # Log files of the components started in this session, printed under failed tests.
 _component_logs: list[Path] = []
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test with a broker runs on the newest RabbitMQ; the compatibility set (marker
+    `broker_compat`) also on the oldest the chart supports. Session-scoped, so each release's
+    shared node starts once and pytest groups the tests by release."""
+    if "broker_release" not in metafunc.fixturenames:
+        return
+    compat = metafunc.definition.get_closest_marker("broker_compat") is not None
+    releases = [NEWEST, FLOOR] if compat else [NEWEST]
+    metafunc.parametrize(
+        "broker_release",
+        releases,
+        ids=[f"rabbitmq-{r.version}" for r in releases],
+        indirect=True,
+        scope="session",
+    )
+
+
 @pytest.fixture(scope="session")
-def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
-    """One RabbitMQ node shared by the session. Tests use their own queue names; tests that
-    restart or reconfigure a broker take a private one from `rabbitmq_factory`."""
-    node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"), name="shared")
+def broker_release(request: pytest.FixtureRequest) -> BrokerRelease:
+    """The RabbitMQ release this test's brokers run (see pytest_generate_tests)."""
+    release: BrokerRelease = request.param
+    return release
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(
+    tmp_path_factory: pytest.TempPathFactory, broker_release: BrokerRelease
+) -> Iterator[RabbitMQ]:
+    """One RabbitMQ node per release shared by the session. Tests use their own queue names;
+    tests that restart or reconfigure a broker take a private one from `rabbitmq_factory`."""
+    node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"), name="shared", release=broker_release)
     _component_logs.append(node.log_path)
     try:
         yield node.start()
@@ -30,13 +56,14 @@ def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
 
 @pytest.fixture
 def rabbitmq_factory(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, broker_release: BrokerRelease
 ) -> Iterator[Callable[..., RabbitMQ]]:
-    """Start private RabbitMQ nodes (keyword arguments as for RabbitMQ); stopped after the
-    test."""
+    """Start private RabbitMQ nodes of the test's release (keyword arguments as for
+    RabbitMQ); stopped after the test."""
     nodes: list[RabbitMQ] = []
 
     def make(**kwargs: object) -> RabbitMQ:
+        kwargs.setdefault("release", broker_release)
         node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq-private"), **kwargs)  # type: ignore[arg-type]
         nodes.append(node)
         _component_logs.append(node.log_path)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from chartlib import find
 from jobtide_testbed.process import free_port
-from jobtide_testbed.rabbitmq import RabbitMQ
+from jobtide_testbed.rabbitmq import NEWEST, BrokerRelease, RabbitMQ
 
 # The paths the StatefulSet mounts, as the script names them.
 POD_TEMPLATE_DIR = "/etc/jobtide/rabbitmq-template"
@@ -55,10 +56,16 @@ class ChartBroker(RabbitMQ):
     """A test-bed RabbitMQ node configured by the chart's files instead of its own: only the
     listeners move to free loopback ports and the definitions path to the local copy."""
 
-    def __init__(self, root: Path, rendered: Path, credentials: dict[str, str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        rendered: Path,
+        credentials: dict[str, str],
+        release: BrokerRelease = NEWEST,
+    ) -> None:
         self.rendered = rendered
         self.prometheus_port = free_port()
-        super().__init__(root, name="chart")
+        super().__init__(root, name="chart", release=release)
         self.username = credentials["username"]
         self.password = credentials["password"]
 
@@ -66,10 +73,13 @@ class ChartBroker(RabbitMQ):
         (self.root / "home").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         conf = (self.rendered / "rabbitmq.conf").read_text()
+        # The broker sees only its own folder: the definitions go there.
+        definitions = self.root / "definitions.json"
+        shutil.copy2(self.rendered / "definitions.json", definitions)
         replacements = {
-            "listeners.tcp.default": str(self.amqp_port),
+            "listeners.tcp.default": f"{self.host}:{self.amqp_port}",
             "management.tcp.port": str(self.management_port),
-            "definitions.local.path": str(self.rendered / "definitions.json"),
+            "definitions.local.path": self.inside(definitions),
         }
         for key, value in replacements.items():
             conf, count = re.subn(rf"^{re.escape(key)} = .*$", f"{key} = {value}", conf, flags=re.M)

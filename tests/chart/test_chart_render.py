@@ -638,7 +638,9 @@ def test_definitions_match_the_worker_topology(values: Path) -> None:
     docs = render([values])
     definitions = json.loads(rabbitmq_files(docs)["definitions.json"])
     pipelines = scaler_config(docs)["pipelines"].values()
-    expected = topology.definitions([(p["queue"], p["maxAttempts"]) for p in pipelines], "/")
+    expected = topology.definitions(
+        [(p["queue"], p["maxAttempts"], p["maxTaskSeconds"]) for p in pipelines], "/"
+    )
 
     def by_name(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return sorted(items, key=lambda i: json.dumps(i, sort_keys=True))
@@ -667,7 +669,8 @@ def test_definitions_fill_in_the_vhost_and_escape_queue_names(tmp_path: Path) ->
     docs = render([values])
     files = rabbitmq_files(docs)
     definitions = json.loads(files["definitions.json"])
-    expected = topology.definitions([("a.b:c", 7), ("bq", 3)], "jobs")
+    default_seconds = scaler_config(docs)["pipelines"]["a"]["maxTaskSeconds"]
+    expected = topology.definitions([("a.b:c", 7, default_seconds), ("bq", 3, 5400.5)], "jobs")
 
     def as_text(items: list[dict[str, Any]]) -> list[str]:
         return sorted(json.dumps(item, sort_keys=True) for item in items)

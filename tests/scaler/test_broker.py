@@ -15,9 +15,9 @@ from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
 from jobtide_worker.config import BrokerConfig
-from jobtide_worker.task import DELIVERY_COUNT_HEADER
+from jobtide_worker.task import ACQUIRED_COUNT_HEADER, DELIVERY_COUNT_HEADER
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.broker_compat]
 
 
 def broker_config(rabbitmq: RabbitMQ) -> BrokerConfig:
@@ -108,6 +108,7 @@ def test_the_oldest_waiting_message_is_dated_by_the_publish_counter_without_touc
         assert body == b"late 0"
         assert method.redelivered is False
         assert (props.headers or {}).get(DELIVERY_COUNT_HEADER, 0) == 0
+        assert (props.headers or {}).get(ACQUIRED_COUNT_HEADER, 0) == 0
         channel.basic_ack(method.delivery_tag)
         channel.queue_purge(queue)
         emptied = reading_when("empty", lambda r: r.ready == 0 and r.oldest_waiting_since is None)

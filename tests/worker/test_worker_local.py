@@ -18,7 +18,7 @@ import pytest
 from jobtide_worker import Task, run_local
 from jobtide_worker.logs import EventLog
 from jobtide_worker.pipeline_settings import SettingsError
-from jobtide_worker.task import DELIVERY_COUNT_HEADER
+from jobtide_worker.task import ACQUIRED_COUNT_HEADER
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -88,11 +88,11 @@ def test_the_handler_gets_the_task_the_worker_would_get() -> None:
     assert first.json == FLAKY
     assert first.content_type == "application/json"
     assert (first.attempt, first.redelivered, dict(first.headers)) == (1, False, {})
-    # The redelivery: the same message, counted by the queue's delivery-count header.
+    # The redelivery: the same message, counted by the queue's acquired-count header.
     assert first.message_id
     assert second.message_id == first.message_id
     assert (second.attempt, second.redelivered) == (2, True)
-    assert second.headers[DELIVERY_COUNT_HEADER] == 1
+    assert second.headers[ACQUIRED_COUNT_HEADER] == 1
     assert second.queue == "local"
 
 
@@ -116,7 +116,7 @@ def test_dead_letters_carry_the_workers_headers() -> None:
     assert poison.headers["x-jobtide-error"] == "boom poison"
     assert poison.headers["x-jobtide-attempts"] == 2
     assert poison.headers["x-jobtide-queue"] == "q"
-    assert poison.headers[DELIVERY_COUNT_HEADER] == 1  # kept from the last delivery
+    assert poison.headers[ACQUIRED_COUNT_HEADER] == 1  # kept from the last delivery
     assert hopeless.reason == "permanent-error"
     assert hopeless.headers["x-jobtide-attempts"] == 1
 

@@ -156,6 +156,10 @@ def test_task_parses_json_only_for_json_content_types() -> None:
         ({"x-delivery-count": 2}, 3),
         ({"x-delivery-count": "junk"}, 1),
         ({"x-delivery-count": -4}, 1),
+        # RabbitMQ 4: two nacks and one lost channel, and a nack after a lost channel.
+        ({"x-acquired-count": 3, "x-delivery-count": 1}, 4),
+        ({"x-acquired-count": 2}, 3),
+        ({"x-acquired-count": "junk", "x-delivery-count": 1}, 2),
     ],
 )
 def test_attempt_counts_earlier_deliveries(headers: dict[str, object], attempt: int) -> None:
@@ -164,7 +168,7 @@ def test_attempt_counts_earlier_deliveries(headers: dict[str, object], attempt: 
 
 
 def test_topology_definitions_follow_the_contract() -> None:
-    defs = topology.definitions([("resize", 3), ("a.b", 5)], vhost="jobs")
+    defs = topology.definitions([("resize", 3, 600), ("a.b", 5, 1.5)], vhost="jobs")
     queues = {q["name"]: q for q in defs["queues"]}
     assert set(queues) == {"resize", "resize.dlq", "a.b", "a.b.dlq"}
     assert queues["resize"]["arguments"] == {
@@ -185,7 +189,11 @@ def test_topology_definitions_follow_the_contract() -> None:
         ("a.b.dlq", "a.b"),
     }
     policies = {p["name"]: p for p in defs["policies"]}
-    assert policies["jobtide-resize"]["definition"] == {"delivery-limit": 3}
+    assert policies["jobtide-resize"]["definition"] == {
+        "delivery-limit": 3,
+        "consumer-timeout": (600 + 60) * 1000,
+    }
+    assert policies["jobtide-a.b"]["definition"]["consumer-timeout"] == 61_500
     assert policies["jobtide-resize"]["pattern"] == "^resize$"
     assert policies["jobtide-a.b"]["pattern"] == r"^a\.b$"
     assert policies["jobtide-a.b"]["apply-to"] == "queues"

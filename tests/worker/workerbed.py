@@ -16,6 +16,7 @@ from typing import Any
 import pika
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ
+from jobtide_worker import topology
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,6 +82,7 @@ class WorkerBed:
         self.queue = f"wt-{uuid.uuid4().hex[:10]}"
         self.record_path = tmp_path / "record.jsonl"
         self.workers: list[Worker] = []
+        self._policies: list[str] = []
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOBTIDE_")}
@@ -156,9 +158,28 @@ class WorkerBed:
                     return found
                 found.append((props, body))
 
+    def define_topology(self, max_attempts: int, max_task_seconds: float) -> dict[str, Any]:
+        """Load the chart's definitions of this queue (jobtide_worker.topology) and wait until
+        the broker applies its policy; returns the policy's definition. Removed by close()."""
+        definitions = topology.definitions([(self.queue, max_attempts, max_task_seconds)])
+        response = self.broker.api("POST", "definitions", json=definitions)
+        assert response.status_code in (200, 204), response.text
+        self._policies.append(topology.policy_name(self.queue))
+        [policy] = definitions["policies"]
+        expected: dict[str, Any] = policy["definition"]
+
+        def applied() -> bool:
+            queue = self.broker.api("GET", f"queues/%2F/{self.queue}").json()
+            return bool(queue.get("effective_policy_definition") == expected)
+
+        wait_for(applied, timeout=30, what=f"policy {expected} on the queue")
+        return expected
+
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
         with contextlib.suppress(Exception):
+            for policy in self._policies:
+                self.broker.api("DELETE", f"policies/%2F/{policy}")
             self.broker.delete_queue(self.queue)
             self.broker.delete_queue(f"{self.queue}.dlq")

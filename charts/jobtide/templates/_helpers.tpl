@@ -145,8 +145,8 @@ merge functions skip those, which would keep a default the user turned off).
 {{- range $name, $p := (include "jobtide.pipelines" . | fromYaml) }}
 {{- $longest = maxf $longest $p.maxTaskSeconds }}
 {{- end }}
-{{- /* Same rule as jobtide_worker.topology.broker_consumer_timeout_ms: 60 s margin, never below 30 min. maxTaskSeconds may have a fraction. */}}
-{{- max 1800000 (int64 (ceil (mulf (addf $longest 60) 1000))) }}
+{{- /* Same rule as jobtide_worker.topology.broker_consumer_timeout_ms: never below 30 min. */}}
+{{- max 1800000 (int64 (include "jobtide.consumerTimeoutMs" $longest)) }}
 {{- end }}
 {{- end }}
 
@@ -159,4 +159,11 @@ error lint reports, with the message in it (as the missing template's name).
 {{- define "jobtide.fail" -}}
 {{- fail . }}
 {{- include (printf "values rejected: %s" .) dict }}
+{{- end }}
+
+{{- /* The consumer timeout (ms) of tasks taking up to the given maxTaskSeconds: the rule of
+jobtide_worker.topology.consumer_timeout_ms, a 60 s margin (maxTaskSeconds may have a
+fraction). The chart tests compare both. */}}
+{{- define "jobtide.consumerTimeoutMs" -}}
+{{- int64 (ceil (mulf (addf . 60) 1000)) }}
 {{- end }}

@@ -33,9 +33,11 @@ from jobtide_testbed.images import (
 )
 from jobtide_testbed.node import POOL_LABEL, POOL_TAINT
 from jobtide_testbed.process import run
-from jobtide_testbed.tools import CHART, api_client, helm, kubectl
+from jobtide_testbed.rabbitmq import NEWEST
+from jobtide_testbed.tools import CHART, api_client, ensure_stage, helm, kubectl
 
-RABBITMQ_IMAGE = "jobtide-testbed/rabbitmq:3.10"
+# The test bed's own broker release (jobtide_testbed.rabbitmq), as an image.
+RABBITMQ_IMAGE = f"jobtide-testbed/rabbitmq:{NEWEST.version}"
 RABBITMQ_CONTEXT = Path(__file__).with_name("rabbitmq-image")
 # Debian's package starts the server with this script (its /usr/sbin wrapper needs su).
 RABBITMQ_COMMAND = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
@@ -46,10 +48,14 @@ WORKER_SELECTOR = "app.kubernetes.io/component=worker"
 
 def build_chart_images(builder: ImageBuilder) -> list[str]:
     """Every image the chart runs, on the test bed's Debian base (builds are cached)."""
-    base = builder.ensure_base()
     tags = [*worker_images(builder), scaler_image(builder)]
+    # The same Debian root the host broker runs from: one RabbitMQ release for both.
+    ensure_stage(NEWEST.stage)
+    root = builder.import_root(
+        NEWEST.root, f"jobtide-testbed/rabbitmq-root:{NEWEST.suite}-{NEWEST.version}"
+    )
     builder.build(
-        RABBITMQ_CONTEXT / "Dockerfile", RABBITMQ_CONTEXT, RABBITMQ_IMAGE, {"BASE_IMAGE": base}
+        RABBITMQ_CONTEXT / "Dockerfile", RABBITMQ_CONTEXT, RABBITMQ_IMAGE, {"BASE_IMAGE": root}
     )
     return [*tags, RABBITMQ_IMAGE]
 

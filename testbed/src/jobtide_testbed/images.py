@@ -277,6 +277,24 @@ class ImageBuilder:
             lock.close()
         return tag
 
+    def import_root(self, root: Path, tag: str) -> str:
+        """A directory tree (a Debian root the set-up built) as image `tag`, once."""
+        if self.exists(tag):
+            return tag
+        lock = _acquire_lock(self.daemon.root / "base.lock", 900)
+        try:
+            if not self.exists(tag):
+                with tempfile.TemporaryDirectory(dir=self.daemon.root) as tmp:
+                    tarball = Path(tmp) / "rootfs.tar"
+                    run(
+                        ["tar", "-C", str(root), "--numeric-owner", "-cf", str(tarball), "."],
+                        timeout=600,
+                    )
+                    self.daemon.docker("import", "-", tag, input_file=tarball, timeout=600)
+        finally:
+            lock.close()
+        return tag
+
     def build(
         self,
         dockerfile: Path,

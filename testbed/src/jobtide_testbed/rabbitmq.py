@@ -1,4 +1,11 @@
-"""An isolated RabbitMQ node (Debian's rabbitmq-server) with the management API.
+"""An isolated RabbitMQ node (a Debian release's rabbitmq-server) with the management API.
+
+The broker and its Erlang live in a Debian root of the release that packages them, built once
+by `ci/setup broker` (ci/lib/broker_root.sh, pinned in ci/versions): the machine's own Debian
+has only an unsupported 3.10. Every command of the node runs chrooted into that root, in a
+mount namespace of its own that binds /proc and the node's folder (`root`, seen inside as
+/srv/node), so nothing stays mounted once the node's processes are gone, and the root itself
+is shared read-only by every node.
 
 Everything is private to the node: ports picked free on 127.0.0.1, its own epmd on its own
 port, its own HOME (Erlang cookie), data and log folders under `root`. Data survive
@@ -17,9 +24,60 @@ from typing import Any
 import requests
 
 from jobtide_testbed.process import Process, free_port, port_open, run, wait_for
-from jobtide_testbed.tools import ensure_stage
+from jobtide_testbed.tools import CACHE, REPO, ensure_stage
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # the unwrapped scripts: no `su rabbitmq`
+# Where a node's own folder appears inside the release's root (made by broker_root.sh).
+NODE_DIR = Path("/srv/node")
+
+
+@dataclass(frozen=True)
+class BrokerRelease:
+    """A RabbitMQ version as a Debian release packages it (ci/versions)."""
+
+    suite: str
+    version: str
+    stage: str  # the ci/setup stage that builds its root
+
+    @property
+    def root(self) -> Path:
+        """The Debian root holding this release's RabbitMQ and Erlang."""
+        return CACHE / f"rabbitmq-{self.suite}-{self.version}" / "root"
+
+    @property
+    def label(self) -> str:
+        return f"{self.version} (Debian {self.suite})"
+
+
+def _pinned() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (REPO / "ci" / "versions").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            pins[key.strip()] = value.strip()
+    return pins
+
+
+# Every integration and e2e test runs on NEWEST; the compatibility set also on FLOOR, the
+# oldest version the chart supports.
+NEWEST = BrokerRelease(_pinned()["RABBITMQ_SUITE"], _pinned()["RABBITMQ_VERSION"], stage="broker")
+FLOOR = BrokerRelease(
+    _pinned()["RABBITMQ_FLOOR_SUITE"], _pinned()["RABBITMQ_FLOOR_VERSION"], stage="broker-floor"
+)
+
+
+def in_release(release: BrokerRelease, node_dir: Path, argv: list[str]) -> list[str]:
+    """`argv` run chrooted into `release`'s root with /proc and `node_dir` (as NODE_DIR)
+    mounted in a private mount namespace: the mounts end with the last process in it.
+    No fork: the command keeps the pid (and process group) it was started with."""
+    script = (
+        'mount -t proc proc "$0/proc" && mount --bind "$1" "$0$2" && shift 2 '
+        '&& exec chroot "$0" "$@"'
+    )
+    return [
+        "unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
+        str(release.root), str(node_dir), str(NODE_DIR), *argv,
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -37,8 +95,10 @@ class RabbitMQ:
         name: str = "rabbit",
         consumer_timeout_ms: int | None = None,
         stats_interval_ms: int = 1000,
+        release: BrokerRelease = NEWEST,
     ) -> None:
-        ensure_stage("broker")
+        ensure_stage(release.stage)
+        self.release = release
         self.root = root
         self.nodename = f"jt-{name}-{secrets.token_hex(3)}@localhost"
         self.host = "127.0.0.1"
@@ -51,14 +111,16 @@ class RabbitMQ:
         self.vhost = "/"
         self.consumer_timeout_ms = consumer_timeout_ms
         self.stats_interval_ms = stats_interval_ms
+        root.mkdir(parents=True, exist_ok=True)
         self._epmd = Process(
             f"{name}-epmd",
-            ["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            self._in_root(["epmd", "-port", str(self.epmd_port), "-address", "127.0.0.1"]),
             root / "logs",
         )
         self._server = Process(
-            name, [str(RABBITMQ_BIN / "rabbitmq-server")], root / "logs", env=self._env()
-        )
+            name, self._in_root([str(RABBITMQ_BIN / "rabbitmq-server")]), root / "logs",
+            env=self._env(),
+        )  # fmt: skip
         self._write_config()
 
     # -- addresses ----------------------------------------------------------------------
@@ -121,7 +183,7 @@ class RabbitMQ:
     # -- administration -----------------------------------------------------------------
     def ctl(self, *args: str, check: bool = True, timeout: float = 60) -> Any:
         return run(
-            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            self._in_root([str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args]),
             env=self._env(),
             timeout=timeout,
             check=check,
@@ -152,7 +214,14 @@ class RabbitMQ:
         vhost = urllib.parse.quote(self.vhost, safe="")
         self.api("DELETE", f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}")
 
+    def inside(self, path: Path) -> str:
+        """`path`, a file under the node's folder, as the broker sees it."""
+        return str(NODE_DIR / path.relative_to(self.root))
+
     # -- internals ----------------------------------------------------------------------
+    def _in_root(self, argv: list[str]) -> list[str]:
+        return in_release(self.release, self.root, argv)
+
     def _management_up(self) -> bool:
         try:
             return self.api("GET", "overview").status_code == 200
@@ -160,21 +229,23 @@ class RabbitMQ:
             return False
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL"))}
+        node = NODE_DIR
         env.update(
-            HOME=str(self.root / "home"),
+            PATH="/usr/sbin:/usr/bin:/sbin:/bin",
+            HOME=str(node / "home"),
             ERL_EPMD_PORT=str(self.epmd_port),
             ERL_EPMD_ADDRESS="127.0.0.1",
             RABBITMQ_NODENAME=self.nodename,
             RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
             RABBITMQ_NODE_PORT=str(self.amqp_port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_CONFIG_FILE=str(self.root / "rabbitmq.conf"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.root / "enabled_plugins"),
-            RABBITMQ_MNESIA_BASE=str(self.root / "mnesia"),
-            RABBITMQ_LOG_BASE=str(self.root / "log"),
+            RABBITMQ_CONFIG_FILE=str(node / "rabbitmq.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(node / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(node / "mnesia"),
+            RABBITMQ_LOG_BASE=str(node / "log"),
             RABBITMQ_LOGS="-",
-            RABBITMQ_PID_FILE=str(self.root / "rabbit.pid"),
+            RABBITMQ_PID_FILE=str(node / "rabbit.pid"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
             RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
         )
@@ -184,7 +255,8 @@ class RabbitMQ:
         (self.root / "home").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         lines = [
-            f"listeners.tcp.default = {self.amqp_port}",
+            # A bare port would listen on every interface.
+            f"listeners.tcp.default = {self.host}:{self.amqp_port}",
             "management.tcp.ip = 127.0.0.1",
             f"management.tcp.port = {self.management_port}",
             f"collect_statistics_interval = {self.stats_interval_ms}",

@@ -46,10 +46,14 @@ CHART_TOPOLOGY = "charts/jobtide/files/queue-topology.json"
 # policy patterns) differs from it and gets its own placeholder.
 _QUEUE_SAMPLE = "queue.sample"
 _MAX_ATTEMPTS_SAMPLE = 987654321
+# maxTaskSeconds whose consumer timeout (ms) is a number no other field has.
+_MAX_TASK_SECONDS_SAMPLE = 876543.21
+_CONSUMER_TIMEOUT_MS_SAMPLE = topology.consumer_timeout_ms(_MAX_TASK_SECONDS_SAMPLE)
 _VHOST_SAMPLE = "vhost.sample"
 QUEUE = "__QUEUE__"
 QUEUE_PATTERN = "__QUEUE_PATTERN__"
 MAX_ATTEMPTS = "__MAX_ATTEMPTS__"
+CONSUMER_TIMEOUT_MS = "__CONSUMER_TIMEOUT_MS__"
 VHOST = "__VHOST__"
 
 _LINE_WIDTH = 100
@@ -194,6 +198,8 @@ def _placeholders(value: Any) -> Any:
         return [_placeholders(item) for item in value]
     if value == _MAX_ATTEMPTS_SAMPLE:
         return MAX_ATTEMPTS
+    if value == _CONSUMER_TIMEOUT_MS_SAMPLE:
+        return CONSUMER_TIMEOUT_MS
     if isinstance(value, str):
         escaped = topology.regex_escape(_QUEUE_SAMPLE)
         return (
@@ -206,10 +212,11 @@ def _placeholders(value: Any) -> Any:
 
 def chart_topology() -> str:
     """`shared`: the definitions every release has; `perPipeline`: those of one pipeline,
-    with placeholders for its queue, the queue's regex-escaped name, its maxAttempts and the
-    vhost."""
+    with placeholders for its queue, the queue's regex-escaped name, its maxAttempts, the
+    consumer timeout of its maxTaskSeconds and the vhost."""
     shared = topology.definitions([], _VHOST_SAMPLE)
-    one = topology.definitions([(_QUEUE_SAMPLE, _MAX_ATTEMPTS_SAMPLE)], _VHOST_SAMPLE)
+    sample = (_QUEUE_SAMPLE, _MAX_ATTEMPTS_SAMPLE, _MAX_TASK_SECONDS_SAMPLE)
+    one = topology.definitions([sample], _VHOST_SAMPLE)
     per_pipeline = {
         kind: [item for item in items if item not in shared[kind]] for kind, items in one.items()
     }

@@ -6,7 +6,7 @@ worker's own decision code (outcome.execute): the handler gets the same `Task`, 
 decided by the same rules (`max_attempts`, `PermanentError`, undecodable bodies), dead letters
 carry the same headers (outcome.dead_letter_headers) and every task ends in the same log line
 (outcome.log_task). Only the broker is played here, as one quorum queue with one worker at
-prefetch 1: a task to retry is returned with `x-delivery-count` raised and `redelivered` set,
+prefetch 1: a task to retry is returned with `x-acquired-count` raised and `redelivered` set,
 behind the tasks already waiting (where RabbitMQ's quorum queue puts a message its consumer
 rejected with requeue: measured on the test bed's broker, test_worker_local_parity.py).
 Nothing is ever lost in transit here, so the `ack-lost` and `duplicate` outcomes of a worker
@@ -33,7 +33,7 @@ from jobtide_worker.outcome import (
 )
 from jobtide_worker.pipeline_settings import PipelineSettings
 from jobtide_worker.publisher import message
-from jobtide_worker.task import DELIVERY_COUNT_HEADER, Task
+from jobtide_worker.task import ACQUIRED_COUNT_HEADER, Task
 
 # What dead-letter headers name as the worker.
 LOCAL_WORKER = "run-local"
@@ -132,9 +132,10 @@ def run_local(
 
 
 def _returned(delivery: Delivery) -> Delivery:
-    """The next delivery of a message the worker requeued, as a quorum queue makes it."""
+    """The next delivery of a message the worker requeued, as a RabbitMQ 4 quorum queue makes
+    it (a requeue counts in `x-acquired-count`, not in `x-delivery-count`)."""
     properties = copy.copy(delivery.properties)
     headers = dict(properties.headers or {})
-    headers[DELIVERY_COUNT_HEADER] = int(headers.get(DELIVERY_COUNT_HEADER, 0)) + 1
+    headers[ACQUIRED_COUNT_HEADER] = int(headers.get(ACQUIRED_COUNT_HEADER, 0)) + 1
     properties.headers = headers
     return delivery._replace(properties=properties, redelivered=True)

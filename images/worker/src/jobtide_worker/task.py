@@ -10,6 +10,8 @@ from typing import Any
 JSON_CONTENT_TYPES = ("application/json",)
 # Set by a quorum queue on a redelivery: how many earlier deliveries of the message came back.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+# RabbitMQ 4: every earlier delivery of the message, requeued ones included.
+ACQUIRED_COUNT_HEADER = "x-acquired-count"
 
 # JSON bodies are UTF-8 (RFC 8259, 8.1), parsed by one decoder made once: json.loads would
 # look for another encoding and check its arguments on every task, a third of its time here.
@@ -69,11 +71,18 @@ class Task:
 
 
 def attempt_of(headers: Mapping[str, Any]) -> int:
-    """Quorum queues count every earlier delivery that was returned (nack, lost channel,
-    crashed worker) in `x-delivery-count`; absent on the first delivery."""
-    raw = headers.get(DELIVERY_COUNT_HEADER)
+    """Quorum queues count the earlier deliveries of a message; both headers are absent on the
+    first. RabbitMQ 4 counts every earlier one in `x-acquired-count` and only the failed ones
+    (lost channel, crashed worker; not a nack with requeue) in `x-delivery-count`: a handler
+    failure requeued by nack shows only in the former. RabbitMQ 3 counted them all in
+    `x-delivery-count`. The larger of the two is right for both."""
+    return max(_count(headers, ACQUIRED_COUNT_HEADER), _count(headers, DELIVERY_COUNT_HEADER)) + 1
+
+
+def _count(headers: Mapping[str, Any], name: str) -> int:
+    raw = headers.get(name)
     try:
         earlier = int(raw) if raw is not None else 0
     except (TypeError, ValueError):
         earlier = 0
-    return max(earlier, 0) + 1
+    return max(earlier, 0)

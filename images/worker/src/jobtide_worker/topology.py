@@ -14,10 +14,11 @@ from typing import Any
 
 DEAD_LETTER_EXCHANGE = "jobtide.dlx"
 
-# RabbitMQ before 3.12 closes any channel holding a delivery unacked longer than the broker-wide
-# `consumer_timeout` and ignores per-queue or per-consumer values (checked on 3.10.8). Newer
-# brokers honour the consumer argument. The margin covers the broker's periodic check and the
-# ack's trip back after a task that used its whole `maxTaskSeconds`.
+# A delivery unacked longer than its consumer timeout makes RabbitMQ close the channel. Since
+# 3.12 (so on every supported 4.x) the broker honours a per-consumer `x-consumer-timeout`
+# (what the worker sets) and a per-queue `consumer-timeout` policy key (what the chart's
+# definitions set), above the broker-wide `consumer_timeout`. The margin covers the broker's
+# periodic check and the ack's trip back after a task that used its whole `maxTaskSeconds`.
 CONSUMER_TIMEOUT_MARGIN_SECONDS = 60.0
 # RabbitMQ's own default (30 min): never configure a broker below it.
 BROKER_DEFAULT_CONSUMER_TIMEOUT_MS = 1_800_000
@@ -43,15 +44,21 @@ def dead_letter_queue_arguments() -> dict[str, Any]:
     return {"x-queue-type": "quorum"}
 
 
-def policy(queue: str, max_attempts: int) -> dict[str, Any]:
-    """The policy `jobtide-Q`: the broker dead-letters a message after `max_attempts`
-    deliveries even when no worker lives long enough to do it (crash loops)."""
+def policy(queue: str, max_attempts: int, max_task_seconds: float) -> dict[str, Any]:
+    """The policy `jobtide-Q`. `delivery-limit`: the broker dead-letters a message after
+    `max_attempts` deliveries even when no worker lives long enough to do it (crash loops);
+    set explicitly, because quorum queues since 4.0 apply a default of 20 otherwise, which
+    would cut a pipeline allowing more attempts short. `consumer-timeout`: the queue's own
+    (`maxTaskSeconds` plus the margin), for any consumer that does not set one."""
     return {
         "name": policy_name(queue),
         "pattern": f"^{regex_escape(queue)}$",
         "apply-to": "queues",
         "priority": 0,
-        "definition": {"delivery-limit": max_attempts},
+        "definition": {
+            "delivery-limit": max_attempts,
+            "consumer-timeout": consumer_timeout_ms(max_task_seconds),
+        },
     }
 
 
@@ -61,19 +68,20 @@ def consumer_timeout_ms(max_task_seconds: float) -> int:
 
 
 def broker_consumer_timeout_ms(max_task_seconds: Iterable[float]) -> int:
-    """The broker-wide `consumer_timeout` (rabbitmq.conf) that covers every pipeline: what a
-    3.10 broker needs, since it honours nothing finer."""
+    """The broker-wide `consumer_timeout` (rabbitmq.conf) that covers every pipeline: the
+    backstop for a consumer on a queue without the policy (a queue the chart did not define)."""
     longest = max((consumer_timeout_ms(s) for s in max_task_seconds), default=0)
     return max(longest, BROKER_DEFAULT_CONSUMER_TIMEOUT_MS)
 
 
-def definitions(pipelines: Iterable[tuple[str, int]], vhost: str = "/") -> dict[str, Any]:
+def definitions(pipelines: Iterable[tuple[str, int, float]], vhost: str = "/") -> dict[str, Any]:
     """RabbitMQ definitions (the JSON of `rabbitmqctl import_definitions`) for pipelines given
-    as `(queue, max_attempts)` pairs: queues, the shared exchange, bindings and policies."""
+    as `(queue, max_attempts, max_task_seconds)`: queues, the shared exchange, bindings and
+    policies."""
     queues: list[dict[str, Any]] = []
     bindings: list[dict[str, Any]] = []
     policies: list[dict[str, Any]] = []
-    for queue, max_attempts in sorted(set(pipelines)):
+    for queue, max_attempts, max_task_seconds in sorted(set(pipelines)):
         queues.append(_queue_definition(queue, vhost, queue_arguments(queue)))
         queues.append(
             _queue_definition(dead_letter_queue(queue), vhost, dead_letter_queue_arguments())
@@ -88,7 +96,7 @@ def definitions(pipelines: Iterable[tuple[str, int]], vhost: str = "/") -> dict[
                 "arguments": {},
             }
         )
-        policies.append({"vhost": vhost, **policy(queue, max_attempts)})
+        policies.append({"vhost": vhost, **policy(queue, max_attempts, max_task_seconds)})
     return {
         "queues": queues,
         "exchanges": [
