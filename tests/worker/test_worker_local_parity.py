@@ -77,17 +77,17 @@ def test_run_local_logs_and_dead_letters_as_the_worker_on_the_real_broker(
     )
 
     worker_lines = task_lines(worker_log)
-    # Requeued tasks go back behind those waiting.
+    # Requeued tasks go back ahead of those waiting (RabbitMQ 4.3; 3.x put them behind).
     assert [(e["outcome"], e["attempt"]) for e in worker_lines] == [
         ("done", 1),
         ("retry", 1),
-        ("retry", 1),
-        ("dead-letter", 1),
-        ("done", 1),
-        ("retry", 2),
         ("retry", 2),
         ("done", 3),
+        ("retry", 1),
+        ("retry", 2),
         ("dead-letter", 3),
+        ("dead-letter", 1),
+        ("done", 1),
     ]
     assert task_lines(local_log) == worker_lines
     assert on_local.tasks == on_worker.tasks
@@ -101,6 +101,6 @@ def test_run_local_logs_and_dead_letters_as_the_worker_on_the_real_broker(
     ]
     assert local == on_broker
     assert [reason["x-jobtide-reason"] for _, reason in local] == [
-        "permanent-error",
         "max-attempts",
+        "permanent-error",
     ]

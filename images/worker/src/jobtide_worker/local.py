@@ -7,8 +7,9 @@ decided by the same rules (`max_attempts`, `PermanentError`, undecodable bodies)
 carry the same headers (outcome.dead_letter_headers) and every task ends in the same log line
 (outcome.log_task). Only the broker is played here, as one quorum queue with one worker at
 prefetch 1: a task to retry is returned with `x-acquired-count` raised and `redelivered` set,
-behind the tasks already waiting (where RabbitMQ's quorum queue puts a message its consumer
-rejected with requeue: measured on the test bed's broker, test_worker_local_parity.py).
+at the head of the queue, ahead of the tasks already waiting (where RabbitMQ 4.3's quorum
+queue puts a message its consumer rejected with requeue; 3.x put it behind them: measured on
+the test bed's broker, test_worker_local_parity.py).
 Nothing is ever lost in transit here, so the `ack-lost` and `duplicate` outcomes of a worker
 whose connection drops do not occur.
 """
@@ -110,7 +111,7 @@ def run_local(
         )
         result.attempts.append(Attempt(received[0] if received else None, outcome))
         if outcome.kind == "retry":
-            ready.append((index, _returned(delivery)))
+            ready.appendleft((index, _returned(delivery)))
         else:
             result.final[index] = outcome.kind
         if outcome.kind == "dead-letter":
