@@ -44,9 +44,11 @@ class FakeBroker:
         # Queues whose publish counter the broker keeps, with their oldest_waiting_since.
         self.oldest: dict[str, float | None] = {}
 
-    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
+    def read(
+        self, queues: Iterable[str], counted_only: Iterable[str] = ()
+    ) -> dict[str, QueueReading]:
         at = self.clock() if self.read_at is None else self.read_at
-        wanted = set(queues)
+        wanted = {*queues, *counted_only}
         return {
             q: QueueReading(
                 r,

@@ -79,8 +79,12 @@ class Broker:
         self._session.close()
         self._close_amqp()
 
-    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]:
-        """The latest reading of each queue that was ever read; absent queues are missing."""
+    def read(
+        self, queues: Iterable[str], counted_only: Iterable[str] = ()
+    ) -> dict[str, QueueReading]:
+        """The latest reading of each queue that was ever read; absent queues are missing.
+        `counted_only` queues (dead-letter queues: shown, never scaled on) take the management
+        API's figures alone, without a passive declare each cycle."""
         wanted = list(dict.fromkeys(queues))
         # Stamped here, before either source is asked: the management API's figures are at
         # least that old (older, by the broker's statistics interval), so a passive declare
@@ -92,7 +96,7 @@ class Broker:
         management = self._pool.submit(self._read_management, asked_at)
         self._read_amqp(wanted)
         management.result()
-        readings = {}
+        readings = {q: self._management[q] for q in counted_only if q in self._management}
         for queue in wanted:
             managed = self._management.get(queue)
             if managed is None:

@@ -42,7 +42,9 @@ DEFAULT_DOUBT_SECONDS = 60.0
 
 
 class BrokerReader(Protocol):
-    def read(self, queues: Iterable[str]) -> dict[str, QueueReading]: ...
+    def read(
+        self, queues: Iterable[str], counted_only: Iterable[str] = ()
+    ) -> dict[str, QueueReading]: ...
 
 
 class JobStore(Protocol):
@@ -128,7 +130,10 @@ class Scaler:
         self.ledger = ledger or CreateLedger()
         self.clock = clock
         self.new_id = new_id
+        # The caps are configuration: exported once, beside the counts they bound.
         self.metrics.max_total_workers.set(config.settings.max_total_workers)
+        for p in config.pipelines:
+            self.metrics.max_workers.labels(p.name).set(p.settings.max_workers)
         # RFC 3339 UTC, as the apiserver writes a Job's failure time: they compare as text.
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_clock()))
         self._failed_seen: set[str] = set()
@@ -171,7 +176,7 @@ class Scaler:
     def _observe(self, snapshot: CacheSnapshot) -> dict[str, Observation]:
         pipelines = self.config.pipelines
         dead_letter_queues = {p.name: topology.dead_letter_queue(p.queue) for p in pipelines}
-        readings = self.broker.read([*(p.queue for p in pipelines), *dead_letter_queues.values()])
+        readings = self.broker.read((p.queue for p in pipelines), dead_letter_queues.values())
         now = self.clock()
         self.ledger.reconcile(snapshot, now)
         observations = {}
@@ -189,7 +194,6 @@ class Scaler:
                 broker_fresh=fresh,
             )
             m = self.metrics
-            m.max_workers.labels(p.name).set(p.settings.max_workers)
             dead = readings.get(dead_letter_queues[p.name])
             if dead is not None:
                 m.dead_letter_messages.labels(p.name).set(dead.ready + dead.unacked)
