@@ -55,6 +55,8 @@ PAUSE_SOURCE = Path(__file__).with_name("pause") / "main.go"
 # The node takes machine-wide things (bridge, iptables, /var/lib/kubelet), so its lock is
 # machine-wide too: two sessions with different JOBTIDE_CACHE must not share the host.
 LOCK_FILE = Path("/run/lock/jobtide-testbed-node.lock")
+# How long a run waits for another run's node; a long benchmark beside other work may need more.
+LOCK_TIMEOUT = float(os.environ.get("JOBTIDE_NODE_LOCK_TIMEOUT", "900"))
 # Values kubelet and kube-proxy may change on start; restored on stop.
 SYSCTLS = (
     "vm/overcommit_memory",
@@ -89,7 +91,7 @@ class NodeHost:
         self.root = root
         self._lock: IO[str] | None = None
 
-    def acquire(self, timeout: float = 900) -> NodeHost:
+    def acquire(self, timeout: float = LOCK_TIMEOUT) -> NodeHost:
         self.root.mkdir(parents=True, exist_ok=True)
         LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
         lock = LOCK_FILE.open("a")
