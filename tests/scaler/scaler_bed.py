@@ -110,6 +110,8 @@ class ScalerBed:
     root: Path
     kubeconfig: Path
     processes: list[ScalerProcess] = field(default_factory=list)
+    # Set to a proxy's port to put it between the scaler and the management API.
+    management_port: int | None = None
 
     def config(self, pipelines: dict[str, dict[str, Any]], **top: Any) -> Path:
         document = {
@@ -134,7 +136,7 @@ class ScalerBed:
             KUBECONFIG=str(self.kubeconfig),
             JOBTIDE_BROKER_HOST="127.0.0.1",
             JOBTIDE_BROKER_PORT=str(self.broker.amqp_port),
-            JOBTIDE_BROKER_MANAGEMENT_PORT=str(self.broker.management_port),
+            JOBTIDE_BROKER_MANAGEMENT_PORT=str(self.management_port or self.broker.management_port),
             JOBTIDE_BROKER_VHOST=self.broker.vhost,
             JOBTIDE_BROKER_USERNAME=self.broker.username,
             JOBTIDE_BROKER_PASSWORD=self.broker.password,
@@ -215,10 +217,13 @@ class ScalerBed:
             scaler.process.stop(timeout=10)
 
 
-def make_bed(kube: KubeCluster, namespace: str, broker: RabbitMQ, root: Path) -> ScalerBed:
+def make_bed(
+    kube: KubeCluster, namespace: str, broker: RabbitMQ, root: Path, *, server: str | None = None
+) -> ScalerBed:
+    """`server`: where the scaler finds the apiserver (a proxy in front of it), if not at home."""
     docs = chart_rbac(namespace)
     kube.apply(docs)
     account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
     token = kube.service_account_token(namespace, account)
-    kubeconfig = kube.kubeconfig_for_token(token, root / "scaler.kubeconfig")
+    kubeconfig = kube.kubeconfig_for_token(token, root / "scaler.kubeconfig", server=server)
     return ScalerBed(kube, namespace, broker, root, kubeconfig)

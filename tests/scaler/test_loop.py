@@ -81,6 +81,8 @@ class FakeJobs:
         self.deployments: dict[str, dict[str, Any]] = {}
         self.deployment_reads = 0
         self.events: list[tuple[dict[str, Any], Event]] = []
+        # A refused create's Retry-After (the apiserver's 429 under API Priority and Fairness).
+        self.retry_after: float | None = None
 
     def snapshot(self) -> CacheSnapshot:
         failed: dict[str, list[JobRecord]] = {}
@@ -117,7 +119,7 @@ class FakeJobs:
             )
         if outcome is CreateOutcome.CREATED:
             return CreateResult(outcome, name=name)
-        return CreateResult(outcome, reason="injected")
+        return CreateResult(outcome, reason="injected", retry_after=self.retry_after)
 
     def post_event(self, owner: Mapping[str, Any], event: Event) -> None:
         self.events.append((dict(owner), event))
@@ -483,3 +485,21 @@ def test_a_lost_event_never_stops_the_scaling() -> None:
     w.broker.counts["resize-q"] = (1, 0)
     assert w.cycle() == {"resize": "create"}
     assert w.metric("jobtide_errors_total", kind="kubernetes_event") == 1
+
+
+def test_a_429_with_retry_after_stops_creating_until_it_has_passed() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (5, 0)
+    w.jobs.outcomes = [CreateOutcome.CREATED, CreateOutcome.REJECTED]
+    w.jobs.retry_after = 30.0
+    assert w.cycle() == {"resize": "create"}
+    assert w.jobs.jobs_of("resize") == 1  # the second create was refused: the cycle stops
+    w.jobs.catch_up()
+    w.jobs.retry_after = None
+    # 29 s after the refusal: still waiting, whatever the backlog.
+    assert w.cycle(advance=10) == {"resize": "throttled"}
+    assert w.cycle(advance=19) == {"resize": "throttled"}
+    assert w.jobs.jobs_of("resize") == 1
+    assert w.cycle(advance=1) == {"resize": "create"}
+    assert w.jobs.jobs_of("resize") == 5
+    assert w.metric("jobtide_decisions_total", pipeline="resize", result="throttled") == 2

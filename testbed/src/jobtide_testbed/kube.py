@@ -151,9 +151,10 @@ class KubeCluster:
         ).stdout
         return str(out).strip()
 
-    def kubeconfig_for_token(self, token: str, path: Path) -> Path:
-        """A kubeconfig acting as the owner of `token` (e.g. a ServiceAccount)."""
-        self._write_kubeconfig(path, user={"token": token})
+    def kubeconfig_for_token(self, token: str, path: Path, *, server: str | None = None) -> Path:
+        """A kubeconfig acting as the owner of `token` (e.g. a ServiceAccount), talking to
+        `server` if given (a proxy in front of the apiserver) instead of the apiserver."""
+        self._write_kubeconfig(path, user={"token": token}, server=server)
         return path
 
     def add_fake_node(
@@ -207,7 +208,9 @@ class KubeCluster:
             user={"client-certificate": str(self.admin.cert), "client-key": str(self.admin.key)},
         )
 
-    def _write_kubeconfig(self, path: Path, *, user: dict[str, str]) -> None:
+    def _write_kubeconfig(
+        self, path: Path, *, user: dict[str, str], server: str | None = None
+    ) -> None:
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -216,7 +219,7 @@ class KubeCluster:
                 {
                     "name": "testbed",
                     "cluster": {
-                        "server": self.server,
+                        "server": server or self.server,
                         "certificate-authority": str(self.pki.ca.cert),
                     },
                 }

@@ -26,11 +26,42 @@ import requests
 from jobtide_worker.config import BrokerConfig
 
 from jobtide_scaler.backlog import PublishHistory
+from jobtide_scaler.retry import retry_after
 
 log = logging.getLogger(__name__)
 
 MANAGEMENT_TIMEOUT = (2.0, 5.0)
 AMQP_TIMEOUT = 3.0
+COUNT_FIELDS = ("messages_ready", "messages_unacknowledged", "consumers")
+
+
+class InvalidAnswer(ValueError):
+    """The management API answered, but not with this vhost's queues and their counts."""
+
+
+def _is_count(value: Any) -> bool:
+    return value is None or (type(value) is int and value >= 0)
+
+
+def validated_queues(answer: Any, vhost: str) -> list[dict[str, Any]]:
+    """The answer of `/api/queues/{vhost}` when it is one, else InvalidAnswer naming what is
+    wrong. A single bad entry rejects the whole answer: counts from a broken or foreign
+    answer are never scaled on (the last good ones go stale instead)."""
+    if not isinstance(answer, list):
+        raise InvalidAnswer(f"expected a list of queues, got {type(answer).__name__}")
+    for queue in answer:
+        if not isinstance(queue, dict) or not isinstance(queue.get("name"), str):
+            raise InvalidAnswer(f"a queue without a name: {str(queue)[:80]!r}")
+        name = queue["name"]
+        if queue.get("vhost") != vhost:
+            raise InvalidAnswer(f"queue {name!r} is of vhost {queue.get('vhost')!r}, not {vhost!r}")
+        for field in COUNT_FIELDS:
+            if not _is_count(queue.get(field)):
+                raise InvalidAnswer(f"queue {name!r}: {field} is {queue[field]!r}, not a count")
+        stats = queue.get("message_stats")
+        if stats is not None and not (isinstance(stats, dict) and _is_count(stats.get("publish"))):
+            raise InvalidAnswer(f"queue {name!r}: message_stats.publish is not a count")
+    return answer
 
 
 @dataclass(frozen=True)
@@ -70,6 +101,7 @@ class Broker:
         self._management: dict[str, QueueReading] = {}
         self._published: dict[str, PublishHistory] = {}  # touched by the management thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-management")
+        self._management_not_before = 0.0  # a Retry-After's end; touched by its thread only
         self._live: dict[str, _Live] = {}
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
@@ -114,19 +146,39 @@ class Broker:
         return readings
 
     def _read_management(self, asked_at: float) -> None:
+        if asked_at < self._management_not_before:
+            return  # the server asked us to wait; the last figures age meanwhile
         vhost = quote(self.settings.vhost, safe="")
         url = f"{self.settings.management_url}/api/queues/{vhost}"
         try:
             response = self._session.get(
                 url,
                 params={
-                    "columns": "name,messages_ready,messages_unacknowledged,consumers,"
+                    "columns": "name,vhost,messages_ready,messages_unacknowledged,consumers,"
                     "message_stats.publish"
                 },
                 timeout=MANAGEMENT_TIMEOUT,
             )
+            wait = retry_after(response.headers.get("Retry-After"))
+            if response.status_code in (429, 503) and wait is not None:
+                self._management_not_before = self.clock() + wait
+                self._on_error("broker_management_throttled")
+                log.warning(
+                    "broker management API: HTTP %d, asking again in %.0f s (Retry-After)",
+                    response.status_code,
+                    wait,
+                )
+                return
             response.raise_for_status()
-            queues = response.json()
+            try:
+                answer = response.json()
+            except requests.JSONDecodeError as e:
+                raise InvalidAnswer(f"not JSON ({e})") from e
+            queues = validated_queues(answer, self.settings.vhost)
+        except InvalidAnswer as e:
+            self._on_error("broker_management_invalid")
+            log.warning("broker management API: an answer not used: %s", e)
+            return
         except (requests.RequestException, ValueError) as e:
             self._on_error("broker_management")
             log.warning("broker management API: %s", e)

@@ -31,6 +31,7 @@ from kubernetes import config as k8s_config
 
 from jobtide_scaler.events import Event
 from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE, MANAGER
+from jobtide_scaler.retry import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ LIST_TIMEOUT = (3.0, 30.0)
 WATCH_SECONDS = 240
 WATCH_READ_TIMEOUT = WATCH_SECONDS + 30
 LIST_PAGE_SIZE = 200
+MAX_BACKOFF = 8.0
 # How long create ids seen in any watch event are remembered (see loop.CreateLedger).
 SEEN_CREATE_IDS_SECONDS = 900.0
 
@@ -150,8 +152,9 @@ class CreateOutcome(enum.Enum):
 @dataclass(frozen=True)
 class CreateResult:
     outcome: CreateOutcome
-    name: str = ""
+    name: str = ""  # "" when the apiserver said Created but its answer could not be read
     reason: str = ""
+    retry_after: float | None = None  # the apiserver asked to wait this long (429)
 
 
 def load_api_client() -> k8s.ApiClient:
@@ -170,6 +173,14 @@ def load_api_client() -> k8s.ApiClient:
 def _unwrap(error: BaseException) -> BaseException:
     reason = getattr(error, "reason", None)
     return reason if isinstance(reason, BaseException) else error
+
+
+def retry_after_of(error: BaseException) -> float | None:
+    """The Retry-After of a 429 or 503 answer (API Priority and Fairness sends it), if any."""
+    if not isinstance(error, k8s.ApiException) or error.status not in (429, 503):
+        return None
+    headers = error.headers or {}
+    return retry_after(headers.get("Retry-After"))
 
 
 def create_outcome_of(error: BaseException) -> CreateOutcome:
@@ -272,12 +283,16 @@ class Cluster:
             except Exception as e:
                 if self._stop.is_set():
                     return
-                self._on_error("kubernetes_watch")
+                wait = retry_after_of(e)
+                self._on_error("kubernetes_throttled" if wait is not None else "kubernetes_watch")
+                backoff = max(backoff, wait or 0.0)
                 log.warning("Job cache: %s; listing again in %.1f s", _describe(e), backoff)
             with self._lock:
                 self._synced = False
             self._stop.wait(backoff)
-            backoff = min(backoff * 2, 30.0)
+            # Capped near a cycle: once a fault ends the cache is back within a cycle or two.
+            # The server can ask for longer with Retry-After, which is honoured above.
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     def _list(self) -> str:
         """Replace the cache with a fresh list, page by page: one response for thousands of
@@ -418,9 +433,20 @@ class Cluster:
                 _request_timeout=self.create_timeout,
             )
         except Exception as e:
-            return CreateResult(create_outcome_of(e), reason=_describe(e))
-        created = json.loads(response.data)
-        return CreateResult(CreateOutcome.CREATED, name=created["metadata"]["name"])
+            return CreateResult(
+                create_outcome_of(e), reason=_describe(e), retry_after=retry_after_of(e)
+            )
+        try:
+            # The body is read here (the status line was read by the call): a connection cut
+            # in the middle of it raises urllib3's ProtocolError, a cut JSON a ValueError.
+            name = str(json.loads(response.data)["metadata"]["name"])
+        except Exception as e:
+            # The apiserver said Created: the Job exists, whatever became of the answer's body.
+            # Counting it as failed would let the next cycle create it a second time.
+            self._on_error("kubernetes_answer_invalid")
+            log.warning("a Job was created but the answer could not be read: %s", _describe(e))
+            return CreateResult(CreateOutcome.CREATED)
+        return CreateResult(CreateOutcome.CREATED, name=name)
 
     def delete_failed_job(self, record: JobRecord) -> None:
         """Delete one failed Job and its pods; the uid precondition guarantees that it is

@@ -142,6 +142,8 @@ class Scaler:
         # Per pipeline, this cycle: Jobs created and why a create failed.
         self._created: dict[str, int] = {}
         self._create_failed: dict[str, str] = {}
+        # The apiserver answered a create with 429 and Retry-After: no create before this.
+        self._create_not_before = 0.0
 
     @property
     def owner_known(self) -> bool:
@@ -292,6 +294,8 @@ class Scaler:
             return "not_leader"  # the leader decides; this replica only watches
         if count == 0:
             return "none"
+        if self.clock() < self._create_not_before:
+            return "throttled"
         if self.config.dry_run:
             log.info(
                 "dry run: would create %d Job(s) for pipeline %s (%s)",
@@ -337,6 +341,9 @@ class Scaler:
             else:
                 self.metrics.error("kubernetes_create")
                 log.warning("creating a Job for %s was refused: %s", p.name, result.reason)
+            if result.retry_after is not None:
+                self._create_not_before = self.clock() + result.retry_after
+                log.warning("creating no Job for %.0f s (Retry-After)", result.retry_after)
             break
         return created
 

@@ -74,7 +74,8 @@ class Metrics:
             "Per-pipeline decisions of each cycle, by result: create, none, dry_run, "
             "stale (broker data missing or old), in_doubt (an earlier create's outcome is "
             "unknown), not_leader, cache_unsynced, owner_unknown (the Deployment that owns the "
-            "worker Jobs could not be read yet).",
+            "worker Jobs could not be read yet), throttled (the apiserver asked to wait with "
+            "Retry-After).",
             ["pipeline", "result"],
             registry=r,
         )
