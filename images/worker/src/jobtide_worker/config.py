@@ -80,14 +80,14 @@ class BrokerConfig:
 
     @classmethod
     def _read(cls, e: _Env) -> BrokerConfig:
-        tls = e.boolean("JOBTIDE_BROKER_TLS", False)
+        # In the variables' order, so that their problems are reported in it.
         return cls(
             host=e.host("JOBTIDE_BROKER_HOST"),
             port=e.port("JOBTIDE_BROKER_PORT", 5672),
             vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
             username=e.secret("JOBTIDE_BROKER_USERNAME"),
             password=e.secret("JOBTIDE_BROKER_PASSWORD"),
-            tls=tls,
+            tls=(tls := e.boolean("JOBTIDE_BROKER_TLS", False)),
             ca_file=e.ca_file("JOBTIDE_BROKER_CA_FILE", tls=tls),
             server_name=e.server_name("JOBTIDE_BROKER_SERVER_NAME", tls=tls),
             heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
