@@ -34,6 +34,7 @@ def publish(config: BrokerConfig, queue: str, count: int) -> None:
         connection.close()
 
 
+@pytest.mark.broker_compat
 def test_counts_come_over_amqps_and_https_from_a_node_without_plain_listeners(
     rabbitmq_factory: Callable[..., RabbitMQ], tmp_path: Path
 ) -> None:

@@ -152,13 +152,14 @@ class BrokerConfig:
         if code in _WRONG_NAME_CODES:
             return (
                 f"the certificate of {where} is not valid for the name {self.tls_name!r} "
-                f"(set the server name the certificate was issued for) ({detail})"
+                f"(connect by a name it was issued for, or set JOBTIDE_BROKER_SERVER_NAME "
+                f"to one) ({detail})"
             )
         if code in _UNTRUSTED_CODES:
             trusted = f"the CA bundle {self.ca_file}" if self.ca_file else "the system's CA bundle"
             return (
                 f"the certificate of {where} is not signed by a CA in {trusted} "
-                f"(wrong CA bundle?) ({detail})"
+                f"(JOBTIDE_BROKER_CA_FILE must hold the CA that signed it) ({detail})"
             )
         return f"the certificate of {where} failed verification ({detail})"
 
