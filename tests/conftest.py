@@ -10,7 +10,8 @@ import pytest
 from jobtide_testbed.images import DockerDaemon
 from jobtide_testbed.kube import KubeCluster, namespace_name
 from jobtide_testbed.node import Node, start_cluster_with_node
-from jobtide_testbed.rabbitmq import FLOOR, NEWEST, BrokerRelease, RabbitMQ
+from jobtide_testbed.pki import PKI
+from jobtide_testbed.rabbitmq import FLOOR, NEWEST, BrokerRelease, BrokerTls, RabbitMQ, broker_tls
 
 # Log files of the components started in this session, printed under failed tests.
 _component_logs: list[Path] = []
@@ -47,6 +48,36 @@ def rabbitmq(
     """One RabbitMQ node per release shared by the session. Tests use their own queue names;
     tests that restart or reconfigure a broker take a private one from `rabbitmq_factory`."""
     node = RabbitMQ(tmp_path_factory.mktemp("rabbitmq"), name="shared", release=broker_release)
+    _component_logs.append(node.log_path)
+    try:
+        yield node.start()
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="session")
+def broker_pki(tmp_path_factory: pytest.TempPathFactory) -> BrokerTls:
+    """A test CA and the broker's server certificate for TLS_HOST (plain listeners kept)."""
+    return broker_tls(tmp_path_factory.mktemp("broker-pki"), plain=True)
+
+
+@pytest.fixture(scope="session")
+def untrusted_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA bundle that did not sign the broker's certificate."""
+    return PKI(tmp_path_factory.mktemp("untrusted-pki")).ca.cert
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_tls(
+    broker_pki: BrokerTls, tmp_path_factory: pytest.TempPathFactory, broker_release: BrokerRelease
+) -> Iterator[RabbitMQ]:
+    """One RabbitMQ node per release with TLS listeners (AMQPS, management HTTPS) beside its
+    plain ones, shared by the session: clients under test reach it over TLS
+    (`tls_client_env`); the plain listeners let a test look at what they did, or aim TLS at
+    a port that does not speak it. A TLS-only node: `rabbitmq_factory(tls=...)`."""
+    node = RabbitMQ(
+        tmp_path_factory.mktemp("rabbitmq-tls"), name="tls", release=broker_release, tls=broker_pki
+    )
     _component_logs.append(node.log_path)
     try:
         yield node.start()

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import certifi
 import yaml
 from jobtide_testbed.tools import CACHE, CHART, HELM_KUBE_VERSION, REPO, helm
 
@@ -98,7 +99,8 @@ def worker_container(docs: list[dict[str, Any]], pipeline: str) -> dict[str, Any
 
 
 def scaler_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    """The scaler container's environment, with stand-ins for the values read from Secrets."""
+    """The scaler container's environment, with stand-ins for the values read from Secrets
+    (the broker's CA bundle, a file mounted from one, is certifi's here)."""
     pod = find(docs, "Deployment", "-scaler")["spec"]["template"]["spec"]
     env: dict[str, str] = {}
     for variable in pod["containers"][0]["env"]:
@@ -107,6 +109,8 @@ def scaler_env(docs: list[dict[str, Any]]) -> dict[str, str]:
         else:
             key = variable["valueFrom"]["secretKeyRef"]["key"]
             env[variable["name"]] = f"stand-in-{key}"
+    if "JOBTIDE_BROKER_CA_FILE" in env:
+        env["JOBTIDE_BROKER_CA_FILE"] = certifi.where()
     return env
 
 

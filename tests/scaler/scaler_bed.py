@@ -112,6 +112,8 @@ class ScalerBed:
     processes: list[ScalerProcess] = field(default_factory=list)
     # Set to a proxy's port to put it between the scaler and the management API.
     management_port: int | None = None
+    # The scaler's JOBTIDE_BROKER_* variables when not the broker's plain ones (TLS).
+    broker_env: dict[str, str] | None = None
 
     def config(self, pipelines: dict[str, dict[str, Any]], **top: Any) -> Path:
         document = {
@@ -142,6 +144,7 @@ class ScalerBed:
             JOBTIDE_BROKER_PASSWORD=self.broker.password,
             PYTHONUNBUFFERED="1",
         )
+        env.update(self.broker_env or {})
         return env
 
     def _patch_metrics_port(self, config: Path, port: int) -> None:

@@ -94,7 +94,15 @@ app.kubernetes.io/component: {{ .component }}
 - name: JOBTIDE_BROKER_VHOST
   value: {{ .Values.externalBroker.vhost | quote }}
 - name: JOBTIDE_BROKER_TLS
-  value: {{ .Values.externalBroker.tls | quote }}
+  value: {{ .Values.externalBroker.tls.enabled | quote }}
+{{- if include "jobtide.broker.caMounted" . }}
+- name: JOBTIDE_BROKER_CA_FILE
+  value: {{ printf "%s/ca.crt" (include "jobtide.broker.caDir" .) | quote }}
+{{- end }}
+{{- with .Values.externalBroker.tls.serverName }}
+- name: JOBTIDE_BROKER_SERVER_NAME
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 - name: JOBTIDE_BROKER_USERNAME
   valueFrom:
@@ -102,6 +110,30 @@ app.kubernetes.io/component: {{ .component }}
 - name: JOBTIDE_BROKER_PASSWORD
   valueFrom:
     secretKeyRef: {name: {{ $secret }}, key: password}
+{{- end }}
+
+{{/*
+The external broker's CA bundle, from the user's Secret (externalBroker.tls.caSecret): "true"
+when the scaler and the workers mount it, empty otherwise; its volume, and its read-only mount
+at "jobtide.broker.caDir" (the file is always ca.crt there, whatever the Secret's key).
+*/}}
+{{- define "jobtide.broker.caMounted" -}}
+{{- $tls := .Values.externalBroker.tls }}
+{{- if and (not .Values.rabbitmq.enabled) $tls.enabled $tls.caSecret.name }}true{{ end }}
+{{- end }}
+
+{{- define "jobtide.broker.caDir" -}}/etc/jobtide/broker-ca{{- end }}
+
+{{- define "jobtide.broker.caVolume" -}}
+- name: broker-ca
+  secret:
+    secretName: {{ .Values.externalBroker.tls.caSecret.name | quote }}
+    items: [{key: {{ .Values.externalBroker.tls.caSecret.key | quote }}, path: ca.crt}]
+    defaultMode: 0444
+{{- end }}
+
+{{- define "jobtide.broker.caVolumeMount" -}}
+- {name: broker-ca, mountPath: {{ include "jobtide.broker.caDir" . }}, readOnly: true}
 {{- end }}
 
 {{- define "jobtide.broker.managementPort" -}}

@@ -84,6 +84,9 @@ affinity:
 volumes:
   - name: tmp
     emptyDir: {sizeLimit: 1Gi}
+  {{- if include "jobtide.broker.caMounted" .root }}
+  {{- include "jobtide.broker.caVolume" .root | nindent 2 }}
+  {{- end }}
   {{- with .pipeline.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
@@ -108,6 +111,9 @@ resources:
 {{- end }}
 volumeMounts:
   - {name: tmp, mountPath: /tmp}
+  {{- if include "jobtide.broker.caMounted" .root }}
+  {{- include "jobtide.broker.caVolumeMount" .root | nindent 2 }}
+  {{- end }}
   {{- with $p.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

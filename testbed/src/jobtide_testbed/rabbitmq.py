@@ -10,6 +10,10 @@ is shared read-only by every node.
 Everything is private to the node: ports picked free on 127.0.0.1, its own epmd on its own
 port, its own HOME (Erlang cookie), data and log folders under `root`. Data survive
 `stop()`/`start()`, so tests can restart the broker mid-stream.
+
+With `tls` (`broker_tls`: a test CA and a server certificate made with openssl) the node also
+listens for AMQPS and management HTTPS on ports of their own, with the plain listeners kept or
+turned off as the test asks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import requests
 
+from jobtide_testbed.pki import PKI
 from jobtide_testbed.process import Process, free_port, port_open, run, wait_for
 from jobtide_testbed.tools import CACHE, REPO, ensure_stage
 
@@ -80,6 +85,32 @@ def in_release(release: BrokerRelease, node_dir: Path, argv: list[str]) -> list[
     ]  # fmt: skip
 
 
+# The name a TLS node's certificate is made for: it resolves to the node's 127.0.0.1 here
+# (/etc/hosts), so a client can connect by it and check it; 127.0.0.1 is left out of the
+# certificate, so a client connecting by address meets a certificate for another name.
+TLS_HOST = "localhost"
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """A node's TLS material: the CA that clients trust and the server's key pair."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    # The plain AMQP and HTTP listeners too; off, the node speaks TLS only.
+    plain: bool = False
+
+
+def broker_tls(
+    pki_dir: Path, *, plain: bool = False, names: tuple[str, ...] = (TLS_HOST,)
+) -> BrokerTls:
+    """A test CA under `pki_dir` (made once) and a server certificate for `names` signed by it."""
+    pki = PKI(pki_dir)
+    pair = pki.issue("rabbitmq", common_name=names[0], dns=names, server=True)
+    return BrokerTls(ca=pki.ca.cert, cert=pair.cert, key=pair.key, plain=plain)
+
+
 @dataclass(frozen=True)
 class QueueCounts:
     ready: int
@@ -96,6 +127,7 @@ class RabbitMQ:
         consumer_timeout_ms: int | None = None,
         stats_interval_ms: int = 1000,
         release: BrokerRelease = NEWEST,
+        tls: BrokerTls | None = None,
     ) -> None:
         ensure_stage(release.stage)
         self.release = release
@@ -106,6 +138,10 @@ class RabbitMQ:
         self.management_port = free_port()
         self.dist_port = free_port()
         self.epmd_port = free_port()
+        self.tls = tls
+        # The TLS listeners' ports; None without `tls`.
+        self.amqps_port = free_port() if tls else None
+        self.management_tls_port = free_port() if tls else None
         self.username = "jobtide"
         self.password = secrets.token_urlsafe(16)
         self.vhost = "/"
@@ -130,8 +166,16 @@ class RabbitMQ:
         return f"amqp://{self.username}:{self.password}@{self.host}:{self.amqp_port}/{vhost}"
 
     @property
+    def plain(self) -> bool:
+        """Whether the plain AMQP and HTTP listeners are on."""
+        return self.tls is None or self.tls.plain
+
+    @property
     def management_url(self) -> str:
-        return f"http://{self.host}:{self.management_port}"
+        """The management API over plain HTTP, or HTTPS (by TLS_HOST) on a TLS-only node."""
+        if self.plain:
+            return f"http://{self.host}:{self.management_port}"
+        return f"https://{TLS_HOST}:{self.management_tls_port}"
 
     @property
     def processes(self) -> list[Process]:
@@ -152,7 +196,7 @@ class RabbitMQ:
             self._server.check_alive()
             return (
                 self.ctl("await_startup", "--timeout", "5", check=False).returncode == 0
-                and port_open(self.amqp_port)
+                and all(port_open(port) for port in self._amqp_ports())
                 and self._management_up()
             )
 
@@ -196,8 +240,33 @@ class RabbitMQ:
             f"{self.management_url}/api/{path.lstrip('/')}",
             auth=(self.username, self.password),
             timeout=10,
+            verify=str(self.tls.ca) if self.tls else True,
             **kwargs,
         )
+
+    def tls_client_env(self) -> dict[str, str]:
+        """The `JOBTIDE_BROKER_*` variables of a client that reaches this node over TLS only
+        (AMQPS and management HTTPS, by TLS_HOST), trusting the test CA alone."""
+        if self.tls is None:
+            raise ValueError(f"{self.nodename} was started without tls")
+        return {
+            "JOBTIDE_BROKER_HOST": TLS_HOST,
+            "JOBTIDE_BROKER_PORT": str(self.amqps_port),
+            "JOBTIDE_BROKER_MANAGEMENT_PORT": str(self.management_tls_port),
+            "JOBTIDE_BROKER_VHOST": self.vhost,
+            "JOBTIDE_BROKER_USERNAME": self.username,
+            "JOBTIDE_BROKER_PASSWORD": self.password,
+            "JOBTIDE_BROKER_TLS": "true",
+            "JOBTIDE_BROKER_CA_FILE": str(self.tls.ca),
+        }
+
+    def connections(self) -> list[dict[str, Any]]:
+        """The node's client connections as the management API lists them (`ssl`,
+        `client_properties.connection_name`, ...)."""
+        response = self.api("GET", "connections")
+        response.raise_for_status()
+        found: list[dict[str, Any]] = response.json()
+        return found
 
     def queue_counts(self, queue: str) -> QueueCounts:
         vhost = urllib.parse.quote(self.vhost, safe="")
@@ -219,6 +288,10 @@ class RabbitMQ:
         return str(NODE_DIR / path.relative_to(self.root))
 
     # -- internals ----------------------------------------------------------------------
+    def _amqp_ports(self) -> list[int]:
+        ports = [self.amqp_port] if self.plain else []
+        return ports + ([self.amqps_port] if self.amqps_port is not None else [])
+
     def _in_root(self, argv: list[str]) -> list[str]:
         return in_release(self.release, self.root, argv)
 
@@ -254,11 +327,19 @@ class RabbitMQ:
     def _write_config(self) -> None:
         (self.root / "home").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
-        lines = [
-            # A bare port would listen on every interface.
-            f"listeners.tcp.default = {self.host}:{self.amqp_port}",
-            "management.tcp.ip = 127.0.0.1",
-            f"management.tcp.port = {self.management_port}",
+        lines = []
+        if self.plain:
+            lines += [
+                # A bare port would listen on every interface.
+                f"listeners.tcp.default = {self.host}:{self.amqp_port}",
+                "management.tcp.ip = 127.0.0.1",
+                f"management.tcp.port = {self.management_port}",
+            ]
+        else:
+            lines.append("listeners.tcp = none")
+        if self.tls is not None:
+            lines += self._tls_config(self.tls)
+        lines += [
             f"collect_statistics_interval = {self.stats_interval_ms}",
             f"default_user = {self.username}",
             f"default_pass = {self.password}",
@@ -269,6 +350,28 @@ class RabbitMQ:
             lines.append(f"consumer_timeout = {self.consumer_timeout_ms}")
         (self.root / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         (self.root / "enabled_plugins").write_text("[rabbitmq_management].\n")
+
+    def _tls_config(self, tls: BrokerTls) -> list[str]:
+        """AMQPS and management HTTPS listeners with the server's certificate, copied into
+        the node's folder for the broker to read. Clients are not asked for a certificate:
+        they log in with user name and password, as jobtide's do."""
+        folder = self.root / "tls"
+        folder.mkdir(exist_ok=True)
+        files = {}
+        for name, source in (("cacertfile", tls.ca), ("certfile", tls.cert), ("keyfile", tls.key)):
+            copy = folder / source.name
+            copy.write_bytes(source.read_bytes())
+            files[name] = self.inside(copy)
+        lines = [
+            f"listeners.ssl.default = {self.host}:{self.amqps_port}",
+            "ssl_options.verify = verify_none",
+            "ssl_options.fail_if_no_peer_cert = false",
+            "management.ssl.ip = 127.0.0.1",
+            f"management.ssl.port = {self.management_tls_port}",
+        ]
+        for name, path in files.items():
+            lines += [f"ssl_options.{name} = {path}", f"management.ssl.{name} = {path}"]
+        return lines
 
 
 def wait_counts(

@@ -68,7 +68,12 @@ def run(config: ScalerConfig, options: argparse.Namespace) -> int:
     scaler: Scaler | None = None
     health = Health(
         stall_seconds=max(60.0, 6 * config.settings.poll_interval_seconds),
-        ready=lambda: cluster.synced and scaler is not None and scaler.owner_known,
+        ready=lambda: (
+            cluster.synced
+            and scaler is not None
+            and scaler.owner_known
+            and broker.tls_problem is None
+        ),
     )
     server = MetricsServer(config.metrics_port, metrics, health)
     elector: LeaderElector | None = None

@@ -6,7 +6,12 @@ default). A passive queue declare over AMQP answers with the live ready and cons
 so when AMQP is reachable those replace the management API's; unacked comes only from the
 management API. A queue's reading carries the time of its oldest part, so the loop can tell
 fresh data from stale. The management API's `publish` counter of each queue also dates its
-oldest waiting message (backlog.py)."""
+oldest waiting message (backlog.py).
+
+With TLS both sources verify the broker's certificate alike (`BrokerConfig.ssl_context`: the
+CA bundle and the name checked). A TLS failure no retry can mend is logged naming the problem,
+counted as the error kind `broker_tls` and kept in `tls_problem` (the scaler is not ready
+while there is one) until that source works again."""
 
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from urllib.parse import quote
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import requests
-from jobtide_worker.config import BrokerConfig
+import requests.adapters
+from jobtide_worker.config import BrokerConfig, BrokerTlsError
 
 from jobtide_scaler.backlog import PublishHistory
 from jobtide_scaler.retry import retry_after
@@ -85,6 +91,27 @@ class _Live:
     read_at: float
 
 
+class _BrokerTlsAdapter(requests.adapters.HTTPAdapter):
+    """HTTPS to the management API verified exactly as AMQP is: the broker's SSL context
+    (its CA bundle alone, or the system's) and the name its certificate must carry."""
+
+    def __init__(self, settings: BrokerConfig) -> None:
+        self._context = settings.ssl_context()
+        self._server_name = settings.tls_name
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        kwargs["server_hostname"] = self._server_name
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # The context holds the trust: requests would load its own CA bundle into it.
+        conn.cert_reqs = "CERT_REQUIRED"
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
+
+
 class Broker:
     def __init__(
         self,
@@ -98,6 +125,10 @@ class Broker:
         self._on_error = on_error
         self._session = requests.Session()
         self._session.auth = (settings.username, settings.password)
+        if settings.tls:
+            self._session.mount("https://", _BrokerTlsAdapter(settings))
+        # The lasting TLS failure of each source, None while it works (or fails otherwise).
+        self._tls_problems: dict[str, str | None] = {"amqp": None, "management": None}
         self._management: dict[str, QueueReading] = {}
         self._published: dict[str, PublishHistory] = {}  # touched by the management thread only
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-management")
@@ -105,6 +136,23 @@ class Broker:
         self._live: dict[str, _Live] = {}
         self._connection: pika.BlockingConnection | None = None
         self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+
+    @property
+    def tls_problem(self) -> str | None:
+        """Why TLS to the broker fails for good (a certificate that does not verify, a port
+        that does not speak TLS), while it does; None otherwise."""
+        return self._tls_problems["amqp"] or self._tls_problems["management"]
+
+    def _tls_failed(self, source: str, problem: str) -> None:
+        self._on_error("broker_tls")
+        if self._tls_problems[source] != problem:
+            log.error("broker %s: TLS failed: %s", source, problem)
+        self._tls_problems[source] = problem
+
+    def _tls_works(self, source: str) -> None:
+        if self._tls_problems[source] is not None:
+            log.info("broker %s: TLS works again", source)
+        self._tls_problems[source] = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -161,6 +209,7 @@ class Broker:
             )
             wait = retry_after(response.headers.get("Retry-After"))
             if response.status_code in (429, 503) and wait is not None:
+                self._tls_works("management")  # it answered, over TLS if TLS is on
                 self._management_not_before = self.clock() + wait
                 self._on_error("broker_management_throttled")
                 log.warning(
@@ -176,13 +225,21 @@ class Broker:
                 raise InvalidAnswer(f"not JSON ({e})") from e
             queues = validated_queues(answer, self.settings.vhost)
         except InvalidAnswer as e:
+            self._tls_works("management")
             self._on_error("broker_management_invalid")
             log.warning("broker management API: an answer not used: %s", e)
             return
         except (requests.RequestException, ValueError) as e:
+            problem = self.settings.tls_problem(e, port=self.settings.management_port)
+            if problem is not None:
+                self._tls_failed("management", problem)
+                return
+            if isinstance(e, (requests.HTTPError, ValueError)):
+                self._tls_works("management")  # the broker answered over TLS
             self._on_error("broker_management")
             log.warning("broker management API: %s", e)
             return
+        self._tls_works("management")
         # After the answer: a message counted in it was published by now (backlog.py).
         answered_at = self.clock()
         # Queues that disappeared are forgotten, so their pipelines count as missing.
@@ -214,7 +271,7 @@ class Broker:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         if self._connection is None or not self._connection.is_open:
-            parameters = self.settings.connection_parameters(
+            self._connection = self.settings.connect(
                 "jobtide-scaler",
                 # Used only briefly each cycle, possibly minutes apart: a dead connection
                 # shows on the next declare and is opened again.
@@ -222,7 +279,7 @@ class Broker:
                 socket_timeout=AMQP_TIMEOUT,
                 blocked_connection_timeout=AMQP_TIMEOUT,
             )
-            self._connection = pika.BlockingConnection(parameters)
+            self._tls_works("amqp")
         self._channel = self._connection.channel()
         return self._channel
 
@@ -245,6 +302,10 @@ class Broker:
                     self._on_error("broker_amqp")
                     log.warning("broker AMQP: declaring %s: %s", queue, e)
                 continue
+            except BrokerTlsError as e:
+                self._tls_failed("amqp", str(e))
+                self._close_amqp()
+                return
             except (pika.exceptions.AMQPError, OSError) as e:
                 self._on_error("broker_amqp")
                 log.warning("broker AMQP: %r; using the management API's counts", e)

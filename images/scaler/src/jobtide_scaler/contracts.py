@@ -112,9 +112,10 @@ def chart_schema(current: str) -> str:
         key: {"not": {}, "description": "set by the chart or the scaler"}
         for key in reserved_label_keys()
     }
-    schema["properties"]["externalBroker"]["properties"]["host"]["pattern"] = (
-        f"^$|{HOST_PATTERN}"  # empty while the release runs its own broker
-    )
+    external = schema["properties"]["externalBroker"]["properties"]
+    # Empty: the release runs its own broker; the name checked is the host.
+    external["host"]["pattern"] = f"^$|{HOST_PATTERN}"
+    external["tls"]["properties"]["serverName"]["pattern"] = f"^$|{HOST_PATTERN}"
     ours = {k: v for k, v in schema["definitions"].items() if not k.startswith(kubeschema.PREFIX)}
     schema["definitions"] = {**ours, **kubeschema.definitions()}
     return _json_text(schema)

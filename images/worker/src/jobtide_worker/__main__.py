@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from jobtide_worker.config import BrokerConfig, ConfigError, WorkerConfig
+from jobtide_worker.config import BrokerConfig, BrokerTlsError, ConfigError, WorkerConfig
 from jobtide_worker.logs import ERROR, EventLog
 from jobtide_worker.runner import EXIT_CONFIG, EXIT_HANDLER, HandlerLoadError, Runner, load_handler
 
@@ -68,7 +68,11 @@ def publish_main(argv: Sequence[str]) -> int:
         return EXIT_CONFIG
     from jobtide_worker.publisher import publish
 
-    ids = publish(args.queue, tasks, broker=broker, declare=not args.no_declare)
+    try:
+        ids = publish(args.queue, tasks, broker=broker, declare=not args.no_declare)
+    except BrokerTlsError as e:
+        print(f"jobtide-worker publish: broker TLS failed: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"published {len(ids)} tasks to {args.queue}", file=sys.stderr)
     return 0
 

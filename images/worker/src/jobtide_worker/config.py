@@ -1,9 +1,17 @@
 """The worker's configuration: environment variables, validated once at start into one frozen
 object. The variables are documented in images/worker/README.md (one table).
 
-`BrokerConfig.from_env` is the one parser of the `JOBTIDE_BROKER_*` variables and
-`BrokerConfig.connection_parameters` the one builder of pika's connection parameters: the
-worker, the publisher and the scaler all use them."""
+`BrokerConfig.from_env` is the one parser of the `JOBTIDE_BROKER_*` variables,
+`BrokerConfig.connection_parameters` the one builder of pika's connection parameters and
+`BrokerConfig.connect` the one way to open a connection: the worker, the publisher and the
+scaler all use them.
+
+TLS (`JOBTIDE_BROKER_TLS`) always verifies the broker's certificate, against the CA bundle of
+`JOBTIDE_BROKER_CA_FILE` (or the system's) and for the host name connected to (or
+`JOBTIDE_BROKER_SERVER_NAME`); nothing ever falls back to plain text. A TLS failure that no
+retry can mend (a certificate that does not verify, a port that does not speak TLS) is raised
+as `BrokerTlsError`, whose message names the problem; `tls_problem` tells one apart from a
+passing network error for any client (pika, requests)."""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pika  # type: ignore[import-untyped]
 
@@ -29,6 +37,11 @@ _PIPELINE_SPECS = setting_specs(PipelineSettings)
 # A broker host: a DNS name or an IPv4 address, never a URL (`amqp://host:5672`) or host:port.
 # The chart's schema takes its externalBroker.host pattern from here.
 HOST_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class BrokerTlsError(Exception):
+    """TLS to the broker failed for a reason that retrying cannot mend: a configuration
+    problem, named by the message. Not an OSError, so reconnect loops do not retry it."""
 
 
 class ConfigError(ValueError):
@@ -49,6 +62,10 @@ class BrokerConfig:
     username: str = "guest"
     password: str = field(default="guest", repr=False)
     tls: bool = False
+    # PEM CA bundle the broker's certificate must chain to; None: the system's CA bundle.
+    ca_file: str | None = None
+    # The name the broker's certificate must be valid for; None: `host`.
+    server_name: str | None = None
     heartbeat_seconds: int = 30
     management_port: int = 15672  # the scaler reads queue counts from the management API
 
@@ -63,13 +80,16 @@ class BrokerConfig:
 
     @classmethod
     def _read(cls, e: _Env) -> BrokerConfig:
+        # In the variables' order, so that their problems are reported in it.
         return cls(
             host=e.host("JOBTIDE_BROKER_HOST"),
             port=e.port("JOBTIDE_BROKER_PORT", 5672),
             vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
             username=e.secret("JOBTIDE_BROKER_USERNAME"),
             password=e.secret("JOBTIDE_BROKER_PASSWORD"),
-            tls=e.boolean("JOBTIDE_BROKER_TLS", False),
+            tls=(tls := e.boolean("JOBTIDE_BROKER_TLS", False)),
+            ca_file=e.ca_file("JOBTIDE_BROKER_CA_FILE", tls=tls),
+            server_name=e.server_name("JOBTIDE_BROKER_SERVER_NAME", tls=tls),
             heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
             management_port=e.port("JOBTIDE_BROKER_MANAGEMENT_PORT", 15672),
         )
@@ -78,6 +98,70 @@ class BrokerConfig:
     def management_url(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://{self.host}:{self.management_port}"
+
+    @property
+    def tls_name(self) -> str:
+        """The name the broker's certificate is checked against."""
+        return self.server_name or self.host
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Certificate and host name verification always on (CERT_REQUIRED, check_hostname),
+        trusting `ca_file` alone when given, else the system's CA bundle."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    def connect(self, connection_name: str, **parameters: Any) -> pika.BlockingConnection:
+        """A pika.BlockingConnection (keyword arguments as for `connection_parameters`);
+        raises BrokerTlsError naming a TLS problem no retry can mend, and pika's or the
+        socket's own errors otherwise."""
+        try:
+            return pika.BlockingConnection(
+                self.connection_parameters(connection_name, **parameters)
+            )
+        except Exception as e:
+            problem = self.tls_problem(e)
+            if problem is not None:
+                raise BrokerTlsError(problem) from e
+            raise
+
+    def tls_problem(self, error: BaseException, *, port: int | None = None) -> str | None:
+        """What `error` (from pika, requests or the ssl module, however wrapped) says about
+        TLS to the broker's `port` (the AMQP port by default), as a message naming the
+        problem; None when it is not a lasting TLS failure (a refused or cut connection,
+        a timeout: worth retrying)."""
+        if not self.tls:
+            return None
+        port = self.port if port is None else port
+        where = f"{self.host}:{port}"
+        for cause in _causes(error):
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                return self._verification_problem(cause, where)
+            # `reason` is OpenSSL's; errors the ssl module makes itself have none.
+            reason = getattr(cause, "reason", None)
+            if isinstance(cause, ssl.SSLError) and reason in _NOT_TLS_REASONS:
+                return (
+                    f"{where} does not speak TLS (it answered with something else, likely "
+                    f"plain AMQP or HTTP): point the port at the broker's TLS listener "
+                    f"(AMQPS is usually 5671, management HTTPS 15671) ({reason})"
+                )
+        return None
+
+    def _verification_problem(self, error: ssl.SSLCertVerificationError, where: str) -> str:
+        code, detail = error.verify_code, error.verify_message
+        if code in _WRONG_NAME_CODES:
+            return (
+                f"the certificate of {where} is not valid for the name {self.tls_name!r} "
+                f"(connect by a name it was issued for, or set JOBTIDE_BROKER_SERVER_NAME "
+                f"to one) ({detail})"
+            )
+        if code in _UNTRUSTED_CODES:
+            trusted = f"the CA bundle {self.ca_file}" if self.ca_file else "the system's CA bundle"
+            return (
+                f"the certificate of {where} is not signed by a CA in {trusted} "
+                f"(JOBTIDE_BROKER_CA_FILE must hold the CA that signed it) ({detail})"
+            )
+        return f"the certificate of {where} failed verification ({detail})"
 
     def connection_parameters(
         self,
@@ -91,7 +175,7 @@ class BrokerConfig:
         `heartbeat_seconds` 0 turns heartbeats off, None uses the configured value."""
         ssl_options = None
         if self.tls:
-            ssl_options = pika.SSLOptions(ssl.create_default_context(), self.host)
+            ssl_options = pika.SSLOptions(self.ssl_context(), self.tls_name)
         return pika.ConnectionParameters(
             host=self.host,
             port=self.port,
@@ -166,6 +250,8 @@ class WorkerConfig:
             "broker": f"{self.broker.host}:{self.broker.port}",
             "vhost": self.broker.vhost,
             "tls": self.broker.tls,
+            "tls_ca_file": self.broker.ca_file,
+            "tls_server_name": self.broker.tls_name if self.broker.tls else None,
             "prefetch": self.prefetch,
             "idle_timeout_seconds": self.idle_timeout_seconds,
             "max_attempts": self.max_attempts,
@@ -177,6 +263,42 @@ class WorkerConfig:
             "worker": self.worker_name,
             "consumer_priority": self.consumer_priority,
         }
+
+
+# OpenSSL's verify codes (`X509_V_ERR_*`) of a certificate issued for another name or address.
+_WRONG_NAME_CODES = {62, 64}  # HOSTNAME_MISMATCH, IP_ADDRESS_MISMATCH
+# ... of a certificate chain that leads to no trusted CA.
+_UNTRUSTED_CODES = {
+    2,  # UNABLE_TO_GET_ISSUER_CERT
+    18,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19,  # SELF_SIGNED_CERT_IN_CHAIN
+    20,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
+# OpenSSL's reasons when the peer's first bytes are not a TLS record: the port speaks another
+# protocol (RabbitMQ's plain AMQP listener answers a ClientHello with its protocol header).
+_NOT_TLS_REASONS = {
+    "WRONG_VERSION_NUMBER",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "HTTP_REQUEST",
+}
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it wraps: pika hands over the ssl module's error; requests wraps
+    urllib3's, which keeps the ssl module's as `reason`, args or cause."""
+    seen: list[BaseException] = []
+    pending = [error]
+    while pending and len(seen) < 20:
+        current = pending.pop(0)
+        if any(current is s for s in seen):
+            continue
+        seen.append(current)
+        reason = getattr(current, "reason", None)
+        linked = [current.__cause__, current.__context__, reason, *current.args]
+        pending += [item for item in linked if isinstance(item, BaseException)]
+    return seen
 
 
 # Accepted spellings of a boolean variable (any case), for every program reading them.
@@ -224,6 +346,35 @@ class _Env:
                 return self._problem(f"{name}_FILE", f"cannot read {file_name}: {e.strerror}", "")
             return value or self._problem(f"{name}_FILE", f"{file_name} is empty", "")
         return self.env.get(name, "") or self._problem(name, f"is required (or {name}_FILE)", "")
+
+    def tls_only(self, name: str, *, tls: bool) -> str | None:
+        """A variable that only means something with TLS on: None when unset, a problem when
+        set with TLS off (the user expects TLS; nothing falls back to plain text)."""
+        value = self.env.get(name, "").strip()
+        if value and not tls:
+            return self._problem(name, "is set but JOBTIDE_BROKER_TLS is not true", None)
+        return value or None
+
+    def ca_file(self, name: str, *, tls: bool) -> str | None:
+        """A readable PEM file of CA certificates."""
+        path = self.tls_only(name, tls=tls)
+        if path is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=path)
+        except FileNotFoundError:
+            return self._problem(name, f"{path} does not exist", None)
+        except ssl.SSLError as e:
+            return self._problem(name, f"{path} holds no PEM CA certificate ({e})", None)
+        except OSError as e:
+            return self._problem(name, f"cannot read {path}: {e.strerror}", None)
+        return path
+
+    def server_name(self, name: str, *, tls: bool) -> str | None:
+        value = self.tls_only(name, tls=tls)
+        if value is not None and not re.fullmatch(HOST_PATTERN, value):
+            return self._problem(name, f"expected a host name, got {value!r}", None)
+        return value
 
     def boolean(self, name: str, default: bool) -> bool:
         raw = self.env.get(name, "").strip().lower()

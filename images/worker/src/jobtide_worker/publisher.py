@@ -25,7 +25,7 @@ def publish(
     message ids. A task that is `bytes` goes as it is (application/octet-stream); anything
     else is sent as JSON. The broker comes from the environment when not given."""
     broker = broker or BrokerConfig.from_env()
-    connection = pika.BlockingConnection(broker.connection_parameters("jobtide-publisher"))
+    connection = broker.connect("jobtide-publisher")
     message_ids: list[str] = []
     try:
         channel = connection.channel()

@@ -20,12 +20,10 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-import pika  # type: ignore[import-untyped]
-
-from jobtide_worker.config import WorkerConfig
+from jobtide_worker.config import BrokerTlsError, WorkerConfig
 from jobtide_worker.consumer import BrokerUnreachable, Consumer, OpenConnection
 from jobtide_worker.handover import Handover, State
-from jobtide_worker.logs import INFO, WARNING, EventLog
+from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import Handler
 from jobtide_worker.priority import consumer_priority
 
@@ -75,8 +73,9 @@ class Runner:
         self.handover = Handover()
         self._started = time.monotonic()
         if open_connection is None:
-            params = config.broker.connection_parameters(f"jobtide-worker {config.worker_name}")
-            open_connection = functools.partial(pika.BlockingConnection, params)
+            open_connection = functools.partial(
+                config.broker.connect, f"jobtide-worker {config.worker_name}"
+            )
         self._consumer = Consumer(
             handler,
             config,
@@ -121,6 +120,11 @@ class Runner:
             reason = handover.result()
         except BrokerUnreachable:
             return EXIT_BROKER
+        except BrokerTlsError as e:
+            # Configuration, not an outage: retrying for JOBTIDE_RECONNECT_SECONDS would
+            # only hide it behind "broker unreachable".
+            self.log.event(ERROR, "broker TLS failed", problem=str(e))
+            return EXIT_CONFIG
         return self._exit(EXIT_OK, reason)
 
     def _running_task_overdue(self) -> bool:
