@@ -22,11 +22,12 @@ from typing import Any
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 
-from jobtide_worker import topology
+from jobtide_worker import fields, topology
 from jobtide_worker.config import WorkerConfig
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import (
+    DEAD_LETTER_PROPERTIES,
     Delivery,
     Handler,
     Outcome,
@@ -74,6 +75,8 @@ class Consumer:
         started: float,
         priority: int | None,
     ) -> None:
+        # Headers of any type, from any publisher, read and dead-lettered as they came.
+        fields.install()
         self.handler = handler
         self.config = config
         self.log = log
@@ -359,8 +362,6 @@ class Consumer:
     def _dead_letter(self, delivery: Delivery, outcome: Outcome) -> Outcome:
         props = delivery.properties
         dead = pika.BasicProperties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
             headers=dead_letter_headers(
                 delivery,
                 outcome,
@@ -369,11 +370,7 @@ class Consumer:
                 queue=self.config.queue,
             ),
             delivery_mode=2,
-            correlation_id=props.correlation_id,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            type=props.type,
-            app_id=props.app_id,
+            **{name: getattr(props, name) for name in DEAD_LETTER_PROPERTIES},
         )
         try:
             self._dead_letter_channel.basic_publish(
