@@ -158,6 +158,8 @@ def _encoded(headers: dict[str, Any]) -> bytes:
     return b"".join(pieces)
 
 
+# Also on the oldest supported RabbitMQ: it keeps its count in another header.
+@pytest.mark.broker_compat
 @pytest.mark.parametrize(
     ("policy", "prefetch"),
     [pytest.param(True, 1, id="chart-policy"), pytest.param(False, 8, id="no-policy-prefetch-8")],

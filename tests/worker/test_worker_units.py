@@ -12,7 +12,13 @@ import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
 from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.priority import EPOCH_UNIX_SECONDS, MAX_PRIORITY, consumer_priority
-from jobtide_worker.task import UndecodableBody, attempt_of
+from jobtide_worker.task import (
+    ACQUIRED_COUNT_HEADER,
+    DELIVERY_COUNT_HEADER,
+    UndecodableBody,
+    attempt_of,
+    count_header_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -177,7 +183,7 @@ def test_task_carries_the_properties_a_handler_needs() -> None:
         ({}, False, 1),
         # A first delivery: any count in it came from the publisher.
         ({"x-delivery-count": 100, "x-acquired-count": 100}, False, 1),
-        # RabbitMQ 4: two nacks and one lost channel, and a nack after a lost channel.
+        # RabbitMQ 4.3: two nacks and one lost channel, and a nack after a lost channel.
         ({"x-acquired-count": 3, "x-delivery-count": 1}, True, 4),
         ({"x-acquired-count": 2}, True, 3),
         # The broker wrote x-acquired-count; an x-delivery-count it left is the publisher's.
@@ -193,6 +199,14 @@ def test_attempt_counts_earlier_deliveries_from_the_brokers_counts_only(
 ) -> None:
     assert attempt_of(headers, redelivered=redelivered) == attempt
     assert decode(b"", None, headers, redelivered=redelivered).attempt == attempt
+
+
+def test_before_rabbitmq_4_3_the_count_is_x_delivery_count_and_x_acquired_count_is_forged() -> None:
+    assert count_header_of(b"4.0.5") == count_header_of("4.2.1") == DELIVERY_COUNT_HEADER
+    assert count_header_of(b"4.3.6") == count_header_of("5.0.0") == ACQUIRED_COUNT_HEADER
+    assert count_header_of(None) == count_header_of(b"unknown") == ACQUIRED_COUNT_HEADER
+    forged = {"x-acquired-count": 100, "x-delivery-count": 2}
+    assert attempt_of(forged, redelivered=True, count_header=DELIVERY_COUNT_HEADER) == 3
 
 
 def test_topology_definitions_follow_the_contract() -> None:

@@ -36,6 +36,7 @@ from jobtide_worker.outcome import (
     execute,
     log_task,
 )
+from jobtide_worker.task import ACQUIRED_COUNT_HEADER, count_header_of
 
 _REMEMBERED_DONE = 1000
 # Longest wait for the broker before the consumer thread looks at stop reasons and limits.
@@ -59,8 +60,73 @@ class BrokerUnreachable(Exception):
     """The broker stayed away longer than the reconnect budget."""
 
 
+class BrokerRefused(Exception):
+    """The broker refused a setting of the worker (credentials, vhost, queue): retrying
+    cannot help. `variable` is the setting to fix."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
 class _ChannelLost(Exception):
     pass
+
+
+# AMQP reply codes (RabbitMQ's) that say a setting is wrong rather than the broker away.
+_ACCESS_REFUSED = 403
+_NOT_FOUND = 404
+_PRECONDITION_FAILED = 406
+_NOT_ALLOWED = 530
+
+
+def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
+    """The setting `error` says is wrong, or None when the broker may just be away."""
+    if isinstance(
+        error, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError
+    ):
+        return BrokerRefused(
+            "JOBTIDE_BROKER_USERNAME",
+            f"the broker refused the user name or password ({describe(error)})",
+        )
+    code = _reply_code(error)
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError) or (
+        isinstance(error, pika.exceptions.ConnectionClosedByBroker) and code == _NOT_ALLOWED
+    ):
+        return BrokerRefused(
+            "JOBTIDE_BROKER_VHOST",
+            f"no such virtual host, or the user may not use it ({describe(error)})",
+        )
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        if code == _PRECONDITION_FAILED:
+            return BrokerRefused(
+                "JOBTIDE_QUEUE",
+                f"queue {queue!r} exists with other arguments than a jobtide pipeline's"
+                f" (declared elsewhere?) ({describe(error)})",
+            )
+        if code == _NOT_FOUND:
+            return BrokerRefused(
+                "JOBTIDE_QUEUE",
+                f"queue {queue!r} does not exist and JOBTIDE_DECLARE_TOPOLOGY is false"
+                f" ({describe(error)})",
+            )
+        if code == _ACCESS_REFUSED:
+            return BrokerRefused(
+                "JOBTIDE_BROKER_USERNAME",
+                f"the user may not use queue {queue!r} or the dead-letter exchange"
+                f" ({describe(error)})",
+            )
+    return None
+
+
+def _reply_code(error: BaseException) -> int | None:
+    """The AMQP reply code of a close, also when pika wraps the close in another error."""
+    for candidate in (error, *error.args):
+        code = getattr(candidate, "reply_code", None)
+        if isinstance(code, int):
+            return code
+    return None
 
 
 class Consumer:
@@ -100,6 +166,8 @@ class Consumer:
         self._acks_held = 0  # successes not acked yet
         self._done_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._received = 0
+        # Where the connected broker counts deliveries; known once connected.
+        self._count_header = ACQUIRED_COUNT_HEADER
         self.finished = 0
         self._last_activity = time.monotonic()
 
@@ -114,7 +182,18 @@ class Consumer:
                 return stopping
             try:
                 self._connect()
-            except CONNECTION_LOST as e:
+            except (*CONNECTION_LOST, pika.exceptions.ChannelClosedByBroker) as e:
+                refused = refusal(e, queue=self.config.queue)
+                if refused is not None:
+                    self.log.event(
+                        ERROR,
+                        "the broker refused the configuration",
+                        variable=refused.variable,
+                        error=refused.problem,
+                    )
+                    raise refused from e
+                if not isinstance(e, CONNECTION_LOST):
+                    raise
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since
                 remaining = self.config.reconnect_seconds - (now - lost_since)
@@ -182,6 +261,7 @@ class Consumer:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.config.prefetch)
             self._generation += 1
+            self._count_header = count_header_of(_server_version(connection))
             self._connection = connection
             self._channel = channel
             self._dead_letter_channel = dead_letter_channel
@@ -259,6 +339,7 @@ class Consumer:
             queue=self.config.queue,
             max_attempts=self.config.max_attempts,
             done_recently=self._done_recently,
+            count_header=self._count_header,
         )
 
     def _limit_reached(self) -> State | None:
@@ -391,6 +472,13 @@ class Consumer:
 
     def _log_task(self, delivery: Delivery, outcome: Outcome) -> None:
         log_task(self.log, delivery, outcome, queue=self.config.queue)
+
+
+def _server_version(connection: Any) -> object:
+    """The version the broker announced (connection.start); pika keeps it on the connection's
+    implementation only."""
+    properties = getattr(getattr(connection, "_impl", None), "server_properties", None) or {}
+    return properties.get("version")
 
 
 def _closing_reason(channel: Any) -> str:

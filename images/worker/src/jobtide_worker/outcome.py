@@ -8,7 +8,13 @@ from collections.abc import Callable, Container
 from typing import Any, NamedTuple
 
 from jobtide_worker.logs import INFO, WARNING, EventLog
-from jobtide_worker.task import TASK_PROPERTIES, PermanentError, Task, UndecodableBody
+from jobtide_worker.task import (
+    ACQUIRED_COUNT_HEADER,
+    TASK_PROPERTIES,
+    PermanentError,
+    Task,
+    UndecodableBody,
+)
 
 HEADER_PREFIX = "x-jobtide-"
 # Properties a dead letter keeps as they came. Not `delivery_mode` (a dead letter is persistent:
@@ -46,12 +52,20 @@ def execute(
     queue: str,
     max_attempts: int,
     done_recently: Container[str],
+    count_header: str = ACQUIRED_COUNT_HEADER,
 ) -> Outcome:
-    """Decode the task and run the handler; never raises."""
+    """Decode the task and run the handler; never raises. `count_header`: where the broker
+    counts deliveries (jobtide_worker.task.count_header_of)."""
     props = delivery.properties
     started = time.monotonic()
     try:
-        task = Task.decode(delivery.body, props, redelivered=delivery.redelivered, queue=queue)
+        task = Task.decode(
+            delivery.body,
+            props,
+            redelivered=delivery.redelivered,
+            queue=queue,
+            count_header=count_header,
+        )
     except UndecodableBody as e:
         return Outcome("dead-letter", 1, 0.0, "undecodable", e)
     if task.redelivered and task.message_id and task.message_id in done_recently:

@@ -23,7 +23,7 @@ from typing import Any
 import pika  # type: ignore[import-untyped]
 
 from jobtide_worker.config import WorkerConfig
-from jobtide_worker.consumer import BrokerUnreachable, Consumer, OpenConnection
+from jobtide_worker.consumer import BrokerRefused, BrokerUnreachable, Consumer, OpenConnection
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.outcome import Handler
@@ -121,6 +121,8 @@ class Runner:
             reason = handover.result()
         except BrokerUnreachable:
             return EXIT_BROKER
+        except BrokerRefused:
+            return EXIT_CONFIG
         return self._exit(EXIT_OK, reason)
 
     def _running_task_overdue(self) -> bool:

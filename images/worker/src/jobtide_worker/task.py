@@ -8,14 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 JSON_CONTENT_TYPES = ("application/json",)
-# Set by a quorum queue on a redelivery: how many earlier deliveries of the message came back.
+# Set by a quorum queue on a redelivery: how many earlier deliveries of the message there were.
+# Measured on the test bed: RabbitMQ 4.0.5 counts every earlier one (requeues by nack
+# included) in `x-delivery-count` and never sets `x-acquired-count`; 4.3.6 counts every one in
+# `x-acquired-count` and only the lost ones (closed channel, crashed worker) in
+# `x-delivery-count`. `x-acquired-count` came with RabbitMQ 4.3.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
-# RabbitMQ 4: every earlier delivery of the message, requeued ones included.
 ACQUIRED_COUNT_HEADER = "x-acquired-count"
-# Any publisher can set both headers. Measured on RabbitMQ 4.3.6: a first delivery carries
-# them as published (with `redelivered` false); a redelivery carries the broker's own
-# `x-acquired-count` in place of the publisher's, but keeps a published `x-delivery-count` until
-# the broker has a count of its own to put there.
+ACQUIRED_COUNT_SINCE = (4, 3)
+# Any publisher can set both headers. Measured: a first delivery carries them as published
+# (with `redelivered` false); a redelivery carries the broker's own count in the header its
+# version keeps, written over the publisher's, and the other header as published.
 
 # The AMQP properties a Task carries under the same names (pika's BasicProperties attributes).
 TASK_PROPERTIES = (
@@ -63,9 +66,18 @@ class Task:
     app_id: str | None = None
 
     @classmethod
-    def decode(cls, body: bytes, properties: Any, *, redelivered: bool, queue: str) -> Task:
+    def decode(
+        cls,
+        body: bytes,
+        properties: Any,
+        *,
+        redelivered: bool,
+        queue: str,
+        count_header: str = ACQUIRED_COUNT_HEADER,
+    ) -> Task:
         """Build the task of one delivery from its body and properties (pika's
-        BasicProperties); UndecodableBody if its JSON body is not JSON."""
+        BasicProperties); UndecodableBody if its JSON body is not JSON. `count_header`: the
+        header in which the broker counts deliveries (`count_header_of`)."""
         content_type = properties.content_type
         parsed: Any = None
         media_type = (content_type or "").split(";")[0].strip().lower()
@@ -81,25 +93,39 @@ class Task:
             body=body,
             json=parsed,
             headers=headers,
-            attempt=attempt_of(headers, redelivered=redelivered),
+            attempt=attempt_of(headers, redelivered=redelivered, count_header=count_header),
             redelivered=redelivered,
             queue=queue,
             **{name: getattr(properties, name) for name in TASK_PROPERTIES},
         )
 
 
-def attempt_of(headers: Mapping[str, Any], *, redelivered: bool) -> int:
-    """Which delivery of its message this is, from the counts that only the broker sets.
+def attempt_of(
+    headers: Mapping[str, Any], *, redelivered: bool, count_header: str = ACQUIRED_COUNT_HEADER
+) -> int:
+    """Which delivery of its message this is, from the count that only the broker sets.
 
     A first delivery (`redelivered` false) is attempt 1 whatever its headers say: counts there
-    came from the publisher. On a redelivery, RabbitMQ 4 counts every earlier delivery in
-    `x-acquired-count` (requeues by nack included; `x-delivery-count` counts only lost ones
-    and may still be the publisher's), written by the broker over any published value. A
-    redelivery without it (a queue that counts nothing, e.g. a classic one) is at least the
-    second attempt."""
+    came from the publisher. A redelivery is one more than the broker's count of the earlier
+    ones, in `count_header`; a redelivery without it (a queue that counts nothing, e.g. a
+    classic one) is at least the second attempt. The other header is never read: on that
+    broker it may still be the publisher's."""
     if not redelivered:
         return 1
-    return max(_count(headers, ACQUIRED_COUNT_HEADER), 1) + 1
+    return max(_count(headers, count_header), 1) + 1
+
+
+def count_header_of(server_version: object) -> str:
+    """The header in which a RabbitMQ of `server_version` (the `version` it announces when a
+    connection opens) counts earlier deliveries; the newest behaviour when unknown."""
+    text = server_version.decode() if isinstance(server_version, bytes) else str(server_version)
+    try:
+        major, minor = (int(part) for part in text.split(".")[:2])
+    except ValueError:
+        return ACQUIRED_COUNT_HEADER
+    return (
+        ACQUIRED_COUNT_HEADER if (major, minor) >= ACQUIRED_COUNT_SINCE else DELIVERY_COUNT_HEADER
+    )
 
 
 def _count(headers: Mapping[str, Any], name: str) -> int:
