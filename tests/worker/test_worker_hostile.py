@@ -245,3 +245,69 @@ def test_hostile_messages_end_done_or_dead_lettered_as_they_came(
         )
     finally:
         bed.broker.delete_queue(reference)
+
+
+# frame_max as RabbitMQ negotiates it by default; a content header frame must fit in it.
+FRAME_MAX = 131_072
+
+
+def _headers_leaving(room: int) -> dict[str, Any]:
+    """Headers for an application/json message whose content header frame leaves `room`
+    bytes of FRAME_MAX. pika publishes it (amqplib cannot write tables past 64 KiB)."""
+    entry = 7 + 1 + 1 + 4 + 40  # key and its length, tag, value length and value
+    fixed = 8 + 12 + len(b"".join(pika.BasicProperties(
+        content_type="application/json", message_id="m" * 32, delivery_mode=2,
+        headers={"x-test-name": "huge"},
+    ).encode()))  # fmt: skip
+    count, rest = divmod(FRAME_MAX - room - fixed, entry)
+    headers: dict[str, Any] = {f"k{i:06}": "v" * 40 for i in range(count)}
+    headers["pad"] = "p" * max(rest - (1 + 3 + 1 + 4), 0)
+    headers["x-test-name"] = "huge"
+    return headers
+
+
+@pytest.mark.parametrize(
+    ("room", "reason"),
+    [
+        # Room for the reason headers (about 235 bytes here) once the error text (about 95)
+        # is left out.
+        pytest.param(280, "undecodable", id="without-the-error-text"),
+        # No room for any: the queue's own dead-lettering moves it as it came.
+        pytest.param(20, None, id="by-the-broker"),
+    ],
+)
+def test_headers_that_fill_a_frame_are_dead_lettered_without_a_reconnect(
+    bed: WorkerBed, room: int, reason: str | None
+) -> None:
+    headers = _headers_leaving(room)
+    with bed.channel() as channel:
+        topology.declare(channel, bed.queue)
+        channel.basic_publish(
+            "",
+            bed.queue,
+            b"not json",
+            pika.BasicProperties(
+                content_type="application/json",
+                message_id=uuid.uuid4().hex,
+                delivery_mode=2,
+                headers=headers,
+            ),
+        )
+    worker = bed.start_worker(JOBTIDE_HANDLER="handlers:hostile", JOBTIDE_WORKER_NAME="w")
+    assert worker.wait(60) == 0
+    log = worker.log()
+    assert log.count(" consuming ") == 1, log
+    assert "connection lost" not in log
+    [(props, body)] = _drain(bed, topology.dead_letter_queue(bed.queue)).values()
+    assert body == b"not json"
+    kept = {k: v for k, v in props.headers.items() if k in headers}
+    assert _encoded(kept) == _encoded(headers)
+    if reason is None:
+        assert props.headers["x-death"][0]["reason"] == "rejected"
+        assert f"{HEADER_PREFIX}reason" not in props.headers
+        assert "no room for the reason headers" in log
+    else:
+        assert props.headers[f"{HEADER_PREFIX}reason"] == reason
+        assert props.headers[f"{HEADER_PREFIX}error"] == ""
+    assert bed.records("run") == []
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0)

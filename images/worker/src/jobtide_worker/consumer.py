@@ -28,6 +28,7 @@ from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import (
     DEAD_LETTER_PROPERTIES,
+    HEADER_PREFIX,
     Delivery,
     Handler,
     Outcome,
@@ -442,17 +443,27 @@ class Consumer:
 
     def _dead_letter(self, delivery: Delivery, outcome: Outcome) -> Outcome:
         props = delivery.properties
-        dead = pika.BasicProperties(
-            headers=dead_letter_headers(
-                delivery,
-                outcome,
-                worker=self.config.worker_name,
-                pipeline=self.config.pipeline,
-                queue=self.config.queue,
-            ),
-            delivery_mode=2,
-            **{name: getattr(props, name) for name in DEAD_LETTER_PROPERTIES},
+        headers = dead_letter_headers(
+            delivery,
+            outcome,
+            worker=self.config.worker_name,
+            pipeline=self.config.pipeline,
+            queue=self.config.queue,
         )
+        dead = _dead_letter_properties(props, headers)
+        if not self._fits_one_frame(dead):
+            # The error text is the longest header added: the rest may fit without it.
+            headers[f"{HEADER_PREFIX}error"] = ""
+            dead = _dead_letter_properties(props, headers)
+        if not self._fits_one_frame(dead):
+            # A publisher's headers leave no room for the reason: a copy would be refused by
+            # the broker (FRAME_ERROR closes the connection, the message comes back, again and
+            # again). The queue's own dead-lettering moves it as it came, with x-death.
+            self._channel.basic_reject(delivery.tag, requeue=False)
+            return outcome._replace(
+                reason=f"{outcome.reason}; no room for the reason headers: rejected to the"
+                " queue's dead-letter exchange"
+            )
         try:
             self._dead_letter_channel.basic_publish(
                 topology.DEAD_LETTER_EXCHANGE,
@@ -470,8 +481,31 @@ class Consumer:
         self._channel.basic_ack(delivery.tag)
         return outcome
 
+    def _fits_one_frame(self, properties: Any) -> bool:
+        """Whether a message with `properties` can be sent at all: AMQP carries all of them in
+        one content header frame, at most the connection's frame_max (negotiated at open)."""
+        params = getattr(getattr(self._connection, "_impl", None), "params", None)
+        frame_max = getattr(params, "frame_max", None)
+        if not isinstance(frame_max, int):
+            return True  # not a pika connection (a test's fake): nothing to measure
+        size = _FRAME_OVERHEAD + _CONTENT_HEADER_FIXED + sum(map(len, properties.encode()))
+        return size <= frame_max
+
     def _log_task(self, delivery: Delivery, outcome: Outcome) -> None:
         log_task(self.log, delivery, outcome, queue=self.config.queue)
+
+
+# A frame's type, channel, size and end octet; a content header's class, weight and body size.
+_FRAME_OVERHEAD = 8
+_CONTENT_HEADER_FIXED = 12
+
+
+def _dead_letter_properties(props: Any, headers: dict[str, Any]) -> Any:
+    return pika.BasicProperties(
+        headers=headers,
+        delivery_mode=2,
+        **{name: getattr(props, name) for name in DEAD_LETTER_PROPERTIES},
+    )
 
 
 def _server_version(connection: Any) -> object:
