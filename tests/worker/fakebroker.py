@@ -5,7 +5,7 @@ a broker that refuses every connection).
 
 Like RabbitMQ it delivers up to the prefetch count per channel, numbers deliveries per channel
 from 1, requeues a lost channel's unacked deliveries at the head of the queue with
-`redelivered` set and `x-delivery-count` raised, and treats an ack of a tag it never gave on
+`redelivered` set and `x-acquired-count` raised, and treats an ack of a tag it never gave on
 that channel as a protocol error (here: an AssertionError that fails the test). Like pika, a
 channel closed or a connection lost by the broker is seen by the client only when it next
 reads from the socket (`process_data_events`)."""
@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pika
 import pika.exceptions
 
 
@@ -28,19 +29,7 @@ import pika.exceptions
 class Message:
     body: bytes
     message_id: str
-    delivery_count: int = 0  # returns so far: the quorum queue's x-delivery-count
-
-
-@dataclasses.dataclass
-class Properties:
-    message_id: str
-    headers: dict[str, Any]
-    content_type: str = "application/json"
-    content_encoding: str | None = None
-    correlation_id: str | None = None
-    timestamp: int | None = None
-    type: str | None = None
-    app_id: str | None = None
+    delivery_count: int = 0  # returns so far: the quorum queue's x-acquired-count
 
 
 @dataclasses.dataclass
@@ -258,9 +247,10 @@ class FakeChannel:
             message = self.broker.ready.popleft()
             tag = next(self._tags)
             self.unacked[tag] = message
-            properties = Properties(
+            properties = pika.BasicProperties(
+                content_type="application/json",
                 message_id=message.message_id,
-                headers={"x-delivery-count": message.delivery_count}
+                headers={"x-acquired-count": message.delivery_count}
                 if message.delivery_count
                 else {},
             )

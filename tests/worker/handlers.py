@@ -14,7 +14,7 @@ from jobtide_worker import PermanentError, Task
 
 
 def _record(event: str, task: Task, **extra: Any) -> None:
-    line = json.dumps(
+    _write(
         {
             "event": event,
             "id": task.json.get("id"),
@@ -24,6 +24,10 @@ def _record(event: str, task: Task, **extra: Any) -> None:
             **extra,
         }
     )
+
+
+def _write(record: dict[str, Any]) -> None:
+    line = json.dumps(record)
     # One write of a whole line with O_APPEND: lines of concurrent workers never interleave.
     fd = os.open(os.environ["JOBTIDE_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
@@ -53,3 +57,27 @@ def fail_as_told(task: Task) -> None:
 
 def trivial(task: Task) -> None:
     """For the throughput benchmark: the runner's own cost only."""
+
+
+def hostile(task: Task) -> None:
+    """For the hostile-message tests: records every delivery by its `x-test-name` header with
+    the properties the handler got, fails while `x-test-fail-until` says so, and touches the
+    parsed body and every header (a handler may)."""
+    name = task.headers.get("x-test-name")
+    repr(task.json)
+    repr(dict(task.headers))
+    fields = {
+        "content_type": task.content_type,
+        "content_encoding": task.content_encoding,
+        "correlation_id": task.correlation_id,
+        "reply_to": task.reply_to,
+        "message_id": task.message_id,
+        "timestamp": task.timestamp,
+        "type": task.type,
+        "app_id": task.app_id,
+        "size": len(task.body),
+        "probe": repr(task.headers.get("x-test-probe")),
+    }
+    _write({"event": "run", "name": name, "attempt": task.attempt, "pid": os.getpid(), **fields})
+    if task.attempt < int(task.headers.get("x-test-fail-until", 0)):
+        raise RuntimeError(f"{name} fails on attempt {task.attempt}")

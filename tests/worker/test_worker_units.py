@@ -7,11 +7,18 @@ import json
 import re
 from pathlib import Path
 
+import pika
 import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
 from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.priority import EPOCH_UNIX_SECONDS, MAX_PRIORITY, consumer_priority
-from jobtide_worker.task import UndecodableBody, attempt_of
+from jobtide_worker.task import (
+    ACQUIRED_COUNT_HEADER,
+    DELIVERY_COUNT_HEADER,
+    UndecodableBody,
+    attempt_of,
+    count_header_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -124,15 +131,15 @@ def test_config_is_frozen() -> None:
         config.prefetch = 2  # type: ignore[misc]
 
 
-def decode(body: bytes, content_type: str | None, headers: dict[str, object] | None = None) -> Task:
-    return Task.decode(
-        body,
-        content_type=content_type,
-        headers=headers,
-        message_id="m",
-        redelivered=False,
-        queue="q",
-    )
+def decode(
+    body: bytes,
+    content_type: str | None,
+    headers: dict[str, object] | None = None,
+    *,
+    redelivered: bool = False,
+) -> Task:
+    properties = pika.BasicProperties(content_type=content_type, headers=headers, message_id="m")
+    return Task.decode(body, properties, redelivered=redelivered, queue="q")
 
 
 def test_task_parses_json_only_for_json_content_types() -> None:
@@ -146,25 +153,60 @@ def test_task_parses_json_only_for_json_content_types() -> None:
         decode(b'{"a": ', "application/json")
     with pytest.raises(UndecodableBody):
         decode(b"\xff\xfe", "application/json")
+    # Valid JSON nested deeper than Python's stack: undecodable here, never a crash.
+    with pytest.raises(UndecodableBody, match="nested too deeply"):
+        decode(b"[" * 100_000 + b"]" * 100_000, "application/json")
+
+
+def test_task_carries_the_properties_a_handler_needs() -> None:
+    properties = pika.BasicProperties(
+        content_type="application/json",
+        content_encoding="gzip",
+        correlation_id="c",
+        reply_to="r",
+        message_id="m",
+        timestamp=1_700_000_000,
+        type="t",
+        app_id="a",
+        headers={"h": 1},
+    )
+    task = Task.decode(b"{}", properties, redelivered=False, queue="q")
+    assert (task.content_type, task.content_encoding) == ("application/json", "gzip")
+    assert (task.correlation_id, task.reply_to, task.message_id) == ("c", "r", "m")
+    assert (task.timestamp, task.type, task.app_id) == (1_700_000_000, "t", "a")
+    assert task.headers == {"h": 1}
 
 
 @pytest.mark.parametrize(
-    ("headers", "attempt"),
+    ("headers", "redelivered", "attempt"),
     [
-        ({}, 1),
-        ({"x-delivery-count": 0}, 1),
-        ({"x-delivery-count": 2}, 3),
-        ({"x-delivery-count": "junk"}, 1),
-        ({"x-delivery-count": -4}, 1),
-        # RabbitMQ 4: two nacks and one lost channel, and a nack after a lost channel.
-        ({"x-acquired-count": 3, "x-delivery-count": 1}, 4),
-        ({"x-acquired-count": 2}, 3),
-        ({"x-acquired-count": "junk", "x-delivery-count": 1}, 2),
+        ({}, False, 1),
+        # A first delivery: any count in it came from the publisher.
+        ({"x-delivery-count": 100, "x-acquired-count": 100}, False, 1),
+        # RabbitMQ 4.3: two nacks and one lost channel, and a nack after a lost channel.
+        ({"x-acquired-count": 3, "x-delivery-count": 1}, True, 4),
+        ({"x-acquired-count": 2}, True, 3),
+        # The broker wrote x-acquired-count; an x-delivery-count it left is the publisher's.
+        ({"x-acquired-count": 1, "x-delivery-count": 100}, True, 2),
+        # A redelivery the broker did not count: at least the second.
+        ({}, True, 2),
+        ({"x-acquired-count": "junk"}, True, 2),
+        ({"x-acquired-count": -4}, True, 2),
     ],
 )
-def test_attempt_counts_earlier_deliveries(headers: dict[str, object], attempt: int) -> None:
-    assert attempt_of(headers) == attempt
-    assert decode(b"", None, headers).attempt == attempt
+def test_attempt_counts_earlier_deliveries_from_the_brokers_counts_only(
+    headers: dict[str, object], redelivered: bool, attempt: int
+) -> None:
+    assert attempt_of(headers, redelivered=redelivered) == attempt
+    assert decode(b"", None, headers, redelivered=redelivered).attempt == attempt
+
+
+def test_before_rabbitmq_4_3_the_count_is_x_delivery_count_and_x_acquired_count_is_forged() -> None:
+    assert count_header_of(b"4.0.5") == count_header_of("4.2.1") == DELIVERY_COUNT_HEADER
+    assert count_header_of(b"4.3.6") == count_header_of("5.0.0") == ACQUIRED_COUNT_HEADER
+    assert count_header_of(None) == count_header_of(b"unknown") == ACQUIRED_COUNT_HEADER
+    forged = {"x-acquired-count": 100, "x-delivery-count": 2}
+    assert attempt_of(forged, redelivered=True, count_header=DELIVERY_COUNT_HEADER) == 3
 
 
 def test_topology_definitions_follow_the_contract() -> None:

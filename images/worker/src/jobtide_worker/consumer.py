@@ -22,11 +22,13 @@ from typing import Any
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 
-from jobtide_worker import topology
+from jobtide_worker import fields, topology
 from jobtide_worker.config import WorkerConfig
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import (
+    DEAD_LETTER_PROPERTIES,
+    HEADER_PREFIX,
     Delivery,
     Handler,
     Outcome,
@@ -35,6 +37,7 @@ from jobtide_worker.outcome import (
     execute,
     log_task,
 )
+from jobtide_worker.task import ACQUIRED_COUNT_HEADER, count_header_of
 
 _REMEMBERED_DONE = 1000
 # Longest wait for the broker before the consumer thread looks at stop reasons and limits.
@@ -58,8 +61,73 @@ class BrokerUnreachable(Exception):
     """The broker stayed away longer than the reconnect budget."""
 
 
+class BrokerRefused(Exception):
+    """The broker refused a setting of the worker (credentials, vhost, queue): retrying
+    cannot help. `variable` is the setting to fix."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
 class _ChannelLost(Exception):
     pass
+
+
+# AMQP reply codes (RabbitMQ's) that say a setting is wrong rather than the broker away.
+_ACCESS_REFUSED = 403
+_NOT_FOUND = 404
+_PRECONDITION_FAILED = 406
+_NOT_ALLOWED = 530
+
+
+def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
+    """The setting `error` says is wrong, or None when the broker may just be away."""
+    if isinstance(
+        error, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError
+    ):
+        return BrokerRefused(
+            "JOBTIDE_BROKER_USERNAME",
+            f"the broker refused the user name or password ({describe(error)})",
+        )
+    code = _reply_code(error)
+    if isinstance(error, pika.exceptions.ProbableAccessDeniedError) or (
+        isinstance(error, pika.exceptions.ConnectionClosedByBroker) and code == _NOT_ALLOWED
+    ):
+        return BrokerRefused(
+            "JOBTIDE_BROKER_VHOST",
+            f"no such virtual host, or the user may not use it ({describe(error)})",
+        )
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker):
+        if code == _PRECONDITION_FAILED:
+            return BrokerRefused(
+                "JOBTIDE_QUEUE",
+                f"queue {queue!r} exists with other arguments than a jobtide pipeline's"
+                f" (declared elsewhere?) ({describe(error)})",
+            )
+        if code == _NOT_FOUND:
+            return BrokerRefused(
+                "JOBTIDE_QUEUE",
+                f"queue {queue!r} does not exist and JOBTIDE_DECLARE_TOPOLOGY is false"
+                f" ({describe(error)})",
+            )
+        if code == _ACCESS_REFUSED:
+            return BrokerRefused(
+                "JOBTIDE_BROKER_USERNAME",
+                f"the user may not use queue {queue!r} or the dead-letter exchange"
+                f" ({describe(error)})",
+            )
+    return None
+
+
+def _reply_code(error: BaseException) -> int | None:
+    """The AMQP reply code of a close, also when pika wraps the close in another error."""
+    for candidate in (error, *error.args):
+        code = getattr(candidate, "reply_code", None)
+        if isinstance(code, int):
+            return code
+    return None
 
 
 class Consumer:
@@ -74,6 +142,8 @@ class Consumer:
         started: float,
         priority: int | None,
     ) -> None:
+        # Headers of any type, from any publisher, read and dead-lettered as they came.
+        fields.install()
         self.handler = handler
         self.config = config
         self.log = log
@@ -97,6 +167,8 @@ class Consumer:
         self._acks_held = 0  # successes not acked yet
         self._done_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._received = 0
+        # Where the connected broker counts deliveries; known once connected.
+        self._count_header = ACQUIRED_COUNT_HEADER
         self.finished = 0
         self._last_activity = time.monotonic()
 
@@ -111,7 +183,18 @@ class Consumer:
                 return stopping
             try:
                 self._connect()
-            except CONNECTION_LOST as e:
+            except (*CONNECTION_LOST, pika.exceptions.ChannelClosedByBroker) as e:
+                refused = refusal(e, queue=self.config.queue)
+                if refused is not None:
+                    self.log.event(
+                        ERROR,
+                        "the broker refused the configuration",
+                        variable=refused.variable,
+                        error=refused.problem,
+                    )
+                    raise refused from e
+                if not isinstance(e, CONNECTION_LOST):
+                    raise
                 now = time.monotonic()
                 lost_since = now if lost_since is None else lost_since
                 remaining = self.config.reconnect_seconds - (now - lost_since)
@@ -179,6 +262,7 @@ class Consumer:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.config.prefetch)
             self._generation += 1
+            self._count_header = count_header_of(_server_version(connection))
             self._connection = connection
             self._channel = channel
             self._dead_letter_channel = dead_letter_channel
@@ -256,6 +340,7 @@ class Consumer:
             queue=self.config.queue,
             max_attempts=self.config.max_attempts,
             done_recently=self._done_recently,
+            count_header=self._count_header,
         )
 
     def _limit_reached(self) -> State | None:
@@ -358,23 +443,27 @@ class Consumer:
 
     def _dead_letter(self, delivery: Delivery, outcome: Outcome) -> Outcome:
         props = delivery.properties
-        dead = pika.BasicProperties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            headers=dead_letter_headers(
-                delivery,
-                outcome,
-                worker=self.config.worker_name,
-                pipeline=self.config.pipeline,
-                queue=self.config.queue,
-            ),
-            delivery_mode=2,
-            correlation_id=props.correlation_id,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            type=props.type,
-            app_id=props.app_id,
+        headers = dead_letter_headers(
+            delivery,
+            outcome,
+            worker=self.config.worker_name,
+            pipeline=self.config.pipeline,
+            queue=self.config.queue,
         )
+        dead = _dead_letter_properties(props, headers)
+        if not self._fits_one_frame(dead):
+            # The error text is the longest header added: the rest may fit without it.
+            headers[f"{HEADER_PREFIX}error"] = ""
+            dead = _dead_letter_properties(props, headers)
+        if not self._fits_one_frame(dead):
+            # A publisher's headers leave no room for the reason: a copy would be refused by
+            # the broker (FRAME_ERROR closes the connection, the message comes back, again and
+            # again). The queue's own dead-lettering moves it as it came, with x-death.
+            self._channel.basic_reject(delivery.tag, requeue=False)
+            return outcome._replace(
+                reason=f"{outcome.reason}; no room for the reason headers: rejected to the"
+                " queue's dead-letter exchange"
+            )
         try:
             self._dead_letter_channel.basic_publish(
                 topology.DEAD_LETTER_EXCHANGE,
@@ -392,8 +481,38 @@ class Consumer:
         self._channel.basic_ack(delivery.tag)
         return outcome
 
+    def _fits_one_frame(self, properties: Any) -> bool:
+        """Whether a message with `properties` can be sent at all: AMQP carries all of them in
+        one content header frame, at most the connection's frame_max (negotiated at open)."""
+        params = getattr(getattr(self._connection, "_impl", None), "params", None)
+        frame_max = getattr(params, "frame_max", None)
+        if not isinstance(frame_max, int):
+            return True  # not a pika connection (a test's fake): nothing to measure
+        size = _FRAME_OVERHEAD + _CONTENT_HEADER_FIXED + sum(map(len, properties.encode()))
+        return size <= frame_max
+
     def _log_task(self, delivery: Delivery, outcome: Outcome) -> None:
         log_task(self.log, delivery, outcome, queue=self.config.queue)
+
+
+# A frame's type, channel, size and end octet; a content header's class, weight and body size.
+_FRAME_OVERHEAD = 8
+_CONTENT_HEADER_FIXED = 12
+
+
+def _dead_letter_properties(props: Any, headers: dict[str, Any]) -> Any:
+    return pika.BasicProperties(
+        headers=headers,
+        delivery_mode=2,
+        **{name: getattr(props, name) for name in DEAD_LETTER_PROPERTIES},
+    )
+
+
+def _server_version(connection: Any) -> object:
+    """The version the broker announced (connection.start); pika keeps it on the connection's
+    implementation only."""
+    properties = getattr(getattr(connection, "_impl", None), "server_properties", None) or {}
+    return properties.get("version")
 
 
 def _closing_reason(channel: Any) -> str:

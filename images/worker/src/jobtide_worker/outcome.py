@@ -8,9 +8,20 @@ from collections.abc import Callable, Container
 from typing import Any, NamedTuple
 
 from jobtide_worker.logs import INFO, WARNING, EventLog
-from jobtide_worker.task import PermanentError, Task, UndecodableBody
+from jobtide_worker.task import (
+    ACQUIRED_COUNT_HEADER,
+    TASK_PROPERTIES,
+    PermanentError,
+    Task,
+    UndecodableBody,
+)
 
 HEADER_PREFIX = "x-jobtide-"
+# Properties a dead letter keeps as they came. Not `delivery_mode` (a dead letter is persistent:
+# it waits for a person), `expiration` (the copy would expire from the dead-letter queue) nor
+# `user_id` (the broker refuses one that is not the worker's own user): the last two go into
+# headers (`dead_letter_headers`).
+DEAD_LETTER_PROPERTIES = (*TASK_PROPERTIES, "priority", "cluster_id")
 ERROR_TEXT_LIMIT = 1000
 
 Handler = Callable[[Task], object]
@@ -41,18 +52,19 @@ def execute(
     queue: str,
     max_attempts: int,
     done_recently: Container[str],
+    count_header: str = ACQUIRED_COUNT_HEADER,
 ) -> Outcome:
-    """Decode the task and run the handler; never raises."""
+    """Decode the task and run the handler; never raises. `count_header`: where the broker
+    counts deliveries (jobtide_worker.task.count_header_of)."""
     props = delivery.properties
     started = time.monotonic()
     try:
         task = Task.decode(
             delivery.body,
-            content_type=props.content_type,
-            headers=props.headers,
-            message_id=props.message_id,
+            props,
             redelivered=delivery.redelivered,
             queue=queue,
+            count_header=count_header,
         )
     except UndecodableBody as e:
         return Outcome("dead-letter", 1, 0.0, "undecodable", e)
@@ -80,7 +92,12 @@ def dead_letter_headers(
 ) -> dict[str, Any]:
     """The original headers plus why, where and when the task failed."""
     error = outcome.error
-    headers = dict(delivery.properties.headers or {})
+    props = delivery.properties
+    headers = dict(props.headers or {})
+    # Properties that a dead letter cannot carry as they are (DEAD_LETTER_PROPERTIES says why).
+    for name, value in (("expiration", props.expiration), ("user-id", props.user_id)):
+        if value is not None:
+            headers[f"{HEADER_PREFIX}original-{name}"] = value
     headers.update(
         {
             f"{HEADER_PREFIX}reason": outcome.reason,

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from jobtide_worker.config import BrokerTlsError, WorkerConfig
-from jobtide_worker.consumer import BrokerUnreachable, Consumer, OpenConnection
+from jobtide_worker.consumer import BrokerRefused, BrokerUnreachable, Consumer, OpenConnection
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import Handler
@@ -124,6 +124,8 @@ class Runner:
             # Configuration, not an outage: retrying for JOBTIDE_RECONNECT_SECONDS would
             # only hide it behind "broker unreachable".
             self.log.event(ERROR, "broker TLS failed", problem=str(e))
+            return EXIT_CONFIG
+        except BrokerRefused:  # logged where the broker said it, naming the variable
             return EXIT_CONFIG
         return self._exit(EXIT_OK, reason)
 
