@@ -16,7 +16,8 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
 - A bound pod spends its start-up latency (image, interpreter, broker connection) and then
   works. Its container runs `CONNECT_SECONDS` before the end of its start-up (the interpreter
   and the broker connection): until then the pod is pending, for jobtide (its Job has no
-  Ready pod) as for KEDA (no Running pod).
+  Ready pod) as for KEDA (no Running pod). Start-ups and node provisionings are drawn, or
+  replayed in creation order from the sequences given (a measured run's).
 - Worker models: `drain` works until it has been idle for the idle timeout (jobtide, the
   demo, KEDA's "-drain" variants); `one-message` takes one message and exits (KEDA's model;
   with no message it waits the idle timeout); `deployment` runs until the scaler deletes it,
