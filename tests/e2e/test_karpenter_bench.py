@@ -8,21 +8,24 @@ Ready and to the first task started, and from the last task done to zero nodes, 
 node's tail broken down (its last pod's exit and deletion, the last pod event Karpenter
 recorded, its Consolidatable condition, the disruption decision, the node and its claim gone);
 then the same trace through the simulator's node model with the latencies measured in that run
-(node launch to Ready, pod bound to consuming, decision to node gone), the same pool shape and
-consolidation, simulated against measured, the model's tail beside the measured one. Last, the
-node-seconds ratio of the two schedulings, measured and simulated. Each run's figures are
-written as JSON beside its values (measured-<n>.json), to replay the model on them.
+(each node's launch to Ready and each worker's bound to consuming replayed in their order, the
+median decision to node gone), the same pool shape and consolidation, simulated against
+measured, the model's tail beside the measured one, the cold start instant by instant and the
+task waits by arrival window. Last, the node-seconds ratio of the two schedulings, measured
+and simulated. Each run's figures are written as JSON beside its values (measured-<n>.json),
+to replay the model on them.
 Asserts only that every task was done, the Jobs kept to their cap and the pool emptied: the
 figures are timings, printed."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,12 +73,19 @@ IDLE_TIMEOUT_SECONDS = 20
 REGISTRATION_DELAY = "20s"
 CONSOLIDATE_AFTER_SECONDS = 30
 POOL = NodePoolSpec(consolidate_after=f"{CONSOLIDATE_AFTER_SECONDS}s", limits={"cpu": "40"})
-# The simulator draws each latency uniformly between two bounds. The replay takes the uniform
-# with the measured latencies' mean and standard deviation (mean -+ sqrt(3) sd): for latencies
-# with a long slow tail (start-ups on a loaded machine) it keeps their mean, where a uniform
-# between the 5th and 95th percentiles (also printed) overweights the tail.
+# The replay gives the n-th worker created the n-th measured start-up and the n-th node launched
+# the n-th measured provisioning: the cold start's workers start as fast as they did, not as
+# those started when 60 host processes share the machine's two cores. Workers and nodes the
+# simulation creates beyond the measured ones draw uniformly with the measured latencies' mean
+# and standard deviation (mean -+ sqrt(3) sd). The figures with every latency drawn so (the
+# replay before the sequences) are printed beside.
 LATENCY_PERCENTILES = (0.05, 0.95)
 SIMULATION_SEEDS = range(1, 11)
+# Task waits compared by arrival window (seconds after the first publish): the cold start in
+# short windows, the rest in minutes.
+WAIT_WINDOWS = (0.0, 10.0, 20.0, 30.0, 40.0, 60.0, 120.0, 180.0, 240.0, 300.0, float("inf"))
+# The cold start compared at these instants (seconds after the first publish).
+RAMP_CHECKS = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 90.0)
 
 
 @dataclass(frozen=True)
@@ -144,15 +154,20 @@ class Measured:
     pod_seconds: float
     worker_jobs: int
     peak_jobs: int
-    waits: list[float]
+    waits: list[float]  # each task's, in the order of `tasks`
     first_node_ready: float  # after the first publish
     first_task_started: float
     zero_nodes_after_last_task: float
     tasks: tuple[Task, ...]  # published (after the first publish) and run for
-    provisioning: list[float]  # each node's launch to Ready
-    startups: list[float]  # each worker pod's binding to its broker consumer
+    provisioning: list[float]  # each node's launch to Ready, in launch order
+    startups: list[float]  # each worker pod's binding to its broker consumer, in creation order
     terminations: list[float]  # each node's disruption decision to its removal
     node_allocatable: dict[str, str]
+    # Each node's launch and Ready after the first publish, in launch order.
+    node_times: list[tuple[float, float | None]]
+    # The watcher's samples (every second): seconds after the first publish, ready messages,
+    # worker Jobs not finished.
+    ramp: list[tuple[float, int, int]]
     tail: dict[str, list[float]]  # each phase of the nodes' tails (measured_tail)
 
     def report(self) -> str:
@@ -259,9 +274,6 @@ def latency_moments(latencies: Sequence[float]) -> tuple[float, float]:
     return max(0.0, mean - spread), mean + spread
 
 
-LatencyDraw = Callable[[Sequence[float]], tuple[float, float]]
-
-
 @pytest.fixture
 def bench_pool(
     kube_node: Node, tmp_path_factory: pytest.TempPathFactory
@@ -335,7 +347,13 @@ def run_trace(
     assert set(done) >= set(published)
     assert watcher.peak_active_jobs(PIPELINE) <= MAX_WORKERS
     started = {mid: log_time(e) - float(e["duration"]) for mid, e in done.items()}
-    workers = [w for w in watcher.workers.values() if w.created is not None]
+    in_order = sorted(published, key=lambda mid: published[mid])
+    # Creation order: first seen by the watcher (1 s samples), then bound to a node (the
+    # scheduler binds pending pods oldest first).
+    workers = sorted(
+        (w for w in watcher.workers.values() if w.created is not None),
+        key=lambda w: (w.created or 0.0, w.scheduled_epoch or float("inf")),
+    )
     startups = []
     for worker in workers:
         consuming = [log_time(e) for e in worker.entries() if e.get("message") == "consuming"]
@@ -343,6 +361,7 @@ def run_trace(
             startups.append(consuming[0] - worker.scheduled_epoch)
     records = sorted(nodes.records.values(), key=lambda r: r.billed_from)
     end = watcher.samples[-1].elapsed
+    since_publish = nodes.started_epoch - first_publish  # node watch times -> after publish
     zero_at = (nodes.zero_since() or 0.0) + nodes.started_epoch
     return Measured(
         node_seconds=nodes.node_seconds(),
@@ -351,39 +370,46 @@ def run_trace(
         pod_seconds=sum((w.finished or end) - (w.created or 0.0) for w in workers),
         worker_jobs=len(workers),
         peak_jobs=watcher.peak_active_jobs(PIPELINE),
-        waits=[started[mid] - published[mid] for mid in published],
+        waits=[started[mid] - published[mid] for mid in in_order],
         first_node_ready=(nodes.first_ready() or 0.0) + nodes.started_epoch - first_publish,
         first_task_started=min(started.values()) - first_publish,
         zero_nodes_after_last_task=zero_at - max(log_time(e) for e in entries),
         tasks=tuple(
-            sorted(
-                (
-                    Task(published[mid] - first_publish, float(done[mid]["duration"]))
-                    for mid in published
-                ),
-                key=lambda task: task.arrival,
-            )
+            Task(published[mid] - first_publish, float(done[mid]["duration"])) for mid in in_order
         ),
-        provisioning=nodes.provisioning_seconds(),
+        provisioning=[r.ready - r.billed_from for r in records if r.ready is not None],
         startups=startups,
         terminations=[
             r.gone - r.decided for r in records if r.gone is not None and r.decided is not None
         ],
         node_allocatable=dict(records[0].allocatable),
+        node_times=[
+            (r.billed_from + since_publish, None if r.ready is None else r.ready + since_publish)
+            for r in records
+        ],
+        # (the watcher started just before the first publish)
+        ramp=[
+            (sample.elapsed, sample.ready[QUEUE], sample.active_jobs[PIPELINE])
+            for sample in watcher.samples
+        ],
         tail=measured_tail(records),
     )
 
 
 def simulated(
-    measured: Measured, values: dict[str, Any], draw: LatencyDraw = latency_moments
+    measured: Measured, values: dict[str, Any], replay: bool = True
 ) -> list[SimulationResult]:
     """The run's trace through the simulator's node model, once per seed: jobtide's scaler
     with the run's settings and levers (read from its chart values, as `simulate --values`
-    reads them), the measured latencies (start-up and provisioning as `draw` makes them
-    bounds, the median termination), nodes of the shape Karpenter launched, Karpenter's
+    reads them), the measured latencies (start-ups and provisionings replayed in their order
+    when `replay`, past their end and otherwise drawn with their mean and standard deviation;
+    the median termination), nodes of the shape Karpenter launched, Karpenter's
     consolidation as the NodePool sets it."""
     allocatable = measured.node_allocatable
-    base = Settings(startup_seconds=draw(measured.startups))
+    base = Settings(
+        startup_seconds=latency_moments(measured.startups),
+        startup_sequence=tuple(measured.startups) if replay else (),
+    )
     settings = settings_from_values(values, PIPELINE, base)
     pool = pool_from_values(
         values,
@@ -392,7 +418,8 @@ def simulated(
             node_cpu=parse_quantity(allocatable["cpu"], "node cpu"),
             node_memory_gib=parse_quantity(allocatable["memory"], "node memory") / 2.0**30,
             node_max_pods=int(parse_quantity(allocatable["pods"], "node pods")),
-            provisioning_seconds=draw(measured.provisioning),
+            provisioning_seconds=latency_moments(measured.provisioning),
+            provisioning_sequence=tuple(measured.provisioning) if replay else (),
             autoscaler=Autoscaler.KARPENTER,
             consolidation=Consolidation(POOL.consolidation_policy),
             consolidate_after_seconds=CONSOLIDATE_AFTER_SECONDS,
@@ -410,13 +437,67 @@ def ratio(simulated_figure: float, measured_figure: float) -> str:
     return f"x{simulated_figure / measured_figure:.2f} of measured"
 
 
+def wait_report(measured: Measured, results: list[SimulationResult]) -> str:
+    """Task waits by arrival window: mean and max measured | simulated (each seed's mean and
+    max, averaged over the seeds), and how many of the window's tasks waited longer than the
+    p95 wait, measured | simulated (mean over the seeds)."""
+    measured_p95 = percentile(measured.waits, 0.95)
+    lines = ["  waits by arrival window: tasks; mean, max, above p95 (measured | simulated)"]
+    for low, high in itertools.pairwise(WAIT_WINDOWS):
+        chosen = [i for i, task in enumerate(measured.tasks) if low <= task.arrival < high]
+        if not chosen:
+            continue
+        real = [measured.waits[i] for i in chosen]
+        runs = [[result.waits[i] for i in chosen] for result in results]
+        above = [
+            sum(w > percentile(r.waits, 0.95) for w in run)
+            for r, run in zip(results, runs, strict=True)
+        ]
+        lines.append(
+            f"    {low:5.0f}-{high:<4.0f} s {len(chosen):5d}; "
+            f"{statistics.mean(real):5.1f} | {statistics.mean(map(statistics.mean, runs)):5.1f} s, "
+            f"{max(real):5.1f} | {statistics.mean(map(max, runs)):5.1f} s, "
+            f"{sum(w > measured_p95 for w in real):3d} | {statistics.mean(above):5.1f}"
+        )
+    return "\n".join(lines)
+
+
+def ramp_report(measured: Measured, results: list[SimulationResult]) -> str:
+    """The cold start, instant by instant: ready messages, worker Jobs, nodes launched and
+    nodes Ready, measured | simulated (mean over the seeds)."""
+
+    def at(timeline: Sequence[tuple[float, int, int]], when: float) -> tuple[int, int]:
+        seen = [(ready, jobs) for t, ready, jobs in timeline if t <= when]
+        return seen[-1] if seen else (0, 0)
+
+    def nodes(times: Sequence[tuple[float, float | None]], when: float) -> tuple[int, int]:
+        launched = sum(launch <= when for launch, _ in times)
+        return launched, sum(ready is not None and ready <= when for _, ready in times)
+
+    lines = ["  cold start, after the first publish: ready messages, worker Jobs, nodes launched,"
+             " nodes Ready (measured | simulated)"]  # fmt: skip
+    for when in RAMP_CHECKS:
+        real = at(measured.ramp, when) + nodes(measured.node_times, when)
+        simulated_runs = [
+            at([(t, ready, jobs) for t, ready, jobs, _ in result.timeline], when)
+            + nodes([(life.launched, life.ready) for life in result.nodes], when)
+            for result in results
+        ]
+        cells = [
+            f"{figure:3d} | {statistics.mean(run[i] for run in simulated_runs):5.1f}"
+            for i, figure in enumerate(real)
+        ]
+        lines.append(f"    {when:4.0f} s: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
 def compare(
-    measured: Measured, results: list[SimulationResult], by_percentiles: list[SimulationResult]
+    measured: Measured, results: list[SimulationResult], drawn: list[SimulationResult]
 ) -> tuple[float, str]:
     """The simulated mean node-seconds, and the lines comparing them with the measured; the
-    figures with latencies drawn between their 5th and 95th percentiles beside."""
+    figures with every latency drawn (none replayed) beside."""
     runs = [result.metrics for result in results]
-    other = [result.metrics for result in by_percentiles]
+    other = [result.metrics for result in drawn]
     other_node_seconds = statistics.mean(m.node_seconds for m in other)
     other_p95 = statistics.mean(m.wait_p95 for m in other)
     lives = [life for result in results for life in result.nodes]
@@ -431,9 +512,13 @@ def compare(
         f"{statistics.mean(m.nodes_launched for m in runs):.1f}, pod-seconds "
         f"{statistics.mean(m.pod_seconds for m in runs):.0f}, busy workers disrupted "
         f"{max(m.busy_pods_disrupted for m in runs)}\n"
-        f"  (latencies uniform over their p5-p95 instead: node-seconds {other_node_seconds:.0f} "
+        f"  (every latency drawn, none replayed: node-seconds {other_node_seconds:.0f} "
         f"({ratio(other_node_seconds, measured.node_seconds)}), wait p95 {other_p95:.1f} s "
         f"({ratio(other_p95, measured_p95)}))\n"
+        + wait_report(measured, results)
+        + "\n"
+        + ramp_report(measured, results)
+        + "\n"
         + tail_report(measured.tail, simulated_tail(lives, CONSOLIDATE_AFTER_SECONDS))
     )
     return node_seconds, lines
@@ -459,7 +544,7 @@ def test_trace_through_the_autoscaled_pool(
         saved = tmp_path / f"measured-{number}.json"
         saved.write_text(json.dumps({"values": values, "measured": asdict(measured)}))
         simulated_node_seconds, comparison = compare(
-            measured, simulated(measured, values), simulated(measured, values, latency_range)
+            measured, simulated(measured, values), simulated(measured, values, replay=False)
         )
         node_seconds[scheduling] = (measured.node_seconds, simulated_node_seconds)
         print(f"{scheduling.name}:\n{measured.report()}\n{comparison}", flush=True)

@@ -16,7 +16,8 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
 - A bound pod spends its start-up latency (image, interpreter, broker connection) and then
   works. Its container runs `CONNECT_SECONDS` before the end of its start-up (the interpreter
   and the broker connection): until then the pod is pending, for jobtide (its Job has no
-  Ready pod) as for KEDA (no Running pod).
+  Ready pod) as for KEDA (no Running pod). Start-ups and node provisionings are drawn, or
+  replayed in creation order from the sequences given (a measured run's).
 - Worker models: `drain` works until it has been idle for the idle timeout (jobtide, the
   demo, KEDA's "-drain" variants); `one-message` takes one message and exits (KEDA's model;
   with no message it waits the idle timeout); `deployment` runs until the scaler deletes it,
@@ -85,6 +86,11 @@ class Settings(ScalerSettings, PipelineSettings):
     values) and the cluster's latencies."""
 
     startup_seconds: tuple[float, float] = (5.0, 15.0)
+    # Start-ups to replay (a run's measured ones): the n-th worker created starts in the n-th,
+    # workers past its end draw from `startup_seconds`. A replay keeps each worker's own
+    # start-up, where a draw from the whole run's would give the first workers (the cold start)
+    # those of the busiest moment.
+    startup_sequence: tuple[float, ...] = ()
     pool_cooldown_seconds: float = 600.0
     keda_counts_unacked: bool = False
 
@@ -92,6 +98,7 @@ class Settings(ScalerSettings, PipelineSettings):
         super().__post_init__()
         checks = {
             "startup_seconds": 0 <= self.startup_seconds[0] <= self.startup_seconds[1],
+            "startup_sequence": all(seconds >= 0 for seconds in self.startup_sequence),
             "pool_cooldown_seconds": self.pool_cooldown_seconds >= 0,
         }
         reject_invalid("simulator setting", self, checks)
@@ -299,6 +306,11 @@ class _Run:
         self.sequence += 1
         heapq.heappush(self.heap, (at, int(event), self.sequence, subject, token))
 
+    def latency(self, replayed: Sequence[float], number: int, bounds: tuple[float, float]) -> float:
+        """The `number`-th (pod or node, in creation order) replayed latency; past the
+        sequence's end, one drawn uniformly between `bounds`."""
+        return replayed[number] if number < len(replayed) else self.rng.uniform(*bounds)
+
     # -- pods -------------------------------------------------------------------------------
     def create_pod(self) -> None:
         pod = _Pod(len(self.pods))
@@ -318,7 +330,9 @@ class _Run:
 
     def bind(self, pod: _Pod) -> None:
         pod.bound_at = self.now
-        pod.startup_seconds = self.rng.uniform(*self.settings.startup_seconds)
+        pod.startup_seconds = self.latency(
+            self.settings.startup_sequence, pod.number, self.settings.startup_seconds
+        )
         pod.running_at = self.now + max(0.0, pod.startup_seconds - CONNECT_SECONDS)
         self.schedule(self.now + pod.startup_seconds, _Event.POD_READY, pod.number)
 
@@ -458,11 +472,10 @@ class _Run:
             node = Node(len(self.nodes), self.now)
             self.nodes.append(node)
             self.alive[node.number] = node
-            self.schedule(
-                self.now + self.rng.uniform(*self.pool.provisioning_seconds),
-                _Event.NODE_READY,
-                node.number,
+            provisioning = self.latency(
+                self.pool.provisioning_sequence, node.number, self.pool.provisioning_seconds
             )
+            self.schedule(self.now + provisioning, _Event.NODE_READY, node.number)
         self.last_scale_up = self.now
         self.peak_nodes = max(self.peak_nodes, len(self.alive))
 

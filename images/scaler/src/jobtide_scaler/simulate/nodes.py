@@ -108,6 +108,9 @@ class NodePool:
     pod_cpu: float = 1.0
     pod_memory_gib: float = 1.0
     provisioning_seconds: tuple[float, float] = (45.0, 120.0)
+    # Provisionings to replay (a run's measured ones): the n-th node launched is ready after
+    # the n-th, nodes past its end draw from `provisioning_seconds`.
+    provisioning_sequence: tuple[float, ...] = ()
     autoscaler: Autoscaler = Autoscaler.KARPENTER
     consolidation: Consolidation = Consolidation.WHEN_EMPTY_OR_UNDERUTILIZED
     consolidate_after_seconds: float = 30.0
@@ -137,6 +140,7 @@ class NodePool:
             "provisioning_seconds": 0
             <= self.provisioning_seconds[0]
             <= self.provisioning_seconds[1],
+            "provisioning_sequence": all(seconds >= 0 for seconds in self.provisioning_sequence),
             "consolidate_after_seconds": self.consolidate_after_seconds >= 0,
             "validation_seconds": self.validation_seconds >= 0,
             "termination_seconds": self.termination_seconds >= 0,
