@@ -19,6 +19,7 @@ from chartlib import (
     case_id,
     find,
     render,
+    render_text,
     scaler_config,
     scaler_jobs,
     scaler_settings,
@@ -157,8 +158,21 @@ def test_generated_secret_holds_random_credentials() -> None:
     assert len(decoded["password"]) == 32
     assert decoded["password"].isalnum()
     assert len(decoded["erlang-cookie"]) == 48
-    # No lookup offline, so two renders generate two passwords (upgrades reuse the live one).
+    # No lookup offline, so two renders generate two passwords (upgrades reuse the live one):
+    # why the chart's README sends GitOps users, who render this way, to an existing Secret.
     assert first["data"]["password"] != second["data"]["password"]
+    assert first["data"]["erlang-cookie"] != second["data"]["erlang-cookie"]
+
+
+@pytest.mark.parametrize("scenario", ["existing-secrets", "external-broker"])
+def test_renders_with_an_existing_secret_are_stable(scenario: str) -> None:
+    """As a GitOps tool renders (`helm template`, no cluster to look up): with the credentials
+    in an existing Secret, no Secret is rendered and two renders are the same, byte for byte."""
+    first = render_text([SCENARIO[scenario]])
+    assert first == render_text([SCENARIO[scenario]])
+    docs = [doc for doc in yaml.safe_load_all(first) if doc]
+    assert [d for d in docs if d["kind"] == "Secret"] == []
+    assert docs  # the release itself is rendered
 
 
 def test_existing_secret_replaces_the_generated_one() -> None:
