@@ -142,3 +142,9 @@ build_promtool() {
   go_install promtool "$PROMTOOL_VERSION" github.com/prometheus/prometheus/cmd/promtool \
     "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION" "" remove_all_sd
 }
+
+# build_kube_score: kube-score with its version stamped in (`kube-score version`).
+build_kube_score() {
+  go_install kube-score "$KUBE_SCORE_VERSION" github.com/zegl/kube-score/cmd/kube-score \
+    "-X main.version=$KUBE_SCORE_VERSION"
+}

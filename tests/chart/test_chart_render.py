@@ -19,6 +19,7 @@ from chartlib import (
     case_id,
     find,
     render,
+    render_text,
     scaler_config,
     scaler_jobs,
     scaler_settings,
@@ -157,8 +158,21 @@ def test_generated_secret_holds_random_credentials() -> None:
     assert len(decoded["password"]) == 32
     assert decoded["password"].isalnum()
     assert len(decoded["erlang-cookie"]) == 48
-    # No lookup offline, so two renders generate two passwords (upgrades reuse the live one).
+    # No lookup offline, so two renders generate two passwords (upgrades reuse the live one):
+    # why the chart's README sends GitOps users, who render this way, to an existing Secret.
     assert first["data"]["password"] != second["data"]["password"]
+    assert first["data"]["erlang-cookie"] != second["data"]["erlang-cookie"]
+
+
+@pytest.mark.parametrize("scenario", ["existing-secrets", "external-broker"])
+def test_renders_with_an_existing_secret_are_stable(scenario: str) -> None:
+    """As a GitOps tool renders (`helm template`, no cluster to look up): with the credentials
+    in an existing Secret, no Secret is rendered and two renders are the same, byte for byte."""
+    first = render_text([SCENARIO[scenario]])
+    assert first == render_text([SCENARIO[scenario]])
+    docs = [doc for doc in yaml.safe_load_all(first) if doc]
+    assert [d for d in docs if d["kind"] == "Secret"] == []
+    assert docs  # the release itself is rendered
 
 
 def test_existing_secret_replaces_the_generated_one() -> None:
@@ -732,6 +746,9 @@ def test_rabbitmq_statefulset_persists_and_runs_any_image() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["emptyDir"]["medium"] == "Memory"
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= server.keys()
+    # Ready while clients can connect; alive while the node answers at all.
+    assert server["readinessProbe"]["tcpSocket"] == {"port": "amqp"}
+    assert server["livenessProbe"]["tcpSocket"] == {"port": "management"}
     assert server["resources"]["limits"]["memory"] == "1Gi"
     no_pvc = find(
         render(set_values=[*ONE_PIPELINE, "rabbitmq.persistence.enabled=false"]), "StatefulSet", ""
@@ -763,6 +780,48 @@ def test_rabbitmq_services_pdb_and_network_policy() -> None:
     ]
     without = render(set_values=[*ONE_PIPELINE, "networkPolicy.enabled=false"])
     assert not [d for d in without if d["kind"] == "NetworkPolicy"]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, and `In` expressions) selects `labels`."""
+    if not selector["matchLabels"].items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def test_scaler_admits_connections_on_its_metrics_port_only() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    policy = find(docs, "NetworkPolicy", "-scaler")["spec"]
+    pod = find(docs, "Deployment", "-scaler")["spec"]["template"]
+    assert selects(policy["podSelector"], pod["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress"]
+    # One rule: any client, to the named port that the container serves its metrics on.
+    assert policy["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    ports = pod["spec"]["containers"][0]["ports"]
+    assert [(p["name"], p["containerPort"]) for p in ports] == [("metrics", 8080)]
+
+
+def test_worker_and_test_pods_admit_no_connections() -> None:
+    docs = render(set_values=ONE_PIPELINE)
+    policy = find(docs, "NetworkPolicy", "-workers")["spec"]
+    assert policy["policyTypes"] == ["Ingress"]
+    assert "ingress" not in policy  # no rule: nothing is admitted
+    (job,) = scaler_jobs(docs)
+    test_pod = find(docs, "Pod", "-test")
+    assert selects(policy["podSelector"], job["spec"]["template"]["metadata"]["labels"])
+    assert selects(policy["podSelector"], test_pod["metadata"]["labels"])
+    # Nothing else of the release: the scaler and the broker have their own policies.
+    for kind, suffix in (("Deployment", "-scaler"), ("StatefulSet", "-rabbitmq")):
+        labels = find(docs, kind, suffix)["spec"]["template"]["metadata"]["labels"]
+        assert not selects(policy["podSelector"], labels)
+    # Another release's workers in the same namespace are another release's business.
+    other = render(set_values=ONE_PIPELINE, release="other")
+    (other_job,) = scaler_jobs(other)
+    assert not selects(policy["podSelector"], other_job["spec"]["template"]["metadata"]["labels"])
 
 
 # -- optional objects -------------------------------------------------------------------

@@ -5,6 +5,7 @@ passes and `helm uninstall` leaves nothing of the release."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Iterator
@@ -120,6 +121,15 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     # The test pod is deleted once it succeeds (hook-succeeded), so its phase is the verdict.
     test_output = release("test", RELEASE, timeout=300)
     assert re.search(r"TEST SUITE:\s+e2e-jobtide-test\n.*\n.*\nPhase:\s+Succeeded", test_output)
+    # The broker's liveness probe (its management port) passed throughout: no failure, no restart.
+    broker_pod = f"{RELEASE}-jobtide-rabbitmq-0"
+    pod = kubectl(kubeconfig, "get", "pod", broker_pod, "-n", node_namespace, "-o", "json")
+    assert [c["restartCount"] for c in json.loads(pod.stdout)["status"]["containerStatuses"]] == [0]
+    events = kubectl(kubeconfig, "get", "events", "-n", node_namespace, "-o", "json",
+                     "--field-selector", f"involvedObject.name={broker_pod}").stdout  # fmt: skip
+    messages = [event["message"] for event in json.loads(events)["items"]]
+    assert messages  # the pod's own events (scheduled, pulled, started) are there to look at
+    assert not [m for m in messages if m.startswith("Liveness probe failed")], messages
 
     release("uninstall", RELEASE, "--wait", timeout=300)
     wait_for(

@@ -42,6 +42,7 @@ STAGE_OF_TOOL = {
     ),
     **dict.fromkeys(("kubelet", "kube-proxy", "coredns", "karpenter-kwok"), "node"),
     "promtool": "promtool",
+    "kube-score": "kube-score",
 }
 
 _ready_stages: set[str] = set()
