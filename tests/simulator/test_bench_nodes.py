@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import pytest
-from jobtide_scaler.simulate.engine import Metrics, Settings, simulate
+from jobtide_scaler.simulate.breakdown import simulate_with_breakdown
+from jobtide_scaler.simulate.engine import Metrics, Scaler, Settings, simulate
 from jobtide_scaler.simulate.ideal import (
     ideal_node_seconds,
     ideal_wait_p95,
@@ -32,6 +33,7 @@ from jobtide_scaler.simulate.scalers import (
     NO_LEVERS,
     HpaScaler,
     JobtideScaler,
+    KedaScaler,
 )
 from jobtide_scaler.simulate.sweep import KedaSweep, best_keda
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload
@@ -264,6 +266,44 @@ def test_the_node_bill(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None
         assert row.jobtide.tasks_unfinished == 0
         assert row.jobtide.node_seconds >= row.bound, row.name
     assert [v.words for v in results if not v.ok and v.key not in KNOWN_MISSES] == []
+
+
+# The rows whose saving goals are missed: where jobtide's node-seconds go there, beside the
+# best KEDA's (docs/simulator.md, "Where the node-seconds go").
+BREAKDOWN_ROWS = ("declining/karpenter", "diurnal/karpenter")
+
+
+def test_where_the_node_seconds_go(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    """jobtide's and each best KEDA's node-seconds split by what the nodes held
+    (`simulate.breakdown`); the parts add up to the bill."""
+    report = []
+    for row in bench.rows:
+        if row.name not in BREAKDOWN_ROWS:
+            continue
+        settings = Settings()
+        runs: dict[str, tuple[Settings, Scaler]] = {"jobtide": (settings, JobtideScaler(settings))}
+        for kind, levers in KEDA_KINDS.items():
+            best = row.keda[kind].best
+            if best is not None:
+                config = best[0]
+                theirs = config.settings(settings)
+                runs[f"best KEDA, {kind} [{config.describe()}]"] = (
+                    theirs,
+                    KedaScaler(theirs, config.strategy, drain=True, levers=levers),
+                )
+        report.append(f"{row.name} (bound {row.bound:.0f}):")
+        for label, (run_settings, scaler) in runs.items():
+            result, parts = simulate_with_breakdown(
+                row.workload, run_settings, scaler, SEED, POOLS[row.pool]
+            )
+            ours = result.metrics
+            report.append(
+                f"  {label}: {ours.node_seconds:.0f} node-s at p95 {ours.wait_p95:.1f} s, "
+                f"{ours.nodes_launched} nodes launched, {ours.busy_pods_disrupted} disrupted"
+            )
+            report.append(f"    {parts.describe()}")
+            assert parts.total == pytest.approx(ours.node_seconds), label
+    show(capsys, report)
 
 
 def compared_cell(row: Row) -> str:

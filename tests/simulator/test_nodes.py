@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from jobtide_scaler.simulate.breakdown import NodeBreakdown, simulate_with_breakdown
 from jobtide_scaler.simulate.cli import levers_from_values, main, pool_from_values
 from jobtide_scaler.simulate.engine import Settings, simulate
 from jobtide_scaler.simulate.ideal import ideal_node_seconds, node_seconds_lower_bound
@@ -66,6 +67,42 @@ def test_karpenter_validates_its_decision_then_terminates_the_node() -> None:
     assert result.nodes == (
         NodeLife(launched=1, ready=31, emptied=51, last_pod_event=51, decided=105, gone=110),
     )
+
+
+@pytest.mark.parametrize(("pool", "empty", "removing"), [(POOL, 39, 0), (KARPENTER_POOL, 54, 5)])
+def test_node_seconds_split_by_what_the_node_held(
+    pool: NodePool, empty: float, removing: float
+) -> None:
+    # test_one_node_from_launch_to_consolidation: provisioning 1..31; the worker starts up
+    # 31..36 (a quarter of the node), works 36..46 and is idle 46..51, the other three slots
+    # free 31..51; then the node is empty until the decision (90, or 105 with Karpenter's
+    # validation) and, with Karpenter's termination, removed 5 s more. The parts add up to
+    # the bill (89, 109).
+    result, parts = simulate_with_breakdown(tasks(10), FIXED, JobtideScaler(FIXED), 0, pool)
+    expected = NodeBreakdown(
+        busy=10 / 4,
+        idle=5 / 4,
+        starting=5 / 4,
+        free=3 * 20 / 4,
+        empty=empty,
+        provisioning=30,
+        removing=removing,
+    )
+    for name in ("busy", "idle", "starting", "free", "empty", "provisioning", "removing"):
+        assert getattr(parts, name) == pytest.approx(getattr(expected, name)), name
+    assert parts.total == pytest.approx(result.metrics.node_seconds)
+    assert result.metrics == simulate(tasks(10), FIXED, JobtideScaler(FIXED), 0, pool).metrics
+
+
+def test_the_breakdown_adds_up_to_the_bill_on_a_real_workload() -> None:
+    workload = make_workload("declining", 1)
+    result, parts = simulate_with_breakdown(
+        workload, Settings(), JobtideScaler(Settings()), 1, KARPENTER_POOL
+    )
+    assert parts.total == pytest.approx(result.metrics.node_seconds)
+    # The busy slots are the work, whatever the policy: every task's duration on a quarter node.
+    work = sum(task.duration for task in workload.tasks)
+    assert parts.busy == pytest.approx(work / KARPENTER_POOL.pods_per_node)
 
 
 def test_a_pod_bound_during_the_validation_keeps_the_node() -> None:

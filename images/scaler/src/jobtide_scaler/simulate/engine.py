@@ -735,6 +735,10 @@ class _Run:
         return True
 
     # -- the run ------------------------------------------------------------------------------
+    def elapse(self, until: float) -> None:
+        """Time passes from `now` to `until` without any change of state: nothing to do here;
+        a subclass that accounts for the run's state over time (`simulate.breakdown`) does."""
+
     def run(self) -> SimulationResult:
         for number, task in enumerate(self.tasks):
             self.schedule(task.arrival, _Event.ARRIVAL, number)
@@ -746,6 +750,7 @@ class _Run:
         end = 0.0
         while self.heap:
             at, kind, _, subject, token = heapq.heappop(self.heap)
+            self.elapse(at)
             self.now = at
             event = _Event(kind)
             if event is _Event.DECIDE:
