@@ -33,6 +33,7 @@ A node's seconds run from its launch to its termination (or the end of the simul
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import math
@@ -60,6 +61,7 @@ from jobtide_scaler.simulate.workloads import Workload
 
 __all__ = [
     "CONNECT_SECONDS",
+    "STATISTICS_SECONDS",
     "ClusterView",
     "Metrics",
     "Scaler",
@@ -76,6 +78,9 @@ _GIVE_UP_AFTER_SECONDS = 7 * 24 * 3600.0
 # The end of a worker's start-up after its container runs: the interpreter and the broker
 # connection. Kubernetes (and so KEDA and jobtide) see the pod as pending until then.
 CONNECT_SECONDS = 2.0
+# How often RabbitMQ refreshes the management API's statistics (`collect_statistics_interval`,
+# 5,000 ms by default): a counter read there is as old as the last refresh.
+STATISTICS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,8 @@ class _Event(enum.IntEnum):
     GRACE_OVER = 9
     PROTECTION_PATCHED = 10
     FINISHED_POD_DELETED = 11
-    DECIDE = 12
+    QUIET_CHECK = 12
+    DECIDE = 13
 
 
 class _Pod:
@@ -274,6 +280,9 @@ class _Run:
         self.queue: deque[int] = deque()
         self.waits: list[float | None] = [None] * len(self.tasks)
         self.done = 0
+        self.arrival_times = [task.arrival for task in self.tasks]  # in order (workloads sort)
+        # Per idle pod: the queue's `publish` counter at its previous quiet check.
+        self.published_seen: dict[int, int] = {}
         self.max_backlog = 0
         self.busy_killed = 0
         self.busy_disrupted = 0
@@ -400,6 +409,35 @@ class _Run:
                 pod.number,
                 pod.idle_token,
             )
+            if self.levers.quiet_check_seconds > 0:
+                self.published_seen[pod.number] = self.published()
+                self.schedule(
+                    self.now + self.levers.quiet_check_seconds,
+                    _Event.QUIET_CHECK,
+                    pod.number,
+                    pod.idle_token,
+                )
+
+    def published(self) -> int:
+        """The queue's `publish` counter as the management API shows it now: as of the
+        broker's last statistics refresh."""
+        refreshed = math.floor(self.now / STATISTICS_SECONDS) * STATISTICS_SECONDS
+        return bisect.bisect_right(self.arrival_times, refreshed)
+
+    def on_quiet_check(self, pod: _Pod, token: int) -> None:
+        """An idle worker reads the queue's counters: nothing published since its previous
+        read and nothing ready, it leaves; else it reads again later (its idle timeout still
+        ends its wait)."""
+        if pod.exited_at is not None or pod.number not in self.idle or pod.idle_token != token:
+            return
+        published = self.published()
+        if published == self.published_seen.get(pod.number) and not self.queue:
+            self.exit(pod)
+            return
+        self.published_seen[pod.number] = published
+        self.schedule(
+            self.now + self.levers.quiet_check_seconds, _Event.QUIET_CHECK, pod.number, token
+        )
 
     def dispatch(self) -> None:
         """The broker delivers waiting messages to idle consumers: with consumer priorities
@@ -777,6 +815,8 @@ class _Run:
                 self.on_finished_pod_deleted(subject)
             elif event is _Event.GRACE_OVER:
                 self.on_grace_over(self.pods[subject])
+            elif event is _Event.QUIET_CHECK:
+                self.on_quiet_check(self.pods[subject], token)
             elif event is _Event.PROTECTION_PATCHED:
                 self.on_protection_patched(self.pods[subject], token)
             else:
