@@ -61,30 +61,39 @@ KEDA_KINDS = {"evictable": NO_LEVERS, "guarded": GUARDED}
 # A workload has idle gaps when it has 10 minutes without an arrival.
 IDLE_GAP_SECONDS = 600.0
 # The goals jobtide's defaults miss, and no bound shows out of reach (docs/simulator.md,
-# "Against the goals of issue 12"): printed with the bound, not asserted.
+# "Against the goals of issue 12"): printed with the bound, not asserted. Each with its reason.
 KNOWN_MISSES = frozenset(
     {
+        # The saving goals. No lever measured reaches declining's (the best stays 16 % below
+        # the guarded KEDA: what is left over the work is per node launched, and the free
+        # slots of a pool that shrinks without moving busy workers) nor diurnal's against the
+        # evictable KEDA (its gap is node churn: 33 launches against 10). Diurnal's against
+        # the guarded KEDA is met by leaving when the queue is silent, not shipped yet
+        # (test_leave_when_the_queue_is_silent).
         "declining/karpenter saving evictable",
         "declining/karpenter saving guarded",
-        "declining/karpenter at-most evictable",
-        "declining/ca at-most evictable",
         "diurnal/karpenter saving evictable",
         "diurnal/karpenter saving guarded",
+        # At most 1.02 x the evictable KEDA: Karpenter's consolidation repacks KEDA's evictable
+        # workers at the price of busy workers' work (7-16 lost), which jobtide's
+        # do-not-disrupt forbids; the cluster autoscaler takes KEDA's under-50 % nodes, and
+        # its default strategy on the AMQP count starts fewer workers.
+        "declining/karpenter at-most evictable",
         "diurnal/karpenter at-most evictable",
+        "steady/karpenter at-most evictable",
+        "declining/ca at-most evictable",
         "diurnal/ca at-most evictable",
         "steady/ca at-most evictable",
-        # Since Karpenter's validation (15 s) and termination (5 s) are modelled, a removed
-        # node is billed at least 20 s more: the trickle's many short-lived nodes (jobtide
-        # 6012 -> 6495 node-s, 0.25 % above the goal; the HPA keeps its one node throughout,
-        # 10799), and the evictable KEDA on steady, which consolidation repacks at the price
-        # of 16 busy workers' work.
-        "steady/karpenter at-most evictable",
+        # 40 % below the HPA: the HPA waits less (its one replica keeps a node warm), so it
+        # is compared at a wait jobtide with minWorkers 0 does not reach; trickle under
+        # Karpenter misses by 0.25 %, since a removed node is billed Karpenter's validation
+        # (15 s) and termination (5 s) and the trickle's nodes are many and short-lived.
         "trickle/karpenter hpa",
         "trickle/karpenter-when-empty hpa",
+        "trickle/ca hpa",
         "diurnal/karpenter hpa",
         "diurnal/karpenter-when-empty hpa",
         "diurnal/ca hpa",
-        "trickle/ca hpa",
         "cold-pool/ca hpa",
     }
 )

@@ -23,6 +23,9 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
   busy or not (the HPA); a deleted or evicted busy pod's message goes back to the head of the
   queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet,
   an evicted Job pod by its Job when the Job has retries left (`backoffLimit` above 0).
+  With `Levers.quiet_check_seconds` an idle Job worker also leaves at its first read of
+  the queue's counters that finds nothing published since its previous read and nothing
+  ready (the publish counter as of the broker's last statistics refresh).
 - The run lasts until every task is done, the workload's horizon has passed, the scaler is
   back at its minimum (no pod, or the HPA's one replica) and no node is left without a pod.
 
