@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from itertools import pairwise
 
 import pytest
-from jobtide_scaler.simulate.engine import Metrics, Settings, simulate
+from jobtide_scaler.simulate.breakdown import simulate_with_breakdown
+from jobtide_scaler.simulate.engine import Metrics, Scaler, Settings, simulate
 from jobtide_scaler.simulate.ideal import (
     ideal_node_seconds,
     ideal_wait_p95,
@@ -32,6 +33,7 @@ from jobtide_scaler.simulate.scalers import (
     NO_LEVERS,
     HpaScaler,
     JobtideScaler,
+    KedaScaler,
 )
 from jobtide_scaler.simulate.sweep import KedaSweep, best_keda
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload
@@ -59,30 +61,39 @@ KEDA_KINDS = {"evictable": NO_LEVERS, "guarded": GUARDED}
 # A workload has idle gaps when it has 10 minutes without an arrival.
 IDLE_GAP_SECONDS = 600.0
 # The goals jobtide's defaults miss, and no bound shows out of reach (docs/simulator.md,
-# "Against the goals of issue 12"): printed with the bound, not asserted.
+# "Against the goals of issue 12"): printed with the bound, not asserted. Each with its reason.
 KNOWN_MISSES = frozenset(
     {
+        # The saving goals. No lever measured reaches declining's (the best stays 16 % below
+        # the guarded KEDA: what is left over the work is per node launched, and the free
+        # slots of a pool that shrinks without moving busy workers) nor diurnal's against the
+        # evictable KEDA (its gap is node churn: 33 launches against 10). Diurnal's against
+        # the guarded KEDA is met by leaving when the queue is silent, not shipped yet
+        # (test_leave_when_the_queue_is_silent).
         "declining/karpenter saving evictable",
         "declining/karpenter saving guarded",
-        "declining/karpenter at-most evictable",
-        "declining/ca at-most evictable",
         "diurnal/karpenter saving evictable",
         "diurnal/karpenter saving guarded",
+        # At most 1.02 x the evictable KEDA: Karpenter's consolidation repacks KEDA's evictable
+        # workers at the price of busy workers' work (7-16 lost), which jobtide's
+        # do-not-disrupt forbids; the cluster autoscaler takes KEDA's under-50 % nodes, and
+        # its default strategy on the AMQP count starts fewer workers.
+        "declining/karpenter at-most evictable",
         "diurnal/karpenter at-most evictable",
+        "steady/karpenter at-most evictable",
+        "declining/ca at-most evictable",
         "diurnal/ca at-most evictable",
         "steady/ca at-most evictable",
-        # Since Karpenter's validation (15 s) and termination (5 s) are modelled, a removed
-        # node is billed at least 20 s more: the trickle's many short-lived nodes (jobtide
-        # 6012 -> 6495 node-s, 0.25 % above the goal; the HPA keeps its one node throughout,
-        # 10799), and the evictable KEDA on steady, which consolidation repacks at the price
-        # of 16 busy workers' work.
-        "steady/karpenter at-most evictable",
+        # 40 % below the HPA: the HPA waits less (its one replica keeps a node warm), so it
+        # is compared at a wait jobtide with minWorkers 0 does not reach; trickle under
+        # Karpenter misses by 0.25 %, since a removed node is billed Karpenter's validation
+        # (15 s) and termination (5 s) and the trickle's nodes are many and short-lived.
         "trickle/karpenter hpa",
         "trickle/karpenter-when-empty hpa",
+        "trickle/ca hpa",
         "diurnal/karpenter hpa",
         "diurnal/karpenter-when-empty hpa",
         "diurnal/ca hpa",
-        "trickle/ca hpa",
         "cold-pool/ca hpa",
     }
 )
@@ -104,6 +115,18 @@ PROTECTION_CANDIDATES = {
     "busy-only, idle 5 s": (Settings(), BUSY_ONLY),
     "busy-only, idle 30 s": (Settings(idle_timeout_seconds=30.0), BUSY_ONLY),
     "for life, idle 30 s": (Settings(idle_timeout_seconds=30.0), JOBTIDE_LEVERS),
+}
+
+
+# Leaving when the queue is silent (docs/simulator.md, "Leave when the queue is silent"): an
+# idle worker reads the queue's publish counter every 5 s (the broker's statistics interval:
+# a shorter read finds the same counter) and leaves when nothing was published since its
+# last read and nothing is ready; a queue still fed keeps it up to its idle timeout, here
+# longer than the default 5 s.
+SILENT_QUEUE = replace(JOBTIDE_LEVERS, quiet_check_seconds=5.0)
+SILENT_QUEUE_CANDIDATES = {
+    f"silent queue, idle {idle:.0f} s": (Settings(idle_timeout_seconds=idle), SILENT_QUEUE)
+    for idle in (15.0, 20.0)
 }
 
 
@@ -266,6 +289,44 @@ def test_the_node_bill(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None
     assert [v.words for v in results if not v.ok and v.key not in KNOWN_MISSES] == []
 
 
+# The rows whose saving goals are missed: where jobtide's node-seconds go there, beside the
+# best KEDA's (docs/simulator.md, "Where the node-seconds go").
+BREAKDOWN_ROWS = ("declining/karpenter", "diurnal/karpenter")
+
+
+def test_where_the_node_seconds_go(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    """jobtide's and each best KEDA's node-seconds split by what the nodes held
+    (`simulate.breakdown`); the parts add up to the bill."""
+    report = []
+    for row in bench.rows:
+        if row.name not in BREAKDOWN_ROWS:
+            continue
+        settings = Settings()
+        runs: dict[str, tuple[Settings, Scaler]] = {"jobtide": (settings, JobtideScaler(settings))}
+        for kind, levers in KEDA_KINDS.items():
+            best = row.keda[kind].best
+            if best is not None:
+                config = best[0]
+                theirs = config.settings(settings)
+                runs[f"best KEDA, {kind} [{config.describe()}]"] = (
+                    theirs,
+                    KedaScaler(theirs, config.strategy, drain=True, levers=levers),
+                )
+        report.append(f"{row.name} (bound {row.bound:.0f}):")
+        for label, (run_settings, scaler) in runs.items():
+            result, parts = simulate_with_breakdown(
+                row.workload, run_settings, scaler, SEED, POOLS[row.pool]
+            )
+            ours = result.metrics
+            report.append(
+                f"  {label}: {ours.node_seconds:.0f} node-s at p95 {ours.wait_p95:.1f} s, "
+                f"{ours.nodes_launched} nodes launched, {ours.busy_pods_disrupted} disrupted"
+            )
+            report.append(f"    {parts.describe()}")
+            assert parts.total == pytest.approx(ours.node_seconds), label
+    show(capsys, report)
+
+
 def compared_cell(row: Row) -> str:
     """One configuration's figures on a row: node-seconds (p95 wait, busy workers disrupted)
     and its ratio to each best KEDA at its p95 or less."""
@@ -278,6 +339,29 @@ def compared_cell(row: Row) -> str:
         f"{ours.node_seconds:.0f} ({ours.wait_p95:.1f} s, {ours.busy_pods_disrupted}) "
         + " / ".join(ratios)
     )
+
+
+def compared_tables(bench: Bench, candidates: dict[str, list[Row]]) -> list[str]:
+    """The defaults' rows beside each candidate configuration's, then how many goals each
+    configuration meets."""
+    configs = {"defaults": bench.rows, **candidates}
+    report = [
+        "node-s (p95 wait, busy disrupted) x best evictable KEDA / x best guarded KEDA",
+        "row | " + " | ".join(configs),
+    ]
+    for index, row in enumerate(bench.rows):
+        cells = [compared_cell(rows[index]) for rows in configs.values()]
+        report.append(f"{row.name} | " + " | ".join(cells))
+    report.append("")
+    for label, rows in configs.items():
+        results = [verdict for row in rows for verdict in verdicts(row)]
+        missed = [verdict.key for verdict in results if not verdict.ok]
+        disrupted = sum(row.jobtide.busy_pods_disrupted for row in rows)
+        report.append(
+            f"{label}: {len(results) - len(missed)} of {len(results)} goals met or out of "
+            f"reach, {disrupted} busy workers disrupted; missed: {', '.join(missed) or 'none'}"
+        )
+    return report
 
 
 def racing_evictions(settings: Settings, levers: Levers) -> dict[str, int]:
@@ -320,24 +404,7 @@ def test_protect_busy_workers_only(
     less; then how many goals each configuration meets. Every task is done; busy workers cut
     off in the race (evicted before their annotation landed and not done within the grace)
     are counted, not hidden."""
-    configs = {"defaults": bench.rows, **candidate_rows}
-    header = "row | " + " | ".join(configs)
-    report = [
-        "node-s (p95 wait, busy disrupted) x best evictable KEDA / x best guarded KEDA",
-        header,
-    ]
-    for index, row in enumerate(bench.rows):
-        cells = [compared_cell(rows[index]) for rows in configs.values()]
-        report.append(f"{row.name} | " + " | ".join(cells))
-    report.append("")
-    for label, rows in configs.items():
-        results = [verdict for row in rows for verdict in verdicts(row)]
-        missed = [verdict.key for verdict in results if not verdict.ok]
-        disrupted = sum(row.jobtide.busy_pods_disrupted for row in rows)
-        report.append(
-            f"{label}: {len(results) - len(missed)} of {len(results)} goals met or out of "
-            f"reach, {disrupted} busy workers disrupted; missed: {', '.join(missed) or 'none'}"
-        )
+    report = compared_tables(bench, candidate_rows)
     report += [
         "",
         "busy workers evicted before their annotation landed (grace 0, every one cut off):",
@@ -352,3 +419,27 @@ def test_protect_busy_workers_only(
         assert [row.name for row in rows] == [row.name for row in bench.rows]
         for row in rows:
             assert row.jobtide.tasks_unfinished == 0, row.name
+
+
+def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
+    """The goal table of idle workers that leave once the queue is silent, with a longer idle
+    timeout, beside the defaults. On every row it costs no more node-seconds than the
+    defaults at no longer a p95 wait (seed 1)."""
+    candidates = {
+        label: [
+            measure(make_workload(name, SEED), pool, settings, levers)
+            for name in WORKLOADS
+            for pool in POOLS
+        ]
+        for label, (settings, levers) in SILENT_QUEUE_CANDIDATES.items()
+    }
+    show(capsys, compared_tables(bench, candidates))
+    for rows in candidates.values():
+        assert [row.name for row in rows] == [row.name for row in bench.rows]
+        for ours in rows:
+            assert ours.jobtide.tasks_unfinished == 0, ours.name
+            assert ours.jobtide.busy_pods_disrupted == 0, ours.name
+    best = candidates["silent queue, idle 15 s"]
+    for ours, default in zip(best, bench.rows, strict=True):
+        assert ours.jobtide.node_seconds <= default.jobtide.node_seconds, ours.name
+        assert ours.jobtide.wait_p95 <= default.jobtide.wait_p95, ours.name

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from jobtide_scaler.simulate.breakdown import NodeBreakdown, simulate_with_breakdown
 from jobtide_scaler.simulate.cli import levers_from_values, main, pool_from_values
 from jobtide_scaler.simulate.engine import Settings, simulate
 from jobtide_scaler.simulate.ideal import ideal_node_seconds, node_seconds_lower_bound
@@ -66,6 +67,42 @@ def test_karpenter_validates_its_decision_then_terminates_the_node() -> None:
     assert result.nodes == (
         NodeLife(launched=1, ready=31, emptied=51, last_pod_event=51, decided=105, gone=110),
     )
+
+
+@pytest.mark.parametrize(("pool", "empty", "removing"), [(POOL, 39, 0), (KARPENTER_POOL, 54, 5)])
+def test_node_seconds_split_by_what_the_node_held(
+    pool: NodePool, empty: float, removing: float
+) -> None:
+    # test_one_node_from_launch_to_consolidation: provisioning 1..31; the worker starts up
+    # 31..36 (a quarter of the node), works 36..46 and is idle 46..51, the other three slots
+    # free 31..51; then the node is empty until the decision (90, or 105 with Karpenter's
+    # validation) and, with Karpenter's termination, removed 5 s more. The parts add up to
+    # the bill (89, 109).
+    result, parts = simulate_with_breakdown(tasks(10), FIXED, JobtideScaler(FIXED), 0, pool)
+    expected = NodeBreakdown(
+        busy=10 / 4,
+        idle=5 / 4,
+        starting=5 / 4,
+        free=3 * 20 / 4,
+        empty=empty,
+        provisioning=30,
+        removing=removing,
+    )
+    for name in ("busy", "idle", "starting", "free", "empty", "provisioning", "removing"):
+        assert getattr(parts, name) == pytest.approx(getattr(expected, name)), name
+    assert parts.total == pytest.approx(result.metrics.node_seconds)
+    assert result.metrics == simulate(tasks(10), FIXED, JobtideScaler(FIXED), 0, pool).metrics
+
+
+def test_the_breakdown_adds_up_to_the_bill_on_a_real_workload() -> None:
+    workload = make_workload("declining", 1)
+    result, parts = simulate_with_breakdown(
+        workload, Settings(), JobtideScaler(Settings()), 1, KARPENTER_POOL
+    )
+    assert parts.total == pytest.approx(result.metrics.node_seconds)
+    # The busy slots are the work, whatever the policy: every task's duration on a quarter node.
+    work = sum(task.duration for task in workload.tasks)
+    assert parts.busy == pytest.approx(work / KARPENTER_POOL.pods_per_node)
 
 
 def test_a_pod_bound_during_the_validation_keeps_the_node() -> None:
@@ -293,6 +330,38 @@ def test_dispatch_round_robin_or_oldest_worker_first(priorities: bool, pod_secon
     workload = Workload("hand", (Task(0, 20), Task(0, 1), Task(30, 10)), 0.0)
     scaler = JobtideScaler(settings, levers=Levers(consumer_priorities=priorities))
     metrics = simulate(workload, settings, scaler).metrics
+    assert metrics.pod_seconds == pytest.approx(pod_seconds)
+
+
+@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 45), (5, 20)])
+def test_an_idle_worker_leaves_once_the_queue_is_silent(
+    quiet_check: float, pod_seconds: float
+) -> None:
+    # The worker is up at 5, works 5..15 and is idle from 15 with an idle timeout of 30 s: it
+    # exits at 45. Reading the queue every 5 s, it finds at 20 nothing published since its
+    # read at 15 and nothing ready: it exits at 20.
+    settings = replace(FIXED, idle_timeout_seconds=30)
+    levers = Levers(consumer_priorities=True, quiet_check_seconds=quiet_check)
+    metrics = simulate(tasks(10), settings, JobtideScaler(settings, levers=levers)).metrics
+    assert metrics.pod_seconds == pytest.approx(pod_seconds)
+
+
+@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 92 + 45), (5, 72 + 45)])
+def test_an_idle_worker_stays_while_the_queue_is_fed(
+    quiet_check: float, pod_seconds: float
+) -> None:
+    # Two workers up at 5 work 5..15; then a task of 1 s every 4 s from 17 to 61, which the
+    # older worker 0 takes (consumer priorities). Worker 1, idle from 15, finds something
+    # published at each read (every 5 s): it stays until its idle timeout, 45, either way.
+    # Worker 0 is idle from 62: without reads it exits at 92; its read at 67 sees the counter
+    # as of the broker's statistics at 65, which counts the task of 61 that the read at 62
+    # (as of 60) did not: it stays, and leaves at the read of 72.
+    settings = replace(FIXED, idle_timeout_seconds=30)
+    stream = tuple(Task(17.0 + 4 * index, 1) for index in range(12))
+    workload = Workload("hand", (Task(0, 10), Task(0, 10), *stream), 0.0)
+    levers = Levers(consumer_priorities=True, quiet_check_seconds=quiet_check)
+    metrics = simulate(workload, settings, JobtideScaler(settings, levers=levers)).metrics
+    assert metrics.jobs_created == 2
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
 
 

@@ -24,6 +24,9 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
   busy or not (the HPA); a deleted or evicted busy pod's message goes back to the head of the
   queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet,
   an evicted Job pod by its Job when the Job has retries left (`backoffLimit` above 0).
+  With `Levers.quiet_check_seconds` an idle Job worker also leaves at its first read of
+  the queue's counters that finds nothing published since its previous read and nothing
+  ready (the publish counter as of the broker's last statistics refresh).
 - The run lasts until every task is done, the workload's horizon has passed, the scaler is
   back at its minimum (no pod, or the HPA's one replica) and no node is left without a pod.
 
@@ -34,6 +37,7 @@ A node's seconds run from its launch to its termination (or the end of the simul
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import math
@@ -61,6 +65,7 @@ from jobtide_scaler.simulate.workloads import Workload
 
 __all__ = [
     "CONNECT_SECONDS",
+    "STATISTICS_SECONDS",
     "ClusterView",
     "Metrics",
     "Scaler",
@@ -77,6 +82,9 @@ _GIVE_UP_AFTER_SECONDS = 7 * 24 * 3600.0
 # The end of a worker's start-up after its container runs: the interpreter and the broker
 # connection. Kubernetes (and so KEDA and jobtide) see the pod as pending until then.
 CONNECT_SECONDS = 2.0
+# How often RabbitMQ refreshes the management API's statistics (`collect_statistics_interval`,
+# 5,000 ms by default): a counter read there is as old as the last refresh.
+STATISTICS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +224,8 @@ class _Event(enum.IntEnum):
     GRACE_OVER = 9
     PROTECTION_PATCHED = 10
     FINISHED_POD_DELETED = 11
-    DECIDE = 12
+    QUIET_CHECK = 12
+    DECIDE = 13
 
 
 class _Pod:
@@ -281,6 +290,9 @@ class _Run:
         self.queue: deque[int] = deque()
         self.waits: list[float | None] = [None] * len(self.tasks)
         self.done = 0
+        self.arrival_times = [task.arrival for task in self.tasks]  # in order (workloads sort)
+        # Per idle pod: the queue's `publish` counter at its previous quiet check.
+        self.published_seen: dict[int, int] = {}
         self.max_backlog = 0
         self.busy_killed = 0
         self.busy_disrupted = 0
@@ -414,6 +426,35 @@ class _Run:
                 pod.number,
                 pod.idle_token,
             )
+            if self.levers.quiet_check_seconds > 0:
+                self.published_seen[pod.number] = self.published()
+                self.schedule(
+                    self.now + self.levers.quiet_check_seconds,
+                    _Event.QUIET_CHECK,
+                    pod.number,
+                    pod.idle_token,
+                )
+
+    def published(self) -> int:
+        """The queue's `publish` counter as the management API shows it now: as of the
+        broker's last statistics refresh."""
+        refreshed = math.floor(self.now / STATISTICS_SECONDS) * STATISTICS_SECONDS
+        return bisect.bisect_right(self.arrival_times, refreshed)
+
+    def on_quiet_check(self, pod: _Pod, token: int) -> None:
+        """An idle worker reads the queue's counters: nothing published since its previous
+        read and nothing ready, it leaves; else it reads again later (its idle timeout still
+        ends its wait)."""
+        if pod.exited_at is not None or pod.number not in self.idle or pod.idle_token != token:
+            return
+        published = self.published()
+        if published == self.published_seen.get(pod.number) and not self.queue:
+            self.exit(pod)
+            return
+        self.published_seen[pod.number] = published
+        self.schedule(
+            self.now + self.levers.quiet_check_seconds, _Event.QUIET_CHECK, pod.number, token
+        )
 
     def dispatch(self) -> None:
         """The broker delivers waiting messages to idle consumers: with consumer priorities
@@ -748,6 +789,10 @@ class _Run:
         return True
 
     # -- the run ------------------------------------------------------------------------------
+    def elapse(self, until: float) -> None:
+        """Time passes from `now` to `until` without any change of state: nothing to do here;
+        a subclass that accounts for the run's state over time (`simulate.breakdown`) does."""
+
     def run(self) -> SimulationResult:
         for number, task in enumerate(self.tasks):
             self.schedule(task.arrival, _Event.ARRIVAL, number)
@@ -759,6 +804,7 @@ class _Run:
         end = 0.0
         while self.heap:
             at, kind, _, subject, token = heapq.heappop(self.heap)
+            self.elapse(at)
             self.now = at
             event = _Event(kind)
             if event is _Event.DECIDE:
@@ -785,6 +831,8 @@ class _Run:
                 self.on_finished_pod_deleted(subject)
             elif event is _Event.GRACE_OVER:
                 self.on_grace_over(self.pods[subject])
+            elif event is _Event.QUIET_CHECK:
+                self.on_quiet_check(self.pods[subject], token)
             elif event is _Event.PROTECTION_PATCHED:
                 self.on_protection_patched(self.pods[subject], token)
             else:
