@@ -89,6 +89,13 @@ def test_the_document_round_trips_as_camel_case_json() -> None:
     assert StatusDocument.from_json(text) == doc
 
 
+def test_fields_a_newer_writer_added_are_skipped() -> None:
+    raw = json.loads(document().to_json())
+    raw["leaderZone"] = "eu-west-1a"
+    raw["pipelines"]["resize-images"]["queueType"] = "quorum"
+    assert StatusDocument.from_json(json.dumps(raw)) == document()
+
+
 def test_a_document_of_another_version_is_refused() -> None:
     raw = json.loads(document().to_json())
     raw["version"] = 2

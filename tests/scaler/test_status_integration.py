@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -30,6 +31,20 @@ def status(bed: ScalerBed, *args: str) -> subprocess.CompletedProcess[str]:
     env["KUBECONFIG"] = str(bed.kube.kubeconfig)
     argv = [sys.executable, "-m", "jobtide_scaler", "status", "-n", bed.namespace, *args]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def watch_twice(bed: ScalerBed) -> tuple[list[str], int]:
+    """`status --watch` until it has printed two views, then Ctrl-C (SIGINT): the views and
+    the exit code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "JOBTIDE_"))}
+    env["KUBECONFIG"] = str(bed.kube.kubeconfig)
+    argv = [sys.executable, "-m", "jobtide_scaler", "status", "-n", bed.namespace, RELEASE,
+            "--watch", "0.2", "-o", "json"]  # fmt: skip
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    views = [process.stdout.readline(), process.stdout.readline()]
+    process.send_signal(signal.SIGINT)
+    return views, process.wait(timeout=30)
 
 
 def status_json(bed: ScalerBed) -> dict[str, Any]:
@@ -72,6 +87,9 @@ def test_the_command_prints_what_the_leader_wrote_and_flags_stale_figures(bed: S
     empty = status(bed, RELEASE)
     assert empty.returncode == 0, empty.stderr
     assert "figures: none yet" in empty.stdout
+    views, code = watch_twice(bed)
+    assert code == 0
+    assert [json.loads(view)["figures"] for view in views] == [None, None]
     scaler = bed.start(
         bed.config(
             {"resize": pipeline(queue, maxWorkers=5)},

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from jobtide_worker.pipeline_settings import PipelineSettings
@@ -96,13 +96,22 @@ class StatusDocument:
         raw = _snake(json.loads(text))
         if raw.get("version") != STATUS_VERSION:
             raise ValueError(f"status document version {raw.get('version')!r} is not known")
-        pipelines = {name: PipelineStatus(**p) for name, p in raw.pop("pipelines").items()}
-        return cls(**raw, pipelines=pipelines)
+        # A version may gain fields: a reader older than the writer skips those it lacks.
+        pipelines = {
+            name: PipelineStatus(**_known(PipelineStatus, p))
+            for name, p in raw.pop("pipelines").items()
+        }
+        return cls(**_known(cls, raw), pipelines=pipelines)
 
     def stale_after(self) -> float:
         """Seconds after `written_at` beyond which the figures are no longer being refreshed:
         two missed writes plus a cycle."""
         return 2 * self.refresh_seconds + self.poll_interval_seconds
+
+
+def _known(kind: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(kind)}
+    return {key: value for key, value in raw.items() if key in names}
 
 
 def _camel(value: Any) -> Any:
