@@ -134,6 +134,20 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "jobs-jobtide-scaler"
 
 
+def test_catalogue_images_annotation_lists_exactly_the_images_a_default_install_runs() -> None:
+    """Chart.yaml's artifacthub.io/images (generated from values.yaml) against the rendering:
+    every container and init container of every pod, the worker's and the test's included."""
+    docs = render(set_values=ONE_PIPELINE)
+    rendered = {
+        container["image"]
+        for spec in pod_specs(docs).values()
+        for container in [*spec.get("initContainers", []), *spec["containers"]]
+    }
+    annotations = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"]
+    listed = {entry["image"] for entry in yaml.safe_load(annotations["artifacthub.io/images"])}
+    assert listed == rendered
+
+
 def test_status_config_map_is_empty_and_found_by_the_status_command() -> None:
     """Created without `data`, so an upgrade leaves the key the scaler writes; found by the
     label selector `python -m jobtide_scaler status` lists with, whatever its name."""
