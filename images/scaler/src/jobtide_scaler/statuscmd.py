@@ -17,7 +17,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from jobtide_scaler.cluster import count_jobs, record_of
-from jobtide_scaler.jobs import LABEL_INSTANCE, cache_selector
+from jobtide_scaler.jobs import LABEL_COMPONENT, LABEL_INSTANCE, cache_selector
 from jobtide_scaler.status import (
     STATUS_KEY,
     LeaseInfo,
@@ -29,9 +29,9 @@ from jobtide_scaler.status import (
     parse_rfc3339,
 )
 
-# The label the chart puts on the status ConfigMap, beside the release's instance label: the
-# command finds it whatever nameOverride or fullnameOverride made of its name.
-LABEL_COMPONENT = "app.kubernetes.io/component"
+# The component label the chart puts on the status ConfigMap, beside the release's instance
+# label: the command finds it whatever nameOverride or fullnameOverride made of its name (the
+# chart's render tests check that the two agree).
 STATUS_COMPONENT = "scaler-status"
 REQUEST_TIMEOUT = (3.0, 10.0)
 DEFAULT_WATCH_SECONDS = 2.0
