@@ -3,10 +3,12 @@ of the broker environment accepts and rejects the same values for every program.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from jobtide_scaler import contracts
 from jobtide_worker.config import BrokerConfig, ConfigError, WorkerConfig
 from jobtide_worker.pipeline_settings import PipelineSettings, SettingsError, read_settings
@@ -28,7 +30,8 @@ def test_generated_file_is_current(path: str) -> None:
 
 
 def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
-    for path in contracts.GENERATORS:
+    # The generated files and the other sources some are made from.
+    for path in [*contracts.GENERATORS, contracts.CHART_CHANGELOG, contracts.SCALER_PROJECT]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / path, tmp_path / path)
     values = tmp_path / contracts.CHART_VALUES
@@ -39,6 +42,49 @@ def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
     assert contracts.main(["--write", "--repo", str(tmp_path)]) == 0
     assert contracts.stale_files(tmp_path) == []
     assert values.read_text() == (REPO / contracts.CHART_VALUES).read_text()
+
+
+def test_chart_annotations_follow_the_changelog_and_the_image_defaults(tmp_path: Path) -> None:
+    for path in [contracts.CHART_METADATA, contracts.CHART_VALUES, contracts.CHART_CHANGELOG,
+                 contracts.SCALER_PROJECT]:  # fmt: skip
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / path, tmp_path / path)
+    changelog = tmp_path / contracts.CHART_CHANGELOG
+    chart = tmp_path / contracts.CHART_METADATA
+    version = yaml.safe_load(chart.read_text())["version"]
+    changelog.write_text(
+        changelog.read_text().replace(
+            f"## {version}\n", f"## {version}\n\n### Fixed\n- A fix first.\n", 1
+        )
+    )
+    values = tmp_path / contracts.CHART_VALUES
+    values.write_text(values.read_text().replace('tag: "4.3"', 'tag: "4.2"', 1))
+    chart.write_text(contracts.chart_metadata(chart.read_text(), tmp_path))
+    annotations = yaml.safe_load(chart.read_text())["annotations"]
+    changes = yaml.safe_load(annotations["artifacthub.io/changes"])
+    assert changes[0] == {"kind": "fixed", "description": "A fix first."}
+    assert {"name": "rabbitmq", "image": "rabbitmq:4.2"} in yaml.safe_load(
+        annotations["artifacthub.io/images"]
+    )
+    # Everything above the annotations stays as written.
+    assert (
+        chart.read_text().split("annotations:")[0]
+        == ((REPO / contracts.CHART_METADATA).read_text().split("annotations:")[0])
+    )
+
+
+@pytest.mark.parametrize(
+    ("changelog", "problem"),
+    [
+        ("## 1.0.0\n### Added\n- a\n", "no entry for the chart's version 2.0.0"),
+        ("## 2.0.0\n\n## 1.0.0\n### Added\n- a\n", "no entry for the chart's version 2.0.0"),
+        ("## 2.0.0\n### Improved\n- a\n", "unknown kind of change 'Improved'"),
+        ("## 2.0.0\n- a\n", "a change of 2.0.0 under no kind"),
+    ],
+)
+def test_a_changelog_without_a_proper_entry_is_refused(changelog: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        contracts.changelog_entry(changelog, "2.0.0")
 
 
 def test_values_whose_settings_are_split_up_are_refused() -> None:

@@ -263,6 +263,11 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     assert not can(kube, user, namespace, "apps", "deployments", "get", "jobs-jobtide-rabbitmq")
     assert not can(kube, user, namespace, "apps", "deployments", "get")
     assert not can(kube, user, namespace, "apps", "deployments", "list")
+    # A patch of its status ConfigMap by name; no other ConfigMap, no read of any.
+    assert can(kube, user, namespace, "", "configmaps", "patch", "jobs-jobtide-scaler-status")
+    assert not can(kube, user, namespace, "", "configmaps", "patch", "jobs-jobtide-scaler")
+    for verb in ("get", "list", "watch", "update", "create", "delete"):
+        assert not can(kube, user, namespace, "", "configmaps", verb, "jobs-jobtide-scaler-status")
     # Nothing outside its own namespace, nothing cluster-wide.
     assert not can(kube, user, "kube-system", "batch", "jobs", "create")
     assert not can(kube, user, "", "", "nodes", "list")
@@ -298,6 +303,37 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     kube.kubectl(
         "delete", "job", created_job["metadata"]["name"], "-n", namespace, kubeconfig=as_scaler
     )
+
+
+@pytest.mark.parametrize("binary", ["helm3", "helm4"])
+def test_status_figures_written_as_the_scaler_survive_an_upgrade(
+    binary: str, kube: KubeCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The scaler's own writing code with its ServiceAccount's token fills the ConfigMap the
+    chart created empty; an upgrade (Helm 3's three-way merge, Helm 4's apply) leaves it."""
+    from jobtide_scaler.cluster import Cluster
+    from jobtide_scaler.status import STATUS_KEY
+    from kubernetes import config as k8s_config
+
+    helm(kube, namespace, "install", "jobs", str(CHART), "-f", str(MINIMAL), binary=binary)
+    settings = scaler_settings(render([MINIMAL], namespace=namespace))
+    token = kube.service_account_token(namespace, "jobs-jobtide-scaler")
+    as_scaler = kube.kubeconfig_for_token(token, tmp_path / "scaler.kubeconfig")
+    cluster = Cluster(k8s_config.new_client_from_config(config_file=str(as_scaler)), namespace, "")
+    cluster.write_status(settings.status_config_map, '{"version": 1}')
+
+    def stored() -> dict[str, str]:
+        out = kube.kubectl(
+            "get", "configmap", settings.status_config_map, "-n", namespace, "-o", "json"
+        ).stdout  # fmt: skip
+        return json.loads(out).get("data") or {}  # type: ignore[no-any-return]
+
+    assert stored() == {STATUS_KEY: '{"version": 1}'}
+    helm(
+        kube, namespace, "upgrade", "jobs", str(CHART), "-f", str(MINIMAL),
+        "--set", "scaler.pollIntervalSeconds=7", binary=binary,
+    )  # fmt: skip
+    assert stored() == {STATUS_KEY: '{"version": 1}'}
 
 
 RESTRICTED = {

@@ -28,6 +28,7 @@ from chartlib import (
 )
 from jobtide_scaler.contracts import reserved_label_keys
 from jobtide_scaler.jobs import LABEL_PIPELINE, WORKER_CONTAINER, job_labels
+from jobtide_scaler.statuscmd import STATUS_COMPONENT, status_selector
 from jobtide_worker import topology
 
 pytestmark = pytest.mark.unit
@@ -111,14 +112,19 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     assert [(r["apiGroups"], r["resources"], r["verbs"]) for r in rules] == [
         (["batch"], ["jobs"], ["list", "watch", "create", "delete"]),
         (["apps"], ["deployments"], ["get"]),
+        ([""], ["configmaps"], ["patch"]),
         ([""], ["events"], ["create"]),
         (["coordination.k8s.io"], ["leases"], ["get", "create", "update"]),
     ]
     # The Deployment rule names the scaler's own Deployment, the owner of its Jobs, only.
     assert rules[1]["resourceNames"] == [find(docs, "Deployment", "-scaler")["metadata"]["name"]]
     assert scaler_config(docs)["ownerDeployment"] == rules[1]["resourceNames"][0]
+    # The ConfigMap rule names the status ConfigMap only: not the scaler's configuration.
+    status = find(docs, "ConfigMap", "-scaler-status")
+    assert rules[2]["resourceNames"] == [status["metadata"]["name"]]
+    assert scaler_config(docs)["statusConfigMap"] == rules[2]["resourceNames"][0]
     assert all(set(r) - {"resourceNames"} == {"apiGroups", "resources", "verbs"} for r in rules)
-    assert [r for r in rules if "resourceNames" in r] == [rules[1]]
+    assert [r for r in rules if "resourceNames" in r] == [rules[1], rules[2]]
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     binding = find(docs, "RoleBinding", "-scaler")
     assert binding["roleRef"]["name"] == find(docs, "Role", "-scaler")["metadata"]["name"]
@@ -127,6 +133,33 @@ def test_scaler_role_allows_exactly_what_the_scaler_calls() -> None:
     ]
     deployment = find(docs, "Deployment", "-scaler")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "jobs-jobtide-scaler"
+
+
+def test_catalogue_images_annotation_lists_exactly_the_images_a_default_install_runs() -> None:
+    """Chart.yaml's artifacthub.io/images (generated from values.yaml) against the rendering:
+    every container and init container of every pod, the worker's and the test's included."""
+    docs = render(set_values=ONE_PIPELINE)
+    rendered = {
+        container["image"]
+        for spec in pod_specs(docs).values()
+        for container in [*spec.get("initContainers", []), *spec["containers"]]
+    }
+    annotations = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"]
+    listed = {entry["image"] for entry in yaml.safe_load(annotations["artifacthub.io/images"])}
+    assert listed == rendered
+
+
+def test_status_config_map_is_empty_and_found_by_the_status_command() -> None:
+    """Created without `data`, so an upgrade leaves the key the scaler writes; found by the
+    label selector `python -m jobtide_scaler status` lists with, whatever its name."""
+    for override in ([], ["fullnameOverride=other"]):
+        docs = render(set_values=[*ONE_PIPELINE, *override])
+        status = find(docs, "ConfigMap", "-scaler-status")
+        assert "data" not in status
+        assert "binaryData" not in status
+        wanted = dict(term.split("=") for term in status_selector("jobs").split(","))
+        assert wanted.items() <= status["metadata"]["labels"].items()
+        assert scaler_config(docs)["statusConfigMap"] == status["metadata"]["name"]
 
 
 @pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
@@ -194,6 +227,7 @@ def test_existing_secret_replaces_the_generated_one() -> None:
 @pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
 def test_standard_labels_on_every_object(values: Path | None) -> None:
     docs = render([values], ONE_PIPELINE if values is None else ())
+    chart_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
     for doc in docs:
         labels = doc["metadata"]["labels"]
         where = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -201,10 +235,9 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
         assert labels["app.kubernetes.io/instance"] == "jobs", where
         assert labels["app.kubernetes.io/version"] == "0.1.0", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        assert labels["app.kubernetes.io/component"] in ("scaler", "rabbitmq", "worker", "test"), (
-            where
-        )
-        assert labels["helm.sh/chart"] == "jobtide-0.1.0", where
+        components = ("scaler", STATUS_COMPONENT, "rabbitmq", "worker", "test")
+        assert labels["app.kubernetes.io/component"] in components, where
+        assert labels["helm.sh/chart"] == f"jobtide-{chart_version}", where
         assert doc["metadata"]["namespace"] == "pipelines", where
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet"):

@@ -6,8 +6,11 @@ passes and `helm uninstall` leaves nothing of the release."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +120,28 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     nodes = kubectl(kubeconfig, "get", "nodes", "-l", f"{POOL_LABEL[0]}={POOL_LABEL[1]}",
                     "-o", "name").stdout  # fmt: skip
     assert nodes.split() == [f"node/{kube_node.name}"]
+
+    # The status view, as a user sees it with the cluster's kubeconfig: the figures the
+    # scaler's pod wrote, as the Lease's holder, after the drain.
+    def status_view() -> dict[str, Any]:
+        argv = [sys.executable, "-m", "jobtide_scaler", "status", "-n", node_namespace,
+                RELEASE, "-o", "json"]  # fmt: skip
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    wait_for(
+        lambda: status_view()["pipelines"][PIPELINE].get("ready") == 0,
+        timeout=60, what="status figures of the drained queue", interval=1,
+    )  # fmt: skip
+    view = status_view()
+    hello = view["pipelines"][PIPELINE]
+    assert view["figures"]["stale"] is False
+    assert view["leader"]["identity"] == view["figures"]["writer"]
+    assert (hello["deadLettered"], hello["active"], hello["maxWorkers"]) == (0, 0, MAX_WORKERS)
+    assert hello["lastCreated"] >= 1
+    print(f"\nstatus: {json.dumps(hello, sort_keys=True)}")
 
     # The test pod is deleted once it succeeds (hook-succeeded), so its phase is the verdict.
     test_output = release("test", RELEASE, timeout=300)

@@ -28,12 +28,14 @@ KWOK_RUN_FOR = "jobtide.io/kwok-run-for"
 
 
 def chart_rbac(namespace: str) -> list[dict[str, Any]]:
-    """The chart's ServiceAccount, Role and RoleBinding for the scaler, as helm renders them."""
+    """The chart's ServiceAccount, Role and RoleBinding for the scaler, and the ConfigMap it
+    writes its status figures into, as helm renders them."""
     out = helm(
         "template", RELEASE, str(CHART), "--namespace", namespace,
         "--kube-version", HELM_KUBE_VERSION,
         "--show-only", "templates/scaler-serviceaccount.yaml",
         "--show-only", "templates/scaler-rbac.yaml",
+        "--show-only", "templates/scaler-status-configmap.yaml",
         timeout=120,
     ).stdout  # fmt: skip
     return [doc for doc in yaml.safe_load_all(out) if doc]

@@ -24,6 +24,7 @@ from jobtide_scaler.events import Event
 from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
 from jobtide_scaler.loop import CreateLedger, Scaler
 from jobtide_scaler.metrics import Metrics
+from jobtide_scaler.status import StatusDocument
 
 pytestmark = pytest.mark.unit
 
@@ -83,6 +84,9 @@ class FakeJobs:
         self.events: list[tuple[dict[str, Any], Event]] = []
         # A refused create's Retry-After (the apiserver's 429 under API Priority and Fairness).
         self.retry_after: float | None = None
+        # The status documents written, by ConfigMap; a failure to inject, if any.
+        self.status: list[tuple[str, str]] = []
+        self.status_error: Exception | None = None
 
     def snapshot(self) -> CacheSnapshot:
         failed: dict[str, list[JobRecord]] = {}
@@ -123,6 +127,11 @@ class FakeJobs:
 
     def post_event(self, owner: Mapping[str, Any], event: Event) -> None:
         self.events.append((dict(owner), event))
+
+    def write_status(self, config_map: str, text: str) -> None:
+        if self.status_error is not None:
+            raise self.status_error
+        self.status.append((config_map, text))
 
     def read_deployment(self, name: str) -> dict[str, Any]:
         self.deployment_reads += 1
@@ -503,3 +512,73 @@ def test_a_429_with_retry_after_stops_creating_until_it_has_passed() -> None:
     assert w.cycle(advance=1) == {"resize": "create"}
     assert w.jobs.jobs_of("resize") == 5
     assert w.metric("jobtide_decisions_total", pipeline="resize", result="throttled") == 2
+
+
+def status_of(w: World) -> StatusDocument:
+    return StatusDocument.from_json(w.jobs.status[-1][1])
+
+
+def test_the_leader_writes_its_figures_on_a_changed_decision_and_at_most_every_refresh() -> None:
+    w = world(statusConfigMap="rel-jobtide-scaler-status", maxTotalWorkers=50)
+    refresh = w.scaler.status_throttle.refresh_seconds
+    w.broker.counts["resize-q"] = (3, 1)
+    w.broker.counts["resize-q.dlq"] = (2, 0)
+    w.cycle()
+    assert [name for name, _ in w.jobs.status] == ["rel-jobtide-scaler-status"]
+    doc = status_of(w)
+    assert (doc.release, doc.namespace, doc.max_total_workers) == ("rel", "jobs", 50)
+    p = doc.pipelines["resize"]
+    assert (p.queue, p.ready, p.in_flight, p.dead_lettered) == ("resize-q", 3, 1, 2)
+    assert (p.decision, p.created, p.last_created, p.desired) == ("create", 4, 4, 4)
+    assert p.reason == "backlog 4 wants 4 worker(s), 0 active: created 4"
+    # A changed decision is written at once; the same one again soon after is not.
+    w.jobs.catch_up()
+    w.broker.counts["resize-q"] = (0, 4)
+    w.cycle()
+    w.cycle()
+    assert len(w.jobs.status) == 2
+    p = status_of(w).pipelines["resize"]
+    assert (p.decision, p.active, p.pending, p.created, p.last_created) == ("none", 4, 4, 0, 4)
+    assert p.last_created_at == status_of(w).written_at
+    assert p.reason == "backlog 4 wants 4 worker(s), 4 active"
+    # Unchanged decisions are written again once the refresh period has passed.
+    w.cycle(advance=refresh)
+    assert len(w.jobs.status) == 3
+
+
+def test_a_follower_writes_no_status_and_a_failed_write_is_counted_and_retried() -> None:
+    w = world(statusConfigMap="rel-jobtide-scaler-status")
+    w.leader.leading = False
+    w.cycle()
+    assert w.jobs.status == []
+    w.leader.leading = True
+    w.jobs.status_error = RuntimeError("configmaps is forbidden")
+    w.broker.counts["resize-q"] = (1, 0)
+    assert w.cycle() == {"resize": "create"}
+    assert w.metric("jobtide_errors_total", kind="kubernetes_status") == 1
+    w.jobs.status_error = None
+    w.cycle()
+    assert len(w.jobs.status) == 1
+
+
+def test_held_at_a_cap_and_stale_counts_say_why() -> None:
+    w = world(statusConfigMap="s", maxTotalWorkers=2)
+    w.broker.counts["resize-q"] = (5, 0)
+    w.cycle()
+    w.jobs.catch_up()
+    w.cycle()
+    p = status_of(w).pipelines["resize"]
+    assert (p.decision, p.cap) == ("none", "maxTotalWorkers")
+    assert p.reason == "backlog 5 wants 5 worker(s), 2 active: held at maxTotalWorkers 2"
+    w.broker.read_at = w.clock.now - 100
+    w.cycle()
+    p = status_of(w).pipelines["resize"]
+    assert (p.decision, p.broker_fresh) == ("stale", False)
+    assert p.reason.startswith("no fresh broker counts")
+
+
+def test_without_a_status_config_map_nothing_is_written() -> None:
+    w = world()
+    w.broker.counts["resize-q"] = (1, 0)
+    w.cycle()
+    assert w.jobs.status == []

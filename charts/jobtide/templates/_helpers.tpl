@@ -52,6 +52,8 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Objects per component. */}}
 {{- define "jobtide.scaler.fullname" -}}{{ include "jobtide.fullname" . }}-scaler{{- end }}
 {{- define "jobtide.rabbitmq.fullname" -}}{{ include "jobtide.fullname" . }}-rabbitmq{{- end }}
+{{- /* The ConfigMap of the scaler's status figures (scaler-status-configmap.yaml). */}}
+{{- define "jobtide.scaler.statusName" -}}{{ include "jobtide.scaler.fullname" . }}-status{{- end }}
 
 {{- define "jobtide.scaler.serviceAccountName" -}}
 {{- if .Values.scaler.serviceAccount.create }}

@@ -18,6 +18,7 @@ pipeline's worker Job template fully rendered (_worker.tpl).
   "namespace" .Release.Namespace
   "release" .Release.Name
   "ownerDeployment" (include "jobtide.scaler.fullname" .)
+  "statusConfigMap" (include "jobtide.scaler.statusName" .)
   "leaderElection" (dict "enabled" $election.enabled "leaseName" (include "jobtide.scaler.fullname" .) "leaseDurationSeconds" (int64 $election.leaseDurationSeconds) "renewDeadlineSeconds" (int64 $election.renewDeadlineSeconds) "retryPeriodSeconds" (int64 $election.retryPeriodSeconds))
   "metrics" (dict "port" (int64 .Values.scaler.metrics.port))
   "pipelines" $pipelines }}

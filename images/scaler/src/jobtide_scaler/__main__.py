@@ -1,11 +1,12 @@
-"""Entry point: `python -m jobtide_scaler run --config FILE [--once] [--dry-run]` or
-`python -m jobtide_scaler simulate ...`."""
+"""Entry point: `python -m jobtide_scaler run --config FILE [--once] [--dry-run]`,
+`python -m jobtide_scaler status -n NS RELEASE ...` or `python -m jobtide_scaler simulate ...`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobtide_scaler.simulate.cli import main as simulate_main
 
         return int(simulate_main(args[1:]) or 0)
+    if args[:1] == ["status"]:
+        # Imported here: it needs the user's kubeconfig, not the scaler's configuration.
+        from jobtide_scaler.statuscmd import main as status_main
+
+        return status_main(args[1:])
     if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["run", *args]  # `run` is the default command
     options = parse_args(args)
@@ -90,7 +96,8 @@ def run(config: ScalerConfig, options: argparse.Namespace) -> int:
         leadership = elector
     else:
         metrics.is_leader.set(1)
-    scaler = Scaler(config, broker, cluster, metrics, leadership=leadership)
+    identity = elector.identity if elector is not None else socket.gethostname()
+    scaler = Scaler(config, broker, cluster, metrics, leadership=leadership, identity=identity)
 
     server.start()
     log.info("metrics, /healthz and /readyz on port %d", server.port)

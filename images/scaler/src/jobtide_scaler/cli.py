@@ -27,6 +27,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
+    commands.add_parser(
+        "status",
+        add_help=False,
+        help="the release's pipelines, workers, decisions and leader (see status --help)",
+    ).add_argument("status_args", nargs=argparse.REMAINDER)
+
     simulate = commands.add_parser(
         "simulate",
         add_help=False,

@@ -32,6 +32,7 @@ from kubernetes import config as k8s_config
 from jobtide_scaler.events import Event
 from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE, MANAGER
 from jobtide_scaler.retry import retry_after
+from jobtide_scaler.status import STATUS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +419,21 @@ class Cluster:
         self.core.create_namespaced_event(
             self.namespace,
             body,  # type: ignore[arg-type]
+            _preload_content=False,
+            _request_timeout=CREATE_TIMEOUT,
+        )
+
+    def write_status(self, config_map: str, text: str) -> None:
+        """Replace the status document (status.py) in the release's status ConfigMap. A
+        merge patch of that one key: the chart owns the ConfigMap and its other fields, and
+        the Role allows `patch` on that one name only."""
+        self._on_request("patch")
+        self.core.patch_namespaced_config_map(
+            config_map,
+            self.namespace,
+            {"data": {STATUS_KEY: text}},
+            field_manager=MANAGER,
+            _content_type="application/merge-patch+json",
             _preload_content=False,
             _request_timeout=CREATE_TIMEOUT,
         )

@@ -69,6 +69,8 @@ class ScalerConfig:
     # The Deployment whose deletion deletes the worker Jobs (jobs.build_job's owner); None
     # when the scaler runs outside the chart.
     owner_deployment: str | None = None
+    # The ConfigMap the leader writes its status figures into (status.py); None: none.
+    status_config_map: str | None = None
     dry_run: bool = False
     once: bool = False
 
@@ -233,6 +235,7 @@ def build_config(
         pipelines=tuple(pipelines),
         broker=broker,
         owner_deployment=document.get("ownerDeployment"),
+        status_config_map=document.get("statusConfigMap"),
         dry_run=dry_run,
         once=once,
     )

@@ -33,7 +33,15 @@ from jobtide_scaler.config import PipelineConfig, ScalerConfig
 from jobtide_scaler.events import Event, EventPolicy, PipelineFacts
 from jobtide_scaler.jobs import build_job, owner_reference
 from jobtide_scaler.metrics import Metrics
-from jobtide_scaler.policy import Observation, jobs_to_create, limiting_cap
+from jobtide_scaler.policy import Observation, desired_workers, jobs_to_create, limiting_cap
+from jobtide_scaler.status import (
+    PipelineStatus,
+    StatusDocument,
+    StatusThrottle,
+    explain,
+    rfc3339,
+    with_last_created,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ class JobStore(Protocol):
     def read_deployment(self, name: str) -> dict[str, Any]: ...
 
     def post_event(self, owner: Mapping[str, Any], event: Event) -> None: ...
+
+    def write_status(self, config_map: str, text: str) -> None: ...
 
 
 class Leadership(Protocol):
@@ -103,6 +113,17 @@ class CreateLedger:
 
 
 @dataclass(frozen=True)
+class Extra:
+    """A pipeline's figures of this cycle beyond the policy's Observation, for the status
+    view."""
+
+    counted: bool  # the broker's counts of the queue were read
+    dead_lettered: int | None
+    oldest_age_seconds: float | None
+    pending: int
+
+
+@dataclass(frozen=True)
 class PipelineDecision:
     pipeline: str
     result: str  # the `result` label of jobtide_decisions_total
@@ -121,6 +142,8 @@ class Scaler:
         clock: Callable[[], float] = time.monotonic,
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12],
         wall_clock: Callable[[], float] = time.time,
+        identity: str = "",
+        status_throttle: StatusThrottle | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -130,6 +153,12 @@ class Scaler:
         self.ledger = ledger or CreateLedger()
         self.clock = clock
         self.new_id = new_id
+        self.wall_clock = wall_clock
+        # Who writes the status figures: the Lease holder's identity when elections run.
+        self.identity = identity
+        self.status_throttle = status_throttle or StatusThrottle()
+        self._extra: dict[str, Extra] = {}
+        self._last_created: dict[str, tuple[int, str]] = {}
         # The caps are configuration: exported once, beside the counts they bound.
         self.metrics.max_total_workers.set(config.settings.max_total_workers)
         for p in config.pipelines:
@@ -197,6 +226,15 @@ class Scaler:
             )
             m = self.metrics
             dead = readings.get(dead_letter_queues[p.name])
+            oldest = None
+            if reading is not None and reading.published is not None:
+                oldest = oldest_waiting_age(reading, now)
+            self._extra[p.name] = Extra(
+                counted=reading is not None,
+                dead_lettered=dead.ready + dead.unacked if dead is not None else None,
+                oldest_age_seconds=oldest,
+                pending=counts.pending,
+            )
             if dead is not None:
                 m.dead_letter_messages.labels(p.name).set(dead.ready + dead.unacked)
             m.jobs_active.labels(p.name).set(counts.active)
@@ -206,8 +244,8 @@ class Scaler:
                 m.queue_unacked.labels(p.name).set(reading.unacked)
                 m.queue_consumers.labels(p.name).set(reading.consumers)
                 m.broker_data_age.labels(p.name).set(now - reading.read_at)
-                if reading.published is not None:
-                    m.queue_oldest_age.labels(p.name).set(oldest_waiting_age(reading, now))
+                if oldest is not None:
+                    m.queue_oldest_age.labels(p.name).set(oldest)
                 else:
                     # Unknown is absent, never a 0 that would read as "nothing waits".
                     with contextlib.suppress(KeyError):
@@ -235,7 +273,81 @@ class Scaler:
         if leading and snapshot.synced and not self.config.dry_run:
             self._trim_failed(snapshot)
             self._report(observations, wanted)
+        if leading and not self.config.dry_run:
+            self._publish_status(observations, wanted, decisions)
         return decisions
+
+    def status_document(
+        self,
+        observations: Mapping[str, Observation],
+        wanted: Mapping[str, int],
+        decisions: Sequence[PipelineDecision],
+    ) -> StatusDocument:
+        """This cycle's figures and decisions, as the status view shows them."""
+        results = {d.pipeline: d.result for d in decisions}
+        total = self.config.settings.max_total_workers
+        pipelines = {}
+        for p in self.config.pipelines:
+            o, extra = observations[p.name], self._extra[p.name]
+            created = self._created.get(p.name, 0)
+            decision = results[p.name]
+            cap = limiting_cap(p.settings, o, wanted.get(p.name, 0))
+            pipelines[p.name] = PipelineStatus(
+                queue=p.queue,
+                ready=o.ready if extra.counted else None,
+                in_flight=o.unacked if extra.counted else None,
+                dead_lettered=extra.dead_lettered,
+                oldest_age_seconds=extra.oldest_age_seconds,
+                broker_fresh=o.broker_fresh,
+                active=o.active_jobs,
+                pending=extra.pending,
+                max_workers=p.settings.max_workers,
+                desired=desired_workers(p.settings, o),
+                decision=decision,
+                reason=explain(decision, p.settings, o, created, cap, total),
+                cap=cap,
+                created=created,
+            )
+        election = self.config.leader_election
+        document = StatusDocument(
+            release=self.config.release,
+            namespace=self.config.namespace,
+            writer=self.identity,
+            lease_name=election.lease_name if election.enabled else None,
+            written_at=rfc3339(self.wall_clock()),
+            refresh_seconds=self.status_throttle.refresh_seconds,
+            poll_interval_seconds=self.config.settings.poll_interval_seconds,
+            max_total_workers=total,
+            pipelines=pipelines,
+        )
+        return with_last_created(document, self._last_created)
+
+    def _publish_status(
+        self,
+        observations: Mapping[str, Observation],
+        wanted: Mapping[str, int],
+        decisions: Sequence[PipelineDecision],
+    ) -> None:
+        """Write the status document when it is due (the leader only, like Events)."""
+        name = self.config.status_config_map
+        if name is None:
+            return
+        document = self.status_document(observations, wanted, decisions)
+        for pipeline, status in document.pipelines.items():
+            if status.last_created_at is not None:
+                self._last_created[pipeline] = (status.last_created, status.last_created_at)
+        now = self.clock()
+        if not self.status_throttle.due(document, now):
+            return
+        try:
+            self.jobs.write_status(name, document.to_json())
+        except Exception as e:
+            # The status is for people: failing to write it never stops the scaling; the
+            # next cycle tries again, and the view flags the figures as stale meanwhile.
+            self.metrics.error("kubernetes_status")
+            log.warning("writing the status figures to ConfigMap %s: %s", name, e)
+            return
+        self.status_throttle.written(document, now)
 
     def _report(self, observations: Mapping[str, Observation], wanted: Mapping[str, int]) -> None:
         """Post this cycle's Events on the owner (the leader only: one voice per release)."""
