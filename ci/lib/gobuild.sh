@@ -142,3 +142,10 @@ build_promtool() {
   go_install promtool "$PROMTOOL_VERSION" github.com/prometheus/prometheus/cmd/promtool \
     "-X github.com/prometheus/common/version.Version=$PROMTOOL_VERSION" "" remove_all_sd
 }
+
+# build_registry: the CNCF distribution registry, the test bed's OCI registry
+# (jobtide_testbed/registry.py). Its version ldflag makes `registry --version` name the pin.
+build_registry() {
+  go_install registry "$REGISTRY_VERSION" github.com/distribution/distribution/v3/cmd/registry \
+    "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
+}
