@@ -12,22 +12,11 @@ import yaml
 from chartlib import CHART
 from jobtide_testbed import tools
 from jobtide_testbed.kube import KubeCluster
-from jobtide_testbed.registry import USERNAME, Registry
+from jobtide_testbed.registry import Registry
 
 pytestmark = pytest.mark.integration
 
 MINIMAL = CHART / "ci" / "minimal-values.yaml"
-
-
-def registry_helm(
-    registry: Registry, config: Path, *args: str, stdin: str | None = None, check: bool = True
-) -> str:
-    """helm with its own registry credentials file (`config`), trusting the registry's CA."""
-    out = tools.helm(
-        *args, "--registry-config", str(config), "--ca-file", str(registry.ca),
-        stdin=stdin, check=check, timeout=180,
-    )  # fmt: skip
-    return out.stdout + out.stderr
 
 
 def test_chart_installs_from_the_oci_registry(
@@ -40,26 +29,20 @@ def test_chart_installs_from_the_oci_registry(
     config = tmp_path / "registry.json"
     repository = f"oci://{registry.host}/charts"
 
-    refused = registry_helm(
-        registry, config, "registry", "login", registry.host, "--username", USERNAME,
-        "--password-stdin", stdin="not-the-password", check=False,
-    )  # fmt: skip
+    refused = registry.helm_login(config, password=registry.password + "x")
     assert "401" in refused, refused  # helm quotes the registry's answer
     assert not config.exists() or registry.host not in config.read_text()
 
-    registry_helm(
-        registry, config, "registry", "login", registry.host, "--username", USERNAME,
-        "--password-stdin", stdin=registry.password,
-    )  # fmt: skip
-    pushed = registry_helm(registry, config, "push", str(package), repository)
+    registry.helm_login(config)
+    pushed = registry.helm(config, "push", str(package), repository)
     assert f"{registry.host}/charts/jobtide:{version}" in pushed, pushed
     tags = registry.get("charts/jobtide/tags/list").json()
     assert tags == {"name": "charts/jobtide", "tags": [version]}
 
     # Without the login's credentials the registry refuses the chart (its own 401).
     before = len(registry.access_log())
-    anonymous = registry_helm(
-        registry, tmp_path / "anonymous.json", "show", "chart", f"{repository}/jobtide",
+    anonymous = registry.helm(
+        tmp_path / "anonymous.json", "show", "chart", f"{repository}/jobtide",
         "--version", version, check=False,
     )  # fmt: skip
     assert "basic credential not found" in anonymous, anonymous
@@ -67,9 +50,9 @@ def test_chart_installs_from_the_oci_registry(
     assert any(f'/manifests/{version} HTTP/1.1" 401' in line for line in refusals), refusals
 
     release = "from-oci"
-    registry_helm(
-        registry, config, "install", release, f"{repository}/jobtide", "--version", version,
-        "--values", str(MINIMAL), "--kubeconfig", str(kube.kubeconfig), "--namespace", namespace,
+    registry.helm(
+        config, "install", release, f"{repository}/jobtide", "--version", version,
+        "--values", str(MINIMAL), kubeconfig=kube.kubeconfig, namespace=namespace,
     )  # fmt: skip
     listed = tools.helm(
         "list", "--output", "json", kubeconfig=kube.kubeconfig, namespace=namespace

@@ -9,8 +9,6 @@ The node's containerd runs on the host, so a loopback address reaches the regist
 
 from __future__ import annotations
 
-import base64
-import json
 import secrets
 import warnings
 from pathlib import Path
@@ -21,7 +19,7 @@ import yaml
 
 from jobtide_testbed.pki import PKI
 from jobtide_testbed.process import Process, free_port, wait_for
-from jobtide_testbed.tools import tool
+from jobtide_testbed.tools import helm, tool
 
 # The one account the registry knows.
 USERNAME = "jobtide"
@@ -136,11 +134,30 @@ class Registry:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return [line for line in lines if '"' in line and not line.startswith("time=")]
 
-    def dockerconfigjson(self) -> str:
-        """The `.dockerconfigjson` of an image pull Secret for this registry."""
-        token = base64.b64encode(f"{USERNAME}:{self.password}".encode()).decode()
-        auth = {"username": USERNAME, "password": self.password, "auth": token}
-        return json.dumps({"auths": {self.host: auth}})
+    def helm(
+        self,
+        config: Path,
+        *args: str,
+        stdin: str | None = None,
+        check: bool = True,
+        kubeconfig: Path | None = None,
+        namespace: str | None = None,
+    ) -> str:
+        """helm trusting the registry's CA, with the registry credentials of `config` (a file
+        of the test's, never the user's own); returns its output."""
+        result = helm(
+            *args, "--registry-config", str(config), "--ca-file", str(self.ca),
+            stdin=stdin, check=check, kubeconfig=kubeconfig, namespace=namespace,
+        )  # fmt: skip
+        return result.stdout + result.stderr
+
+    def helm_login(self, config: Path, password: str | None = None) -> str:
+        """`helm registry login` as the registry's user (with `password`, its own by
+        default), saved in `config`; returns helm's output (fails when helm does)."""
+        return self.helm(
+            config, "registry", "login", self.host, "--username", USERNAME, "--password-stdin",
+            stdin=self.password if password is None else password, check=password is None,
+        )  # fmt: skip
 
     def hosts_toml(self) -> str:
         """containerd's hosts.toml for this registry (the node's registry `config_path`):
