@@ -9,6 +9,7 @@ The node's containerd runs on the host, so a loopback address reaches the regist
 
 from __future__ import annotations
 
+import json
 import secrets
 import warnings
 from pathlib import Path
@@ -159,12 +160,14 @@ class Registry:
             stdin=self.password if password is None else password, check=password is None,
         )  # fmt: skip
 
-    def hosts_toml(self) -> str:
-        """containerd's hosts.toml for this registry (the node's registry `config_path`):
-        trust the test bed's CA for it, nothing else."""
+    def hosts_toml(self, *, push: bool = False) -> str:
+        """containerd's hosts.toml for this registry (under a registry `config_path`, or
+        `ctr --hosts-dir`): HTTPS with the test bed's CA (containerd would speak plain HTTP to
+        a loopback registry otherwise); pull only unless `push`."""
+        capabilities = ["pull", "resolve", *(["push"] if push else [])]
         return (
             f'server = "https://{self.host}"\n\n'
             f'[host."https://{self.host}"]\n'
-            '  capabilities = ["pull", "resolve"]\n'
+            f"  capabilities = {json.dumps(capabilities)}\n"
             f'  ca = "{self.ca}"\n'
         )
