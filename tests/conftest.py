@@ -12,6 +12,7 @@ from jobtide_testbed.kube import KubeCluster, namespace_name
 from jobtide_testbed.node import Node, start_cluster_with_node
 from jobtide_testbed.pki import PKI
 from jobtide_testbed.rabbitmq import FLOOR, NEWEST, BrokerRelease, BrokerTls, RabbitMQ, broker_tls
+from jobtide_testbed.registry import Registry
 
 # Log files of the components started in this session, printed under failed tests.
 _component_logs: list[Path] = []
@@ -178,3 +179,12 @@ def docker_daemon() -> Iterator[DockerDaemon]:
     second one in the same session would wait for the first one's lock."""
     with DockerDaemon() as daemon:
         yield daemon
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """The test bed's OCI registry (TLS from its own CA, one user with a password), shared by
+    the session: tests push under repository names of their own."""
+    with Registry(tmp_path_factory.mktemp("registry")) as started:
+        _component_logs.append(started.log_path)
+        yield started

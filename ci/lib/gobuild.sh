@@ -148,3 +148,10 @@ build_kube_score() {
   go_install kube-score "$KUBE_SCORE_VERSION" github.com/zegl/kube-score/cmd/kube-score \
     "-X main.version=$KUBE_SCORE_VERSION"
 }
+
+# build_registry: the CNCF distribution registry, the test bed's OCI registry
+# (jobtide_testbed/registry.py). Its version ldflag makes `registry --version` name the pin.
+build_registry() {
+  go_install registry "$REGISTRY_VERSION" github.com/distribution/distribution/v3/cmd/registry \
+    "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
+}

@@ -221,6 +221,25 @@ def test_existing_secret_replaces_the_generated_one() -> None:
     assert worker_pod_spec(docs, "resize")["imagePullSecrets"] == [{"name": "registry-credentials"}]
 
 
+def test_image_pull_secrets_reach_every_pod() -> None:
+    """A private registry's pull Secret goes on every pod the chart runs: the scaler,
+    RabbitMQ, each pipeline's workers and the `helm test` pod."""
+    docs = render([SCENARIO["existing-secrets"]])
+    pod_specs = {}
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] == "Pod":
+            pod_specs[name] = d["spec"]
+        elif d["kind"] == "PodTemplate":
+            pod_specs[name] = d["template"]["spec"]
+        elif d["kind"] in ("Deployment", "StatefulSet"):
+            pod_specs[name] = d["spec"]["template"]["spec"]
+    kinds_seen = {name.split("/")[0] for name in pod_specs}
+    assert kinds_seen == {"Deployment", "StatefulSet", "PodTemplate", "Pod"}, sorted(pod_specs)
+    pull_secrets = {name: spec.get("imagePullSecrets") for name, spec in pod_specs.items()}
+    assert pull_secrets == {name: [{"name": "registry-credentials"}] for name in pod_specs}
+
+
 # -- labels and names -------------------------------------------------------------------
 
 

@@ -148,6 +148,8 @@ class Node:
         self.root = host.root / "node"
         self.logs = self.root / "logs"
         self.socket = self.root / "containerd" / "containerd.sock"
+        # containerd's registry config_path: one folder per registry host, with its hosts.toml.
+        self.registry_hosts = self.root / "containerd" / "certs.d"
         self.kubelet_port = free_port()
         self._write_config()
         self.containerd = Process(
@@ -223,6 +225,13 @@ class Node:
         return run(
             ["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args], timeout=timeout
         )
+
+    def trust_registry(self, host: str, hosts_toml: str) -> None:
+        """Let containerd pull from registry `host` (address:port) as `hosts_toml` says (its
+        CA, for one); read at each pull, so a running node takes it at once."""
+        folder = self.registry_hosts / host
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hosts.toml").write_text(hosts_toml)
 
     def load_image(self, tar: Path) -> None:
         """Import a `docker save` tar into the node's containerd (where kubelet finds it)."""
@@ -301,8 +310,10 @@ class Node:
             r / "coredns.kubeconfig", self.coredns_client.cert, self.coredns_client.key
         )
 
+        self.registry_hosts.mkdir(parents=True, exist_ok=True)
         (r / "containerd.toml").write_text(
             CONTAINERD_CONFIG.format(
+                registry_hosts=self.registry_hosts,
                 root=r / "containerd" / "root",
                 state=r / "containerd" / "state",
                 socket=self.socket,
@@ -751,6 +762,9 @@ state = "{state}"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{state}/runc"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    # Registries the node may pull from (trust_registry); none unless a test adds one.
+    config_path = "{registry_hosts}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni_conf}"

@@ -43,6 +43,7 @@ STAGE_OF_TOOL = {
     **dict.fromkeys(("kubelet", "kube-proxy", "coredns", "karpenter-kwok"), "node"),
     "promtool": "promtool",
     "kube-score": "kube-score",
+    "registry": "registry",
 }
 
 _ready_stages: set[str] = set()
@@ -87,15 +88,17 @@ def helm(
     binary: str = "helm3",
     check: bool = True,
     timeout: float = 600,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """helm (`binary`: helm3 or helm4), against `kubeconfig` and `namespace` when given;
-    raises with the output when it fails and `check`."""
+    """helm (`binary`: helm3 or helm4), against `kubeconfig` and `namespace` when given, with
+    `stdin` as its input (a password for `--password-stdin`); raises with the output when it
+    fails and `check`."""
     argv = [tool(binary)]
     if kubeconfig is not None:
         argv += ["--kubeconfig", str(kubeconfig)]
     if namespace is not None:
         argv += ["--namespace", namespace]
-    return run([*argv, *args], check=check, timeout=timeout)
+    return run([*argv, *args], check=check, timeout=timeout, stdin=stdin)
 
 
 def api_client(kubeconfig: Path) -> Any:
