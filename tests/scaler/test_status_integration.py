@@ -40,7 +40,15 @@ def watch_twice(bed: ScalerBed) -> tuple[list[str], int]:
     env["KUBECONFIG"] = str(bed.kube.kubeconfig)
     argv = [sys.executable, "-m", "jobtide_scaler", "status", "-n", bed.namespace, RELEASE,
             "--watch", "0.2", "-o", "json"]  # fmt: skip
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it. ci/test runs its lanes in the background, where the shell
+    # makes SIGINT ignored, and an ignored SIGINT is inherited: restore it for the command.
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert process.stdout is not None
     views = [process.stdout.readline(), process.stdout.readline()]
     process.send_signal(signal.SIGINT)
