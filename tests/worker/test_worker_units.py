@@ -125,6 +125,32 @@ def test_credentials_from_files_and_never_shown(tmp_path: Path) -> None:
     assert caught.value.variable == "JOBTIDE_BROKER_PASSWORD"
 
 
+def test_credentials_files_are_read_again_at_every_connection(tmp_path: Path) -> None:
+    """A mounted Secret changes in place after a rotation: the next connection uses it."""
+    for name, value in (("username", "first-user"), ("password", "first-secret")):
+        (tmp_path / name).write_text(f"{value}\n")
+    env = {
+        "JOBTIDE_BROKER_HOST": "rabbitmq",
+        "JOBTIDE_BROKER_USERNAME_FILE": str(tmp_path / "username"),
+        "JOBTIDE_BROKER_PASSWORD_FILE": str(tmp_path / "password"),
+        "JOBTIDE_QUEUE": "resize",
+    }
+    broker = WorkerConfig.from_env(env).broker
+
+    def connecting_with() -> tuple[str, str]:
+        credentials = broker.connection_parameters("test").credentials
+        return credentials.username, credentials.password
+
+    assert connecting_with() == ("first-user", "first-secret")
+    (tmp_path / "password").write_text("rotated-secret\n")
+    assert connecting_with() == ("first-user", "rotated-secret")
+    # Unreadable at a connection: the value read at start stands (kubelet swaps a Secret's
+    # files by renaming a symlink, so its readers never see them missing).
+    (tmp_path / "password").unlink()
+    assert connecting_with() == ("first-user", "first-secret")
+    assert "first-secret" not in repr(broker)
+
+
 def test_config_is_frozen() -> None:
     config = WorkerConfig.from_env(BASE)
     with pytest.raises(AttributeError):

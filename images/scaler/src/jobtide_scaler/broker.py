@@ -124,7 +124,6 @@ class Broker:
         self.clock = clock
         self._on_error = on_error
         self._session = requests.Session()
-        self._session.auth = (settings.username, settings.password)
         if settings.tls:
             self._session.mount("https://", _BrokerTlsAdapter(settings))
         # The lasting TLS failure of each source, None while it works (or fails otherwise).
@@ -206,6 +205,7 @@ class Broker:
                     "message_stats.publish"
                 },
                 timeout=MANAGEMENT_TIMEOUT,
+                auth=self.settings.credentials(),  # per request: a rotated password applies
             )
             wait = retry_after(response.headers.get("Retry-After"))
             if response.status_code in (429, 503) and wait is not None:

@@ -61,6 +61,10 @@ class BrokerConfig:
     vhost: str = "/"
     username: str = "guest"
     password: str = field(default="guest", repr=False)
+    # Where `username` and `password` were read from (`*_FILE`), None when given as values:
+    # `credentials()` reads these files again at every connection.
+    username_file: str | None = None
+    password_file: str | None = None
     tls: bool = False
     # PEM CA bundle the broker's certificate must chain to; None: the system's CA bundle.
     ca_file: str | None = None
@@ -87,11 +91,22 @@ class BrokerConfig:
             vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
             username=e.secret("JOBTIDE_BROKER_USERNAME"),
             password=e.secret("JOBTIDE_BROKER_PASSWORD"),
+            username_file=e.text("JOBTIDE_BROKER_USERNAME_FILE", "") or None,
+            password_file=e.text("JOBTIDE_BROKER_PASSWORD_FILE", "") or None,
             tls=(tls := e.boolean("JOBTIDE_BROKER_TLS", False)),
             ca_file=e.ca_file("JOBTIDE_BROKER_CA_FILE", tls=tls),
             server_name=e.server_name("JOBTIDE_BROKER_SERVER_NAME", tls=tls),
             heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
             management_port=e.port("JOBTIDE_BROKER_MANAGEMENT_PORT", 15672),
+        )
+
+    def credentials(self) -> tuple[str, str]:
+        """The user name and password to connect with now. Those given as files are read
+        again: kubelet updates a mounted Secret's files in place, so a rotated password
+        reaches the next connection without a restart. A file unreadable at that moment
+        gives the value read at start (checked then: `from_env` fails on an unreadable one)."""
+        return _reread(self.username_file, self.username), _reread(
+            self.password_file, self.password
         )
 
     @property
@@ -180,7 +195,7 @@ class BrokerConfig:
             host=self.host,
             port=self.port,
             virtual_host=self.vhost,
-            credentials=pika.PlainCredentials(self.username, self.password),
+            credentials=pika.PlainCredentials(*self.credentials()),
             heartbeat=self.heartbeat_seconds if heartbeat_seconds is None else heartbeat_seconds,
             blocked_connection_timeout=blocked_connection_timeout,
             ssl_options=ssl_options,
@@ -299,6 +314,15 @@ def _causes(error: BaseException) -> list[BaseException]:
         linked = [current.__cause__, current.__context__, reason, *current.args]
         pending += [item for item in linked if isinstance(item, BaseException)]
     return seen
+
+
+def _reread(path: str | None, last: str) -> str:
+    if path is None:
+        return last
+    try:
+        return Path(path).read_text().strip() or last
+    except OSError:
+        return last
 
 
 # Accepted spellings of a boolean variable (any case), for every program reading them.
