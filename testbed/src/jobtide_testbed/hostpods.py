@@ -4,7 +4,9 @@ kwok plays the kubelet of the nodes Karpenter launches: it binds nothing to a ru
 worker pod there would run nothing. `HostPods` is the rest of that kubelet, for worker pods:
 for each pod kwok has made Running on such a node it starts the real `jobtide_worker` runner
 with the pod's own environment (values, Secret and ConfigMap keys, pod fields; a Service's
-DNS name mapped to its ClusterIP, which kube-proxy routes from the host too) and a handler
+DNS name mapped to its ClusterIP, which kube-proxy routes from the host too), the pod's
+Secret volumes as files (in a private folder of the pod's own, mode 0600, removed when the
+pod ends; a value naming a path under such a mount names the file there) and a handler
 the pod's image stands for (the hello example sleeps each task's `seconds`). When the process
 exits, the pod's status says so (Succeeded for exit code 0, else Failed, with the exit code),
 so the Job controller, the TTL controller, the scaler's Job cache and Karpenter all see a
@@ -24,9 +26,11 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -67,6 +71,8 @@ class HostPod:
     kill_after: float | None = None  # monotonic time at which a signalled process is killed
     exit_code: int | None = None
     signalled: str | None = None  # why SIGTERM was sent (the pod's deletion), if it was
+    # The private folder of the pod's Secret volumes, while the pod runs.
+    volumes_dir: Path | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -105,6 +111,7 @@ class HostPods:
                 _signal_group(pod.process, signal.SIGKILL)
                 pod.process.wait(timeout=10)
                 pod.exit_code = _exit_code(pod.process.returncode)
+            _remove_volumes(pod)
             self.finished[pod.uid] = self.running.pop(pod.uid)
 
     # -- what happened ------------------------------------------------------------------
@@ -172,7 +179,7 @@ class HostPods:
         try:
             if len(self.running) > MAX_PROCESSES:
                 raise PodSpecError(f"more than {MAX_PROCESSES} host processes")
-            argv, env, cwd = self._command(pod)
+            argv, env, cwd = self._command(pod, host_pod)
             with host_pod.log_path.open("wb") as log:
                 host_pod.process = subprocess.Popen(
                     argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -182,8 +189,11 @@ class HostPods:
             self.errors.append(f"{host_pod.key}: not started: {error}")
             host_pod.log_path.write_text(f"host pod not started: {error}\n")
             host_pod.exit_code = 128
+            _remove_volumes(host_pod)
 
-    def _command(self, pod: dict[str, Any]) -> tuple[list[str], dict[str, str], Path]:
+    def _command(
+        self, pod: dict[str, Any], host_pod: HostPod
+    ) -> tuple[list[str], dict[str, str], Path]:
         spec = pod["spec"]
         if len(spec["containers"]) != 1:
             raise PodSpecError("spec.containers: a host pod runs exactly one container")
@@ -202,8 +212,63 @@ class HostPods:
             # As kubelet sets it: the worker names itself after the pod.
             "HOSTNAME": pod["metadata"]["name"],
         }
-        env.update(self._container_env(pod, container))
+        mounts = self._secret_mounts(pod, container, host_pod)
+        for name, value in self._container_env(pod, container).items():
+            env[name] = _host_path(value, mounts)
         return [sys.executable, "-m", "jobtide_worker"], env, handler_dir
+
+    def _secret_mounts(
+        self, pod: dict[str, Any], container: dict[str, Any], host_pod: HostPod
+    ) -> dict[str, Path]:
+        """The container's mounts of Secret volumes, written as files into the pod's private
+        folder (0700, files 0600: the processes run as the test bed's user); by mount path,
+        the host path standing for it. Mounts of other volume types are left out: the host
+        process has its own /tmp, and the worker reads no other volume."""
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        namespace = pod["metadata"]["namespace"]
+        mounts: dict[str, Path] = {}
+        for index, mount in enumerate(container.get("volumeMounts") or []):
+            volume = volumes.get(mount["name"])
+            where = f"volumeMounts[{index}] ({mount['name']})"
+            if volume is None:
+                raise PodSpecError(f"{where}: the pod has no such volume")
+            if "secret" not in volume:
+                continue
+            if host_pod.volumes_dir is None:
+                host_pod.volumes_dir = Path(tempfile.mkdtemp(prefix=f"hostpod-{host_pod.uid}-"))
+            folder = host_pod.volumes_dir / volume["name"]
+            if not folder.exists():
+                self._write_secret_volume(namespace, volume["secret"], folder, where)
+            sub_path = mount.get("subPath", "")
+            mounts[mount["mountPath"].rstrip("/")] = folder / sub_path if sub_path else folder
+        return mounts
+
+    def _write_secret_volume(
+        self, namespace: str, source: dict[str, Any], folder: Path, where: str
+    ) -> None:
+        """A Secret volume's files as kubelet would project them (its `items`, or every
+        key), readable by the owner only."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            data = self._secret_bytes(namespace, source["secretName"])
+        except ApiException as error:
+            if error.status == 404 and source.get("optional"):
+                data = {}
+            else:
+                raise
+        items = source.get("items") or [{"key": key, "path": key} for key in sorted(data)]
+        folder.mkdir(mode=0o700)
+        for item in items:
+            if item["key"] not in data:
+                if source.get("optional"):
+                    continue
+                raise PodSpecError(f"{where}: key {item['key']!r} not in {source['secretName']}")
+            path = folder / item["path"]
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data[item["key"]])
 
     def _container_env(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
         """The container's environment as kubelet would give it (no `$(VAR)` expansion)."""
@@ -241,8 +306,11 @@ class HostPods:
         return env
 
     def _secret(self, namespace: str, name: str) -> dict[str, str]:
+        return {k: v.decode() for k, v in self._secret_bytes(namespace, name).items()}
+
+    def _secret_bytes(self, namespace: str, name: str) -> dict[str, bytes]:
         secret = self.core.read_namespaced_secret(name, namespace)
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
     def _config_map(self, namespace: str, name: str) -> dict[str, str]:
         return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
@@ -280,6 +348,7 @@ class HostPods:
             if code is None:
                 return
             host_pod.exit_code = _exit_code(code)
+        _remove_volumes(host_pod)
         if pod is not None and host_pod.exit_code is not None:
             self._write_exit(host_pod)
         del self.running[host_pod.uid]
@@ -336,6 +405,24 @@ def read_log(root: Path, namespace: str, name: str) -> str:
         return log_path(root, namespace, name).read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _host_path(value: str, mounts: Mapping[str, Path]) -> str:
+    """A value naming a path under one of `mounts` (a mount path, or a file under it) names
+    the same path under the host folder standing for it; any other value is kept."""
+    for mount_path, host in mounts.items():
+        if value == mount_path:
+            return str(host)
+        if value.startswith(mount_path + "/"):
+            return str(host / value.removeprefix(mount_path + "/"))
+    return value
+
+
+def _remove_volumes(host_pod: HostPod) -> None:
+    """The pod ended: its Secret files go with it."""
+    if host_pod.volumes_dir is not None:
+        shutil.rmtree(host_pod.volumes_dir, ignore_errors=True)
+        host_pod.volumes_dir = None
 
 
 def _field(pod: Mapping[str, Any], path: str, where: str) -> str:
