@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,9 @@ def worker_container(docs: list[dict[str, Any]], pipeline: str) -> dict[str, Any
 
 
 def scaler_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    """The scaler container's environment, with stand-ins for the values read from Secrets
-    (the broker's CA bundle, a file mounted from one, is certifi's here)."""
+    """The scaler container's environment, with stand-ins for the files mounted from Secrets:
+    the broker's credentials are files of stand-in text, its CA bundle is certifi's (and
+    any variable the user's extraEnv takes from a Secret is stand-in text)."""
     pod = find(docs, "Deployment", "-scaler")["spec"]["template"]["spec"]
     env: dict[str, str] = {}
     for variable in pod["containers"][0]["env"]:
@@ -109,9 +111,25 @@ def scaler_env(docs: list[dict[str, Any]]) -> dict[str, str]:
         else:
             key = variable["valueFrom"]["secretKeyRef"]["key"]
             env[variable["name"]] = f"stand-in-{key}"
+    for name in ("JOBTIDE_BROKER_USERNAME_FILE", "JOBTIDE_BROKER_PASSWORD_FILE"):
+        if name in env:
+            env[name] = str(_stand_in_file(Path(env[name]).name))
     if "JOBTIDE_BROKER_CA_FILE" in env:
         env["JOBTIDE_BROKER_CA_FILE"] = certifi.where()
     return env
+
+
+def _stand_in_file(key: str) -> Path:
+    """A file holding `stand-in-<key>`, in a folder of this test process's own."""
+    global _stand_ins
+    if _stand_ins is None:
+        _stand_ins = tempfile.TemporaryDirectory(prefix="jobtide-chart-stand-ins-")
+    path = Path(_stand_ins.name) / key
+    path.write_text(f"stand-in-{key}\n")
+    return path
+
+
+_stand_ins: tempfile.TemporaryDirectory[str] | None = None
 
 
 def scaler_settings(docs: list[dict[str, Any]]) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from chartlib import (
 from jobtide_scaler.contracts import reserved_label_keys
 from jobtide_scaler.jobs import LABEL_PIPELINE, WORKER_CONTAINER, job_labels
 from jobtide_scaler.statuscmd import STATUS_COMPONENT, status_selector
+from jobtide_testbed.tools import HELM_KUBE_VERSION, helm
 from jobtide_worker import topology
 
 pytestmark = pytest.mark.unit
@@ -172,15 +175,88 @@ def test_no_credentials_in_any_config_map(values: Path | None) -> None:
         assert len(value) >= 7
         if value != "jobtide":  # the user name is not a credential
             assert value not in config_text
-    # Every broker credential reaches a container through a Secret reference only.
-    containers = [c for pod in pod_specs(docs).values() for c in pod["containers"]]
-    for container in containers:
-        for variable in container.get("env", []):
-            if variable["name"].startswith("JOBTIDE_BROKER_") and variable["name"].endswith(
-                ("_USERNAME", "_PASSWORD")
-            ):
-                assert "value" not in variable, variable
-                assert set(variable["valueFrom"]) == {"secretKeyRef"}
+
+
+CREDENTIALS_VOLUME = "jobtide-broker-credentials"
+CREDENTIALS_DIR = "/etc/jobtide/broker-credentials"
+
+
+def broker_secret_name(docs: list[dict[str, Any]], values: Path | None) -> str:
+    """The Secret of the broker's credentials, found from the values, not the templates."""
+    given = yaml.safe_load(values.read_text()) if values is not None else {}
+    rabbitmq, external = given.get("rabbitmq") or {}, given.get("externalBroker") or {}
+    if rabbitmq.get("enabled", True) is False:
+        return str(external["existingSecret"])
+    if rabbitmq.get("existingSecret"):
+        return str(rabbitmq["existingSecret"])
+    return str(find(docs, "Secret", "-rabbitmq")["metadata"]["name"])
+
+
+def every_pod(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec in the rendered chart (workloads, hooks, tests, PodTemplates, each
+    pipeline's jobTemplate) and in the Jobs the scaler builds from it, by a readable name."""
+    pods = pod_specs(docs)
+    pods.update(
+        {f"PodTemplate/{d['metadata']['name']}": d["template"]["spec"]
+         for d in docs if d["kind"] == "PodTemplate"}
+    )  # fmt: skip
+    pods.update(
+        {f"built Job/{name}": job["spec"]["template"]["spec"]
+         for name, job in built_jobs(docs).items()}
+    )  # fmt: skip
+    return pods
+
+
+@pytest.mark.parametrize("values", VALUES_CASES, ids=case_id)
+def test_broker_credentials_reach_containers_as_mounted_files_only(values: Path | None) -> None:
+    """No environment anywhere holds a broker credential or takes one from the broker's
+    Secret: the scaler and every worker read them from a read-only Secret volume of the two
+    keys, readable by the owner and the pod's fsGroup."""
+    docs = render([values], ONE_PIPELINE if values is None else ())
+    secret = broker_secret_name(docs, values)
+    secret_values = {
+        base64.b64decode(v).decode()
+        for d in docs if d["kind"] == "Secret"
+        for k, v in d["data"].items() if k != "username"
+    }  # fmt: skip
+    pods = every_pod(docs)
+    readers = []
+    for name, pod in pods.items():
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{name}: {container['name']}"
+            for source in container.get("envFrom", []):
+                assert source.get("secretRef", {}).get("name") != secret, where
+            env = {variable["name"]: variable for variable in container.get("env", [])}
+            for variable in env.values():
+                ref = variable.get("valueFrom", {}).get("secretKeyRef", {})
+                assert ref.get("name") != secret, f"{where}: {variable['name']}"
+                assert variable.get("value") not in secret_values, f"{where}: {variable['name']}"
+            assert not {"JOBTIDE_BROKER_USERNAME", "JOBTIDE_BROKER_PASSWORD"} & set(env), where
+            if "JOBTIDE_BROKER_PASSWORD_FILE" not in env:
+                continue
+            readers.append(name)
+            assert env["JOBTIDE_BROKER_USERNAME_FILE"]["value"] == f"{CREDENTIALS_DIR}/username"
+            assert env["JOBTIDE_BROKER_PASSWORD_FILE"]["value"] == f"{CREDENTIALS_DIR}/password"
+            mounts = [m for m in container["volumeMounts"] if m["name"] == CREDENTIALS_VOLUME]
+            assert mounts == [
+                {"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_DIR, "readOnly": True}
+            ], where
+            volumes = [v for v in pod["volumes"] if v["name"] == CREDENTIALS_VOLUME]
+            assert volumes == [{"name": CREDENTIALS_VOLUME, "secret": {
+                "secretName": secret,
+                "items": [{"key": "username", "path": "username"},
+                          {"key": "password", "path": "password"}],
+                "defaultMode": 0o440,
+            }}], where  # fmt: skip
+            # 0440: the non-root user reads them as a member of the pod's fsGroup.
+            assert pod["securityContext"]["fsGroup"] > 0, where
+            assert pod["securityContext"]["runAsUser"] != 0, where
+    pipelines = scaler_config(docs)["pipelines"]
+    scaler = find(docs, "Deployment", "-scaler")["metadata"]["name"]
+    expected = {f"Deployment/{scaler}"}
+    expected |= {f"{kind}/{p}" for p in pipelines for kind in ("worker", "built Job")}
+    expected |= {n for n in pods if n.startswith("PodTemplate/")}
+    assert set(readers) == expected
 
 
 def test_generated_secret_holds_random_credentials() -> None:
@@ -214,9 +290,9 @@ def test_existing_secret_replaces_the_generated_one() -> None:
     statefulset = find(docs, "StatefulSet", "-rabbitmq")
     volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
     assert volumes["credentials"]["secret"]["secretName"] == "jobtide-rabbitmq-credentials"
+    volumes = {v["name"]: v for v in worker_pod_spec(docs, "resize")["volumes"]}
+    assert volumes[CREDENTIALS_VOLUME]["secret"]["secretName"] == "jobtide-rabbitmq-credentials"
     env = {e["name"]: e for e in worker_container(docs, "resize")["env"]}
-    ref = env["JOBTIDE_BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert ref == {"name": "jobtide-rabbitmq-credentials", "key": "password"}
     assert env["STORAGE_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "storage-token"
     assert worker_pod_spec(docs, "resize")["imagePullSecrets"] == [{"name": "registry-credentials"}]
 
@@ -411,8 +487,8 @@ def test_external_broker_renders_no_rabbitmq() -> None:
     assert not [
         d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] == "rabbitmq"
     ]
-    env = {e["name"]: e for e in worker_container(docs, "resize")["env"]}
-    assert env["JOBTIDE_BROKER_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "jobtide-broker"
+    volumes = {v["name"]: v for v in worker_pod_spec(docs, "resize")["volumes"]}
+    assert volumes[CREDENTIALS_VOLUME]["secret"]["secretName"] == "jobtide-broker"
 
 
 def test_config_checksum_follows_the_config_and_nothing_else() -> None:
@@ -553,7 +629,12 @@ def test_own_affinity_or_pack_workers_false_turns_packing_off(tmp_path: Path) ->
 
 
 def test_pod_template_containers_merge_by_name_with_the_worker(tmp_path: Path) -> None:
-    sidecar = {"name": "proxy", "image": "envoy:1.31", "args": ["--config", "/etc/envoy.yaml"]}
+    sidecar = {
+        "name": "proxy",
+        "image": "envoy:1.31",
+        "args": ["--config", "/etc/envoy.yaml"],
+        "volumeMounts": [{"name": "shared", "mountPath": "/shared", "readOnly": True}],
+    }
     worker_fields = {
         "name": "worker",
         "command": ["python", "-m", "wrapper"],
@@ -580,11 +661,14 @@ def test_pod_template_containers_merge_by_name_with_the_worker(tmp_path: Path) -
     env = {e["name"]: e.get("value") for e in worker["env"]}
     assert env["OUTPUT_BUCKET"] == "thumbs"
     assert env["JOBTIDE_HANDLER"] == "handler:handle"
-    assert "JOBTIDE_BROKER_PASSWORD" in env
+    assert env["JOBTIDE_BROKER_PASSWORD_FILE"] == f"{CREDENTIALS_DIR}/password"
+    # The user's volume beside jobtide's, each mounted where it was asked.
     assert worker["volumeMounts"] == [
         {"name": "tmp", "mountPath": "/tmp"},
+        {"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_DIR, "readOnly": True},
         {"name": "shared", "mountPath": "/shared"},
     ]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp", CREDENTIALS_VOLUME, "shared"]
     assert {"name": "shared", "emptyDir": {}} in pod["volumes"]
     # The scaler finds the worker by name, not by position: its variables go there only.
     built = built_jobs(docs)["resize"]["spec"]["template"]["spec"]["containers"]
@@ -910,6 +994,46 @@ def test_helm_test_checks_scaler_readiness_and_broker_port() -> None:
         "JOBTIDE_BROKER_PORT": "5672",
     }
     compile(container["command"][2], "helm-test", "exec")
+
+
+def rendered_notes(tmp_path: Path, values: Path | None) -> str:
+    """NOTES.txt as `helm install` prints it. `helm template` leaves the notes out, so a copy
+    of the chart carries one more template that includes them into a ConfigMap."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "notes-under-test.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes-under-test}\n"
+        'data: {notes: {{ include (print $.Template.BasePath "/NOTES.txt") . | toJson }}}\n'
+    )
+    args = ["template", "jobs", str(chart), "--namespace", "pipelines"]
+    args += ["--kube-version", HELM_KUBE_VERSION, "--show-only", "templates/notes-under-test.yaml"]
+    args += ["-f", str(values)] if values is not None else ["--set", ONE_PIPELINE[0]]
+    notes: str = yaml.safe_load(helm(*args, timeout=120).stdout)["data"]["notes"]
+    return notes
+
+
+@pytest.mark.parametrize("values", [None, SCENARIO["external-broker"]], ids=case_id)
+def test_notes_publish_pod_gets_the_credentials_as_files(
+    tmp_path: Path, values: Path | None
+) -> None:
+    """The notes' throw-away publishing pod reaches the broker as the workers do."""
+    notes = rendered_notes(tmp_path, values)
+    overrides = re.search(r"--overrides='(.*?)'", notes, re.DOTALL)
+    assert overrides is not None, notes
+    pod = json.loads(overrides.group(1))["spec"]
+    worker = worker_pod_spec(render([values], ONE_PIPELINE if values is None else ()), "resize")
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert not [e for e in env.values() if "valueFrom" in e]
+    assert env["JOBTIDE_BROKER_PASSWORD_FILE"]["value"] == f"{CREDENTIALS_DIR}/password"
+    # Every file the environment names is mounted, from the workers' own volumes.
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    for name, variable in env.items():
+        if name.endswith("_FILE"):
+            assert str(Path(variable["value"]).parent) in mounted, name
+    volumes = {v["name"]: v for v in worker["volumes"]}
+    assert pod["volumes"] == [volumes[name] for name in mounted.values()]
+    assert pod["securityContext"] == worker["securityContext"]
 
 
 def test_values_example_and_scenarios_are_valid_yaml_maps() -> None:

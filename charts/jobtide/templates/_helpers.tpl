@@ -78,7 +78,6 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Broker environment for the scaler and the workers (docs/architecture.md). */}}
 {{- define "jobtide.broker.env" -}}
-{{- $secret := include "jobtide.broker.secretName" . -}}
 {{- if .Values.rabbitmq.enabled }}
 - name: JOBTIDE_BROKER_HOST
   value: {{ printf "%s.%s.svc" (include "jobtide.rabbitmq.fullname" .) .Release.Namespace | quote }}
@@ -106,12 +105,33 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
-- name: JOBTIDE_BROKER_USERNAME
-  valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: username}
-- name: JOBTIDE_BROKER_PASSWORD
-  valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: password}
+- name: JOBTIDE_BROKER_USERNAME_FILE
+  value: {{ printf "%s/username" (include "jobtide.broker.credentialsDir" .) | quote }}
+- name: JOBTIDE_BROKER_PASSWORD_FILE
+  value: {{ printf "%s/password" (include "jobtide.broker.credentialsDir" .) | quote }}
+{{- end }}
+
+{{/*
+The broker's credentials reach the scaler and the workers as files, never as environment
+values: a process's environment is copied to its children, printed by debugging tools and
+shown in the pod spec, a mounted file is none of these. The volume holds the Secret's
+username and password only (not the Erlang cookie), readable by the owner and the pod's
+fsGroup (kubelet gives the files that group), which validate.yaml requires on every pod that
+mounts it. Kubelet updates the files in place when the Secret changes; the programs read them
+each time they connect.
+*/}}
+{{- define "jobtide.broker.credentialsDir" -}}/etc/jobtide/broker-credentials{{- end }}
+
+{{- define "jobtide.broker.credentialsVolume" -}}
+- name: jobtide-broker-credentials
+  secret:
+    secretName: {{ include "jobtide.broker.secretName" . | quote }}
+    items: [{key: username, path: username}, {key: password, path: password}]
+    defaultMode: 0440
+{{- end }}
+
+{{- define "jobtide.broker.credentialsVolumeMount" -}}
+- {name: jobtide-broker-credentials, mountPath: {{ include "jobtide.broker.credentialsDir" . }}, readOnly: true}
 {{- end }}
 
 {{/*

@@ -84,6 +84,7 @@ affinity:
 volumes:
   - name: tmp
     emptyDir: {sizeLimit: 1Gi}
+  {{- include "jobtide.broker.credentialsVolume" .root | nindent 2 }}
   {{- if include "jobtide.broker.caMounted" .root }}
   {{- include "jobtide.broker.caVolume" .root | nindent 2 }}
   {{- end }}
@@ -111,6 +112,7 @@ resources:
 {{- end }}
 volumeMounts:
   - {name: tmp, mountPath: /tmp}
+  {{- include "jobtide.broker.credentialsVolumeMount" .root | nindent 2 }}
   {{- if include "jobtide.broker.caMounted" .root }}
   {{- include "jobtide.broker.caVolumeMount" .root | nindent 2 }}
   {{- end }}
