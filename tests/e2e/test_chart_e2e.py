@@ -5,6 +5,7 @@ passes and `helm uninstall` leaves nothing of the release."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -60,6 +61,37 @@ def e2e_values() -> dict[str, Any]:
     return values
 
 
+# Run inside a worker pod: what the worker process (PID 1) has in its environment and what
+# it can read from the mounted credentials. Prints the password's digest, never the password.
+INSPECT_WORKER = """
+import hashlib, json, os, stat
+environ = open("/proc/1/environ", "rb").read().decode(errors="replace")
+path = os.environ["JOBTIDE_BROKER_PASSWORD_FILE"]
+mode = stat.S_IMODE(os.stat(os.path.realpath(path)).st_mode)
+digest = hashlib.sha256(open(path, "rb").read().strip()).hexdigest()
+print(json.dumps({"environ": environ, "file": path, "mode": oct(mode), "sha256": digest}))
+"""
+
+
+def inspect_running_worker(kubeconfig: Path, namespace: str) -> dict[str, Any] | None:
+    """INSPECT_WORKER's findings in one running worker pod of the release, with the pod's
+    spec as the apiserver holds it (`spec`); None when none runs or the one picked left
+    before the look (workers exit on their own)."""
+    pods = json.loads(
+        kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json",
+                "-l", f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=worker",
+                "--field-selector", "status.phase=Running").stdout
+    )["items"]  # fmt: skip
+    for pod in pods:
+        result = kubectl(kubeconfig, "exec", "-n", namespace, pod["metadata"]["name"],
+                         "-c", "worker", "--", "python", "-c", INSPECT_WORKER,
+                         check=False)  # fmt: skip
+        if result.returncode == 0:
+            found: dict[str, Any] = json.loads(result.stdout)
+            return {**found, "spec": pod["spec"]}
+    return None
+
+
 @pytest.fixture
 def release(
     kube_node: Node, chart_images: list[str], node_namespace: str, tmp_path: Path
@@ -83,6 +115,20 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
         try:
             assert watcher.jobs_seen == set()  # nothing runs before the burst
             published = publish(QUEUE, tasks, broker=broker.config(), declare=False)
+            # A live worker holds the broker's credentials as a mounted file only.
+            looks: list[dict[str, Any]] = []
+
+            def looked_inside() -> bool:
+                found = inspect_running_worker(kubeconfig, node_namespace)
+                looks.extend([found] if found else [])
+                return found is not None
+
+            wait_for(
+                looked_inside,
+                timeout=120,
+                what="a running worker pod looked at from inside",
+                interval=1,
+            )
             # Workers hand in their logs when they exit: all tasks done means drained and idle.
             wait_for(
                 lambda: set(watcher.done_message_ids()) >= set(published),
@@ -101,6 +147,22 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
             print("\n\n".join(diagnostics(kubeconfig, node_namespace)))
             raise
     assert not watcher.errors, watcher.errors
+
+    # The worker process's environment names the credentials' files and holds neither the
+    # password nor the user name; the file it reads is the Secret's, readable by its owner
+    # and the pod's group only.
+    inside = looks[-1]
+    assert broker.password not in inside["environ"]
+    assert "JOBTIDE_BROKER_PASSWORD=" not in inside["environ"]
+    assert "JOBTIDE_BROKER_USERNAME=" not in inside["environ"]
+    assert f"JOBTIDE_BROKER_PASSWORD_FILE={inside['file']}" in inside["environ"]
+    assert inside["sha256"] == hashlib.sha256(broker.password.encode()).hexdigest()
+    assert inside["mode"] == "0o440"
+    # The pod's spec, as the apiserver holds it: no variable from a Secret, no password.
+    worker_env = {e["name"]: e for e in inside["spec"]["containers"][0]["env"]}
+    assert not [e for e in worker_env.values() if "valueFrom" in e]
+    assert "JOBTIDE_BROKER_PASSWORD" not in worker_env
+    assert broker.password not in json.dumps(inside["spec"])
 
     # Up to the cap and never above it.
     assert watcher.peak_active_jobs(PIPELINE) == MAX_WORKERS
