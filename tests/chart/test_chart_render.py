@@ -177,6 +177,34 @@ def test_no_credentials_in_any_config_map(values: Path | None) -> None:
             assert value not in config_text
 
 
+def test_no_value_takes_a_credential() -> None:
+    """`helm get values` and the release's stored values hold no secret: the chart takes the
+    broker's credentials from a Secret (generated, or named by `existingSecret`), never as a
+    value. Its own keys (Kubernetes' objects passed through aside) only name Secrets."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    keys: set[str] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            keys.update(properties if isinstance(properties, dict) else ())
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    own = {k: v for k, v in schema.get("definitions", {}).items() if not k.startswith("io.k8s.")}
+    collect({**schema, "definitions": own})
+    assert {"existingSecret", "caSecret", "imagePullSecrets"} <= keys
+    sensitive = re.compile(r"password|passwd|cookie|token|secret|credential", re.IGNORECASE)
+    assert sorted(k for k in keys if sensitive.search(k)) == [
+        "caSecret",
+        "existingSecret",
+        "imagePullSecrets",
+    ]
+
+
 CREDENTIALS_VOLUME = "jobtide-broker-credentials"
 CREDENTIALS_DIR = "/etc/jobtide/broker-credentials"
 

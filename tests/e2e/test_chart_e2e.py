@@ -163,6 +163,8 @@ def test_burst_scales_to_the_cap_drains_and_returns_to_zero(
     assert not [e for e in worker_env.values() if "valueFrom" in e]
     assert "JOBTIDE_BROKER_PASSWORD" not in worker_env
     assert broker.password not in json.dumps(inside["spec"])
+    # Nor does what `helm get values` shows of the release.
+    assert broker.password not in json.dumps(release.values(RELEASE))
 
     # Up to the cap and never above it.
     assert watcher.peak_active_jobs(PIPELINE) == MAX_WORKERS
