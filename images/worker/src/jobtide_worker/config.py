@@ -105,9 +105,9 @@ class BrokerConfig:
         again: kubelet updates a mounted Secret's files in place, so a rotated password
         reaches the next connection without a restart. A file unreadable at that moment
         gives the value read at start (checked then: `from_env` fails on an unreadable one)."""
-        return _reread(self.username_file, self.username), _reread(
-            self.password_file, self.password
-        )
+        username = _reread(self.username_file, self.username)
+        password = _reread(self.password_file, self.password)
+        return username, password
 
     @property
     def management_url(self) -> str:
@@ -316,13 +316,14 @@ def _causes(error: BaseException) -> list[BaseException]:
     return seen
 
 
-def _reread(path: str | None, last: str) -> str:
+def _reread(path: str | None, at_start: str) -> str:
+    """The file's text now; `at_start` when there is no file or it cannot be read or is empty."""
     if path is None:
-        return last
+        return at_start
     try:
-        return Path(path).read_text().strip() or last
+        return Path(path).read_text().strip() or at_start
     except OSError:
-        return last
+        return at_start
 
 
 # Accepted spellings of a boolean variable (any case), for every program reading them.
