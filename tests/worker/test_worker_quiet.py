@@ -1,7 +1,7 @@
 """Leaving when the queue is silent, against a real RabbitMQ node and its management API: an
 idle worker leaves once nothing is published and nothing is ready, stays while the queue is
-fed, and leaves by its idle timeout alone when the management API fails or answers oddly
-(through the test bed's fault proxy)."""
+fed, reads over HTTPS when the broker is reached over TLS, and leaves by its idle timeout
+alone when the management API fails or answers oddly (through the test bed's fault proxy)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from jobtide_testbed.faultproxy import Fault, FaultProxy
 from jobtide_testbed.process import wait_for
-from jobtide_testbed.rabbitmq import wait_counts
+from jobtide_testbed.rabbitmq import RabbitMQ, wait_counts
 from workerbed import Worker, WorkerBed
 
 pytestmark = pytest.mark.integration
@@ -144,3 +145,23 @@ def test_an_odd_or_failed_read_leaves_the_idle_timeout_in_charge(
     problems = [line for line in log.splitlines() if "queue counters unreadable" in line]
     assert len(problems) == 1, log
     assert bed.broker.password not in log
+
+
+def test_over_tls_the_counters_are_read_over_https(rabbitmq_tls: RabbitMQ, tmp_path: Path) -> None:
+    # A node reached over TLS only: AMQPS and the management API over HTTPS, trusting the test
+    # CA alone, the certificate checked for the host name as AMQP's is.
+    bed = WorkerBed(rabbitmq_tls, tmp_path)
+    try:
+        published_before_the_workers(bed, 1)
+        worker = bed.start_worker(
+            **rabbitmq_tls.tls_client_env(),
+            JOBTIDE_IDLE_TIMEOUT_SECONDS=LONG_IDLE,
+            JOBTIDE_LOG_FORMAT="json",
+            **QUIET,
+        )
+        bed.wait_record("done")
+        assert worker.wait(int(LONG_IDLE) - 10) == 0
+        assert exit_line(worker)["reason"] == "queue-silent", worker.log()
+        assert "queue counters unreadable" not in worker.log()
+    finally:
+        bed.close()
