@@ -15,15 +15,9 @@ from jobtide_worker.pipeline_settings import (
     setting_specs,
 )
 from jobtide_worker.quiet import OddAnswer, QueueCounters, counters_from_answer, queue_silent
+from test_worker_units import BASE
 
 pytestmark = pytest.mark.unit
-
-BASE = {
-    "JOBTIDE_BROKER_HOST": "rabbitmq",
-    "JOBTIDE_BROKER_USERNAME": "user",
-    "JOBTIDE_BROKER_PASSWORD": "hunter2-secret",
-    "JOBTIDE_QUEUE": "resize",
-}
 
 
 @pytest.mark.parametrize(

@@ -338,8 +338,16 @@ class Consumer:
         self._tick_scheduled = False
 
     def _tick(self) -> float:
-        idle_left = self.config.idle_timeout_seconds - (time.monotonic() - self._last_activity)
-        return max(0.0, min(_TICK_SECONDS, idle_left))
+        now = time.monotonic()
+        wait = min(_TICK_SECONDS, self.config.idle_timeout_seconds - (now - self._last_activity))
+        if self._watch is not None and not self._pending:
+            # The first read of an idle spell on time: the spell's next tick is armed for it.
+            first_read = self._last_activity + FIRST_READ_SECONDS
+            if self._quiet_spell != self._last_activity and first_read > now:
+                wait = min(wait, first_read - now)
+            elif self._quiet_next_read > now:
+                wait = min(wait, self._quiet_next_read - now)
+        return max(0.0, wait)
 
     def _check_connection(self) -> None:
         error = self.handover.take_connection_error()
