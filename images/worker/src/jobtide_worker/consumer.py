@@ -395,12 +395,15 @@ class Consumer:
             self._quiet_next_read = self._last_activity + FIRST_READ_SECONDS
         if now < self._quiet_next_read:
             return False
-        self._quiet_next_read = now + self.config.quiet_check_seconds
         try:
             current = self._watch.read()
         except (requests.RequestException, OddAnswer) as e:
             self._quiet_read_failed(e)
             return False
+        finally:
+            # Counted from the answer, so that the broker sees two reads at least the interval
+            # apart, whatever each took: at least one statistics refresh lies between them.
+            self._quiet_next_read = time.monotonic() + self.config.quiet_check_seconds
         silent = queue_silent(self._quiet_previous, current)
         self._quiet_previous = current
         if not silent:
