@@ -457,6 +457,7 @@ def test_scaler_config_carries_every_setting() -> None:
         "maxNewPerCycle": 2,
         "activationMessages": 0,
         "idleTimeoutSeconds": 300,
+        "quietCheckSeconds": 5,
         "maxAttempts": 3,
         "maxTaskSeconds": 14400,
         "backoffLimit": 0,
@@ -474,6 +475,8 @@ def test_scaler_config_carries_every_setting() -> None:
     assert env["JOBTIDE_HANDLER"] == "train:run"
     assert env["JOBTIDE_BROKER_HOST"] == "jobs-jobtide-rabbitmq.pipelines.svc"
     assert env["JOBTIDE_BROKER_PORT"] == "5672"
+    # An idle worker reads its queue's counters there (quietCheckSeconds): the Service's port.
+    assert env["JOBTIDE_BROKER_MANAGEMENT_PORT"] == "15672"
 
 
 def test_explicit_zero_in_a_pipeline_wins_over_a_nonzero_default() -> None:
@@ -517,6 +520,10 @@ def test_external_broker_renders_no_rabbitmq() -> None:
     ]
     volumes = {v["name"]: v for v in worker_pod_spec(docs, "resize")["volumes"]}
     assert volumes[CREDENTIALS_VOLUME]["secret"]["secretName"] == "jobtide-broker"
+    env = {e["name"]: e for e in worker_container(docs, "resize")["env"]}
+    # The external broker's management API, over its TLS like AMQP.
+    assert env["JOBTIDE_BROKER_MANAGEMENT_PORT"]["value"] == "15671"
+    assert env["JOBTIDE_BROKER_TLS"]["value"] == "true"
 
 
 def test_config_checksum_follows_the_config_and_nothing_else() -> None:

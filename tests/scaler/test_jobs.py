@@ -48,7 +48,8 @@ def test_manifest_merges_jobtide_into_the_users_template() -> None:
         {"name": "LOG_LEVEL", "value": "debug"},
         {"name": "JOBTIDE_PIPELINE", "value": "resize"},
         {"name": "JOBTIDE_QUEUE", "value": "resize-q"},
-        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": "5"},
+        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": "15"},
+        {"name": "JOBTIDE_QUIET_CHECK_SECONDS", "value": "5"},
         {"name": "JOBTIDE_MAX_ATTEMPTS", "value": "3"},
         {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": "3600"},
     ]
@@ -97,7 +98,7 @@ def test_building_does_not_change_the_configuration() -> None:
     first = build_job(pipeline, "rel", "one")
     first["spec"]["template"]["spec"]["containers"][0]["env"].clear()
     second = build_job(pipeline, "rel", "two")
-    assert len(second["spec"]["template"]["spec"]["containers"][0]["env"]) == 6
+    assert len(second["spec"]["template"]["spec"]["containers"][0]["env"]) == 7
 
 
 def test_cache_selector_covers_every_pipeline_of_the_release() -> None:

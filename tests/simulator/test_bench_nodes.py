@@ -64,32 +64,22 @@ IDLE_GAP_SECONDS = 600.0
 # "Against the goals of issue 12"): printed with the bound, not asserted. Each with its reason.
 KNOWN_MISSES = frozenset(
     {
-        # The saving goals. No lever measured reaches declining's (the best stays 16 % below
-        # the guarded KEDA: what is left over the work is per node launched, and the free
-        # slots of a pool that shrinks without moving busy workers) nor diurnal's against the
-        # evictable KEDA (its gap is node churn: 33 launches against 10). Diurnal's against
-        # the guarded KEDA is met by leaving when the queue is silent, not shipped yet
-        # (test_leave_when_the_queue_is_silent).
+        # The saving goals. No lever measured reaches declining's (16 % below the guarded
+        # KEDA: what is left over the work is per node launched, and the free slots of a pool
+        # that shrinks without moving busy workers) nor diurnal's against the evictable KEDA
+        # (its gap is node churn: 26 launches against 10, and KEDA's repacking of busy work).
         "declining/karpenter saving evictable",
         "declining/karpenter saving guarded",
         "diurnal/karpenter saving evictable",
-        "diurnal/karpenter saving guarded",
         # At most 1.02 x the evictable KEDA: Karpenter's consolidation repacks KEDA's evictable
-        # workers at the price of busy workers' work (7-16 lost), which jobtide's
+        # workers at the price of busy workers' work (13-16 lost), which jobtide's
         # do-not-disrupt forbids; the cluster autoscaler takes KEDA's under-50 % nodes, and
-        # its default strategy on the AMQP count starts fewer workers.
-        "declining/karpenter at-most evictable",
+        # its default strategy on the AMQP count starts fewer workers (declining: x1.021).
         "diurnal/karpenter at-most evictable",
         "steady/karpenter at-most evictable",
         "declining/ca at-most evictable",
-        "diurnal/ca at-most evictable",
-        "steady/ca at-most evictable",
         # 40 % below the HPA: the HPA waits less (its one replica keeps a node warm), so it
-        # is compared at a wait jobtide with minWorkers 0 does not reach; trickle under
-        # Karpenter misses by 0.25 %, since a removed node is billed Karpenter's validation
-        # (15 s) and termination (5 s) and the trickle's nodes are many and short-lived.
-        "trickle/karpenter hpa",
-        "trickle/karpenter-when-empty hpa",
+        # is compared at a wait jobtide with minWorkers 0 does not reach.
         "trickle/ca hpa",
         "diurnal/karpenter hpa",
         "diurnal/karpenter-when-empty hpa",
@@ -112,21 +102,38 @@ BUSY_ONLY = replace(
     eviction_grace_seconds=25.0,
 )
 PROTECTION_CANDIDATES = {
-    "busy-only, idle 5 s": (Settings(), BUSY_ONLY),
+    "busy-only, idle 15 s": (Settings(), BUSY_ONLY),
     "busy-only, idle 30 s": (Settings(idle_timeout_seconds=30.0), BUSY_ONLY),
     "for life, idle 30 s": (Settings(idle_timeout_seconds=30.0), JOBTIDE_LEVERS),
 }
 
 
-# Leaving when the queue is silent (docs/simulator.md, "Leave when the queue is silent"): an
-# idle worker reads the queue's publish counter every 5 s (the broker's statistics interval:
-# a shorter read finds the same counter) and leaves when nothing was published since its
-# last read and nothing is ready; a queue still fed keeps it up to its idle timeout, here
-# longer than the default 5 s.
-SILENT_QUEUE = replace(JOBTIDE_LEVERS, quiet_check_seconds=5.0)
+# Leaving when the queue is silent (docs/simulator.md, "Leave when the queue is silent"), the
+# defaults since chart 0.3.0: an idle worker reads the queue's publish counter every 5 s (the
+# broker's statistics interval: a shorter read finds the same counter) and leaves when nothing
+# was published since its last read and nothing is ready; a queue still fed keeps it up to its
+# idle timeout, 15 s. Beside them: the defaults before (idle 5 s, no reads) and a longer idle
+# timeout.
+BEFORE_SILENT_QUEUE = "before 0.3.0: idle 5 s, no reads"
+# What an abrupt end of the load may cost the defaults more than before (measured: 0.24 % on
+# bursty under Karpenter, seed 1).
+ABRUPT_END_ALLOWANCE = 1.005
+# The rows where the defaults wait longer than before (docs/simulator.md, "Leave when the queue
+# is silent"): steady under Karpenter, p95 25.4 s against 24.5 s at 0.2 % more node-seconds
+# (its p95 moves by seconds with the phase of the reads: 19.5 s with the first read 0.25 s
+# into the idle spell, 24.1 s with 1 s, a single seed's noise more than the lever's effect);
+# trickle under Karpenter, 117.7 s against 117.4 s at 0.3 % fewer node-seconds.
+SLOWER_THAN_BEFORE = frozenset(
+    {
+        "steady/karpenter",
+        "steady/karpenter-when-empty",
+        "trickle/karpenter",
+        "trickle/karpenter-when-empty",
+    }
+)
 SILENT_QUEUE_CANDIDATES = {
-    f"silent queue, idle {idle:.0f} s": (Settings(idle_timeout_seconds=idle), SILENT_QUEUE)
-    for idle in (15.0, 20.0)
+    BEFORE_SILENT_QUEUE: Settings(idle_timeout_seconds=5.0, quiet_check_seconds=0.0),
+    "silent queue, idle 20 s": Settings(idle_timeout_seconds=20.0),
 }
 
 
@@ -422,16 +429,18 @@ def test_protect_busy_workers_only(
 
 
 def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixture[str]) -> None:
-    """The goal table of idle workers that leave once the queue is silent, with a longer idle
-    timeout, beside the defaults. On every row it costs no more node-seconds than the
-    defaults at no longer a p95 wait (seed 1)."""
+    """The goal table of the defaults (idle workers leave once the queue is silent, idle
+    timeout 15 s) beside the defaults before them and a longer idle timeout. The defaults
+    cost at most half a percent more than before on any row (where the load stops
+    abruptly), less over all rows, wait no longer except on SLOWER_THAN_BEFORE, and meet
+    more goals (seed 1)."""
     candidates = {
         label: [
-            measure(make_workload(name, SEED), pool, settings, levers)
+            measure(make_workload(name, SEED), pool, settings)
             for name in WORKLOADS
             for pool in POOLS
         ]
-        for label, (settings, levers) in SILENT_QUEUE_CANDIDATES.items()
+        for label, settings in SILENT_QUEUE_CANDIDATES.items()
     }
     show(capsys, compared_tables(bench, candidates))
     for rows in candidates.values():
@@ -439,7 +448,23 @@ def test_leave_when_the_queue_is_silent(bench: Bench, capsys: pytest.CaptureFixt
         for ours in rows:
             assert ours.jobtide.tasks_unfinished == 0, ours.name
             assert ours.jobtide.busy_pods_disrupted == 0, ours.name
-    best = candidates["silent queue, idle 15 s"]
-    for ours, default in zip(best, bench.rows, strict=True):
-        assert ours.jobtide.node_seconds <= default.jobtide.node_seconds, ours.name
-        assert ours.jobtide.wait_p95 <= default.jobtide.wait_p95, ours.name
+    before = candidates[BEFORE_SILENT_QUEUE]
+    slower = []
+    for ours, old in zip(bench.rows, before, strict=True):
+        # Where a load stops abruptly every worker leaves at its second read, 5.5 s into its
+        # idle spell (the first read waits half a second, so that no read falls between two
+        # messages taken back to back), half a second after the 5 s idle timeout did.
+        assert ours.jobtide.node_seconds <= old.jobtide.node_seconds * ABRUPT_END_ALLOWANCE, (
+            ours.name
+        )
+        if ours.jobtide.wait_p95 > old.jobtide.wait_p95:
+            slower.append(ours.name)
+    assert set(slower) == SLOWER_THAN_BEFORE
+    assert sum(row.jobtide.node_seconds for row in bench.rows) < sum(
+        row.jobtide.node_seconds for row in before
+    )
+
+    def goals_met(rows: list[Row]) -> int:
+        return sum(verdict.ok for row in rows for verdict in verdicts(row))
+
+    assert goals_met(bench.rows) > goals_met(before)

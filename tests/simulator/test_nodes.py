@@ -333,36 +333,44 @@ def test_dispatch_round_robin_or_oldest_worker_first(priorities: bool, pod_secon
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
 
 
-@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 45), (5, 20)])
+@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 45), (5, 20.5)])
 def test_an_idle_worker_leaves_once_the_queue_is_silent(
     quiet_check: float, pod_seconds: float
 ) -> None:
     # The worker is up at 5, works 5..15 and is idle from 15 with an idle timeout of 30 s: it
-    # exits at 45. Reading the queue every 5 s, it finds at 20 nothing published since its
-    # read at 15 and nothing ready: it exits at 20.
-    settings = replace(FIXED, idle_timeout_seconds=30)
-    levers = Levers(consumer_priorities=True, quiet_check_seconds=quiet_check)
+    # exits at 45. Reading the queue 0.5 s into its idle spell and every 5 s after, it finds at
+    # 20.5 nothing published since its read at 15.5 and nothing ready: it exits at 20.5.
+    settings = replace(FIXED, idle_timeout_seconds=30, quiet_check_seconds=quiet_check)
+    levers = Levers(consumer_priorities=True)
     metrics = simulate(tasks(10), settings, JobtideScaler(settings, levers=levers)).metrics
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
 
 
-@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 92 + 45), (5, 72 + 45)])
+@pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 92 + 45), (5, 72.5 + 45)])
 def test_an_idle_worker_stays_while_the_queue_is_fed(
     quiet_check: float, pod_seconds: float
 ) -> None:
     # Two workers up at 5 work 5..15; then a task of 1 s every 4 s from 17 to 61, which the
     # older worker 0 takes (consumer priorities). Worker 1, idle from 15, finds something
-    # published at each read (every 5 s): it stays until its idle timeout, 45, either way.
-    # Worker 0 is idle from 62: without reads it exits at 92; its read at 67 sees the counter
-    # as of the broker's statistics at 65, which counts the task of 61 that the read at 62
-    # (as of 60) did not: it stays, and leaves at the read of 72.
-    settings = replace(FIXED, idle_timeout_seconds=30)
+    # published at each read (every 5 s from 15.5): it stays until its idle timeout, 45,
+    # either way. Worker 0 is idle from 62: without reads it exits at 92; its read at 67.5
+    # sees the counter as of the broker's statistics at 65, which counts the task of 61 that
+    # the read at 62.5 (as of 60) did not: it stays, and leaves at the read of 72.5.
+    settings = replace(FIXED, idle_timeout_seconds=30, quiet_check_seconds=quiet_check)
     stream = tuple(Task(17.0 + 4 * index, 1) for index in range(12))
     workload = Workload("hand", (Task(0, 10), Task(0, 10), *stream), 0.0)
-    levers = Levers(consumer_priorities=True, quiet_check_seconds=quiet_check)
+    levers = Levers(consumer_priorities=True)
     metrics = simulate(workload, settings, JobtideScaler(settings, levers=levers)).metrics
     assert metrics.jobs_created == 2
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
+
+
+def test_only_jobtides_workers_read_the_queue() -> None:
+    # KEDA's workers on the same settings know nothing of the queue's counters: idle from 15,
+    # the worker leaves by its idle timeout of 30 s, at 45.
+    settings = replace(FIXED, idle_timeout_seconds=30, quiet_check_seconds=5)
+    metrics = simulate(tasks(10), settings, KedaScaler(settings, drain=True)).metrics
+    assert metrics.pod_seconds == pytest.approx(45)
 
 
 def test_the_hpa_is_billed_back_to_its_minimum_with_its_node() -> None:

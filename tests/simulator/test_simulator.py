@@ -203,6 +203,11 @@ def test_values_mapping_and_errors() -> None:
         settings_from_values(values, None, Settings())
     with pytest.raises(ValueError, match=r"pipelines\.a\.maxWorkers"):
         settings_from_values({"pipelines": {"a": {"maxWorkers": "x"}}}, None, Settings())
+    # The worker's reads of the queue's counters, as the values set them.
+    quiet = settings_from_values({"pipelines": {"a": {"quietCheckSeconds": 0}}}, None, Settings())
+    assert (Settings().quiet_check_seconds, quiet.quiet_check_seconds) == (5, 0)
+    with pytest.raises(ValueError, match=r"pipelines\.a\.quietCheckSeconds: must be 0 \(off\)"):
+        settings_from_values({"pipelines": {"a": {"quietCheckSeconds": 3}}}, None, Settings())
 
 
 def test_bad_trace_row_names_the_line(tmp_path: Path) -> None:

@@ -41,17 +41,22 @@ def test_image_runs_as_a_numeric_user_with_labels_and_no_build_secret(
     }
 
 
-def test_hello_image_does_its_tasks_then_exits_when_idle(
+def test_hello_image_does_its_tasks_then_exits_once_the_queue_is_silent(
     images: ImageBuilder, bed: WorkerBed
 ) -> None:
     bed.publish({"id": "a", "seconds": 0.2}, {"id": "b", "seconds": 0.1}, {"seconds": 0})
+    # Counted in the queue's statistics before the worker's first read.
+    wait_counts(bed.broker, bed.queue, ready=3)
     env = broker_env(bed.broker)
     password = env.pop("JOBTIDE_BROKER_PASSWORD")
     argv = ["run", "--rm", "--network", "host", "--read-only", "--user", "10001"]
     for name, value in {
         **env,
         "JOBTIDE_QUEUE": bed.queue,
-        "JOBTIDE_IDLE_TIMEOUT_SECONDS": "2",
+        # It leaves once the queue is silent, read from the management API (the image's
+        # HTTP client), long before its idle timeout.
+        "JOBTIDE_IDLE_TIMEOUT_SECONDS": "60",
+        "JOBTIDE_BROKER_MANAGEMENT_PORT": str(bed.broker.management_port),
     }.items():
         argv += ["--env", f"{name}={value}"]
     # The password travels in the docker client's environment, not on its command line.
@@ -65,7 +70,8 @@ def test_hello_image_does_its_tasks_then_exits_when_idle(
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert output.count("outcome=done") == 3
-    assert "reason=idle" in output
+    assert "reason=queue-silent" in output
+    assert "queue counters unreadable" not in output
     assert password not in output
     wait_counts(bed.broker, bed.queue, ready=0, unacked=0)
 

@@ -32,6 +32,8 @@ def config(**overrides: Any) -> WorkerConfig:
         "queue": "q",
         "pipeline": "q",
         "idle_timeout_seconds": 0.3,
+        # No management API behind the fake broker: an idle worker reads no queue counters.
+        "quiet_check_seconds": 0,
         "declare_topology": False,
         "worker_name": "unit",
         **overrides,

@@ -91,6 +91,10 @@ class WorkerBed:
             JOBTIDE_QUEUE=self.queue,
             JOBTIDE_HANDLER="handlers:handle",
             JOBTIDE_IDLE_TIMEOUT_SECONDS="2",
+            # Off unless a test turns it on (test_worker_quiet.py): the other tests wait for
+            # their workers by the idle timeout alone.
+            JOBTIDE_QUIET_CHECK_SECONDS="0",
+            JOBTIDE_BROKER_MANAGEMENT_PORT=str(self.broker.management_port),
             JOBTIDE_MAX_ATTEMPTS="3",
             JOBTIDE_TEST_RECORD=str(self.record_path),
             PYTHONPATH=str(HERE),

@@ -105,6 +105,11 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+{{- /* The management API: the scaler reads queue counts there, an idle worker its queue's
+counters (quietCheckSeconds). Same host and TLS as AMQP (the bundled broker's Service port
+`management`; externalBroker.managementPort). */}}
+- name: JOBTIDE_BROKER_MANAGEMENT_PORT
+  value: {{ include "jobtide.broker.managementPort" . | quote }}
 - name: JOBTIDE_BROKER_USERNAME_FILE
   value: {{ printf "%s/username" (include "jobtide.broker.credentialsDir" .) | quote }}
 - name: JOBTIDE_BROKER_PASSWORD_FILE

@@ -4,7 +4,7 @@ jobtide_scaler.settings: do not edit. The setting keys (JSON lists) that the cha
 copies into the scaler's configuration.
 */}}
 {{- define "jobtide.pipelineSettingKeys" -}}
-["messagesPerWorker", "minWorkers", "maxWorkers", "maxNewPerCycle", "activationMessages", "idleTimeoutSeconds", "maxAttempts", "maxTaskSeconds", "backoffLimit", "ttlSecondsAfterFinished", "failedJobsHistoryLimit"]
+["messagesPerWorker", "minWorkers", "maxWorkers", "maxNewPerCycle", "activationMessages", "idleTimeoutSeconds", "quietCheckSeconds", "maxAttempts", "maxTaskSeconds", "backoffLimit", "ttlSecondsAfterFinished", "failedJobsHistoryLimit"]
 {{- end }}
 {{- define "jobtide.scalerSettingKeys" -}}
 ["pollIntervalSeconds", "brokerStaleAfterSeconds", "maxTotalWorkers"]

@@ -28,8 +28,8 @@ from urllib.parse import quote
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import requests
-import requests.adapters
 from jobtide_worker.config import BrokerConfig, BrokerTlsError
+from jobtide_worker.management import management_session
 
 from jobtide_scaler.backlog import PublishHistory
 from jobtide_scaler.retry import retry_after
@@ -91,27 +91,6 @@ class _Live:
     read_at: float
 
 
-class _BrokerTlsAdapter(requests.adapters.HTTPAdapter):
-    """HTTPS to the management API verified exactly as AMQP is: the broker's SSL context
-    (its CA bundle alone, or the system's) and the name its certificate must carry."""
-
-    def __init__(self, settings: BrokerConfig) -> None:
-        self._context = settings.ssl_context()
-        self._server_name = settings.tls_name
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["ssl_context"] = self._context
-        kwargs["server_hostname"] = self._server_name
-        super().init_poolmanager(*args, **kwargs)
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        # The context holds the trust: requests would load its own CA bundle into it.
-        conn.cert_reqs = "CERT_REQUIRED"
-        conn.ca_certs = None
-        conn.ca_cert_dir = None
-
-
 class Broker:
     def __init__(
         self,
@@ -123,9 +102,7 @@ class Broker:
         self.settings = settings
         self.clock = clock
         self._on_error = on_error
-        self._session = requests.Session()
-        if settings.tls:
-            self._session.mount("https://", _BrokerTlsAdapter(settings))
+        self._session = management_session(settings)
         # The lasting TLS failure of each source, None while it works (or fails otherwise).
         self._tls_problems: dict[str, str | None] = {"amqp": None, "management": None}
         self._management: dict[str, QueueReading] = {}
@@ -205,7 +182,6 @@ class Broker:
                     "message_stats.publish"
                 },
                 timeout=MANAGEMENT_TIMEOUT,
-                auth=self.settings.credentials(),  # per request: a rotated password applies
             )
             wait = retry_after(response.headers.get("Retry-After"))
             if response.status_code in (429, 503) and wait is not None:

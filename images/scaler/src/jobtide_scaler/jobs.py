@@ -7,6 +7,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from jobtide_worker.config import PIPELINE_VARIABLES
+
 from jobtide_scaler.config import PipelineConfig
 
 # The labels the scaler puts on every worker Job and its pod, the one place they are built: the
@@ -44,9 +46,10 @@ def worker_env(pipeline: PipelineConfig) -> list[dict[str, str]]:
     return [
         {"name": "JOBTIDE_PIPELINE", "value": pipeline.name},
         {"name": "JOBTIDE_QUEUE", "value": pipeline.queue},
-        {"name": "JOBTIDE_IDLE_TIMEOUT_SECONDS", "value": _number(settings.idle_timeout_seconds)},
-        {"name": "JOBTIDE_MAX_ATTEMPTS", "value": str(settings.max_attempts)},
-        {"name": "JOBTIDE_MAX_TASK_SECONDS", "value": _number(settings.max_task_seconds)},
+        *(
+            {"name": variable, "value": _number(getattr(settings, field_name))}
+            for field_name, variable in PIPELINE_VARIABLES.items()
+        ),
     ]
 
 

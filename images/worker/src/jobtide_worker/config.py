@@ -34,6 +34,14 @@ T = TypeVar("T")
 # What a worker started without the scaler's variables does: the pipeline settings' defaults.
 _PIPELINE_DEFAULTS = PipelineSettings()
 _PIPELINE_SPECS = setting_specs(PipelineSettings)
+# The pipeline settings a worker takes from its environment, by field: the scaler sets these
+# variables on every worker Job from the pipeline's settings (jobtide_scaler.jobs.worker_env).
+PIPELINE_VARIABLES = {
+    "idle_timeout_seconds": "JOBTIDE_IDLE_TIMEOUT_SECONDS",
+    "quiet_check_seconds": "JOBTIDE_QUIET_CHECK_SECONDS",
+    "max_attempts": "JOBTIDE_MAX_ATTEMPTS",
+    "max_task_seconds": "JOBTIDE_MAX_TASK_SECONDS",
+}
 # A broker host: a DNS name or an IPv4 address, never a URL (`amqp://host:5672`) or host:port.
 # The chart's schema takes its externalBroker.host pattern from here.
 HOST_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -212,6 +220,8 @@ class WorkerConfig:
     pipeline: str
     handler: str = "handler:handle"
     idle_timeout_seconds: float = _PIPELINE_DEFAULTS.idle_timeout_seconds
+    # While idle, read the queue's counters this often and leave once it is silent; 0: never.
+    quiet_check_seconds: float = _PIPELINE_DEFAULTS.quiet_check_seconds
     max_attempts: int = _PIPELINE_DEFAULTS.max_attempts
     max_task_seconds: float = _PIPELINE_DEFAULTS.max_task_seconds
     prefetch: int = 1
@@ -234,11 +244,10 @@ class WorkerConfig:
             queue=queue,
             pipeline=e.text("JOBTIDE_PIPELINE", queue),
             handler=e.handler("JOBTIDE_HANDLER", "handler:handle"),
-            idle_timeout_seconds=e.setting(
-                "JOBTIDE_IDLE_TIMEOUT_SECONDS", "idle_timeout_seconds", float
-            ),
-            max_attempts=e.setting("JOBTIDE_MAX_ATTEMPTS", "max_attempts", int),
-            max_task_seconds=e.setting("JOBTIDE_MAX_TASK_SECONDS", "max_task_seconds", float),
+            **{
+                field_name: e.setting(variable, field_name)
+                for field_name, variable in PIPELINE_VARIABLES.items()
+            },
             prefetch=e.number("JOBTIDE_PREFETCH", 1, int, minimum=1, maximum=65535),
             max_tasks=e.number("JOBTIDE_MAX_TASKS", 0, int, minimum=0),
             max_lifetime_seconds=e.number("JOBTIDE_MAX_LIFETIME_SECONDS", 0.0, float, minimum=0),
@@ -269,6 +278,8 @@ class WorkerConfig:
             "tls_server_name": self.broker.tls_name if self.broker.tls else None,
             "prefetch": self.prefetch,
             "idle_timeout_seconds": self.idle_timeout_seconds,
+            "quiet_check_seconds": self.quiet_check_seconds,
+            "management": self.broker.management_url if self.quiet_check_seconds else None,
             "max_attempts": self.max_attempts,
             "max_task_seconds": self.max_task_seconds,
             "max_tasks": self.max_tasks,
@@ -442,19 +453,17 @@ class _Env:
     def port(self, name: str, default: int) -> int:
         return self.number(name, default, int, minimum=1, maximum=65535)
 
-    def setting(self, name: str, field_name: str, kind: Callable[[str], T]) -> T:
-        """A pipeline setting passed by the scaler, with the setting's own default and bounds
-        (jobtide_worker.pipeline_settings)."""
+    def setting(self, name: str, field_name: str) -> Any:
+        """A pipeline setting passed by the scaler, with the setting's own kind, default and
+        bounds (jobtide_worker.pipeline_settings)."""
         spec = _PIPELINE_SPECS[field_name]
-        default: T = getattr(_PIPELINE_DEFAULTS, field_name)
-        return self.number(
-            name,
-            default,
-            kind,
-            minimum=spec.minimum,
-            exclusive_minimum=spec.exclusive_minimum,
-            maximum=spec.maximum,
-        )
+        default = getattr(_PIPELINE_DEFAULTS, field_name)
+        value = self.number(name, default, spec.kind)
+        problem = spec.problem(value)
+        if problem is not None:
+            # The spec names its values key; the variable is named instead.
+            return self._problem(name, problem.partition(": ")[2], default)
+        return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.text(name, default).lower()

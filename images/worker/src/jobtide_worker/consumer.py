@@ -21,6 +21,7 @@ from typing import Any
 
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
+import requests
 
 from jobtide_worker import fields, topology
 from jobtide_worker.config import WorkerConfig
@@ -36,6 +37,13 @@ from jobtide_worker.outcome import (
     describe,
     execute,
     log_task,
+)
+from jobtide_worker.quiet import (
+    FIRST_READ_SECONDS,
+    OddAnswer,
+    QueueCounters,
+    QueueWatch,
+    queue_silent,
 )
 from jobtide_worker.task import ACQUIRED_COUNT_HEADER, count_header_of
 
@@ -171,6 +179,15 @@ class Consumer:
         self._count_header = ACQUIRED_COUNT_HEADER
         self.finished = 0
         self._last_activity = time.monotonic()
+        # Leave when the queue is silent: the reads of the current idle spell (the one that
+        # began at `_quiet_spell`), the last counters read in it and when to read next.
+        self._watch = (
+            QueueWatch(config.broker, config.queue) if config.quiet_check_seconds else None
+        )
+        self._quiet_spell = -1.0
+        self._quiet_previous: QueueCounters | None = None
+        self._quiet_next_read = 0.0
+        self._quiet_problem_logged = False
 
     def run(self) -> State:
         """Consume until a reason to stop, reconnecting as needed; the reason."""
@@ -231,6 +248,8 @@ class Consumer:
                 lost_since = time.monotonic()
                 continue
             self.close_connection()
+            if self._watch is not None:
+                self._watch.close()
             return reason
 
     def keep_alive(self) -> None:
@@ -319,8 +338,16 @@ class Consumer:
         self._tick_scheduled = False
 
     def _tick(self) -> float:
-        idle_left = self.config.idle_timeout_seconds - (time.monotonic() - self._last_activity)
-        return max(0.0, min(_TICK_SECONDS, idle_left))
+        now = time.monotonic()
+        wait = min(_TICK_SECONDS, self.config.idle_timeout_seconds - (now - self._last_activity))
+        if self._watch is not None and not self._pending:
+            # The first read of an idle spell on time: the spell's next tick is armed for it.
+            first_read = self._last_activity + FIRST_READ_SECONDS
+            if self._quiet_spell != self._last_activity and first_read > now:
+                wait = min(wait, first_read - now)
+            elif self._quiet_next_read > now:
+                wait = min(wait, self._quiet_next_read - now)
+        return max(0.0, wait)
 
     def _check_connection(self) -> None:
         error = self.handover.take_connection_error()
@@ -352,7 +379,50 @@ class Consumer:
             return State.MAX_LIFETIME
         if not self._pending and now - self._last_activity >= cfg.idle_timeout_seconds:
             return State.IDLE
+        if not self._pending and self._queue_fell_silent(now):
+            return State.QUEUE_SILENT
         return None
+
+    def _queue_fell_silent(self, now: float) -> bool:
+        """While idle, every `quiet_check_seconds` (the first read shortly after the last
+        message): whether nothing was published since the previous read of this idle spell and
+        nothing is ready (jobtide_worker.quiet). A failed or odd read says no."""
+        if self._watch is None:
+            return False
+        if self._quiet_spell != self._last_activity:  # a new idle spell: its reads start over
+            self._quiet_spell = self._last_activity
+            self._quiet_previous = None
+            self._quiet_next_read = self._last_activity + FIRST_READ_SECONDS
+        if now < self._quiet_next_read:
+            return False
+        try:
+            current = self._watch.read()
+        except (requests.RequestException, OddAnswer) as e:
+            self._quiet_read_failed(e)
+            return False
+        finally:
+            # Counted from the answer, so that the broker sees two reads at least the interval
+            # apart, whatever each took: at least one statistics refresh lies between them.
+            self._quiet_next_read = time.monotonic() + self.config.quiet_check_seconds
+        silent = queue_silent(self._quiet_previous, current)
+        self._quiet_previous = current
+        if not silent:
+            return False
+        # A message may have reached the connection while the worker read: it is taken, and
+        # the worker stays.
+        self._connection.process_data_events(time_limit=0)
+        return not self._pending
+
+    def _quiet_read_failed(self, error: BaseException) -> None:
+        if self._quiet_problem_logged or self._watch is None:
+            return
+        self._quiet_problem_logged = True
+        self.log.event(
+            WARNING,
+            "queue counters unreadable; leaving by the idle timeout only",
+            problem=self._watch.problem(error),
+            idle_timeout_seconds=self.config.idle_timeout_seconds,
+        )
 
     def _drain(self, reason: State) -> State:
         """Stop taking messages and leave the rest unacked: closing the connection requeues

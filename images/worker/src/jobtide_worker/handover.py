@@ -12,7 +12,8 @@ main thread closes the connection under a task still running (`abandon`), so tha
 requeues it; when that handler returns, its thread ends without touching the connection again.
 
 One state value says whether and why the worker stops. Its writers never race in a way that
-loses a SIGTERM: the consumer thread moves RUNNING to a limit (idle, max-tasks, max-lifetime)
+loses a SIGTERM: the consumer thread moves RUNNING to a limit (idle, queue-silent, max-tasks,
+max-lifetime)
 holding the lock; the signal handler, in the main thread, stores `sigterm_at` first and then
 SIGTERM, which overrides a limit; the main thread moves to ABANDONED holding the lock. Only the
 consumer's check-then-store can interleave with the signal handler, and it looks at
@@ -34,6 +35,7 @@ class State(enum.Enum):
 
     RUNNING = "running"
     IDLE = "idle"
+    QUEUE_SILENT = "queue-silent"  # idle, and the queue's counters say nothing more is coming
     MAX_TASKS = "max-tasks"
     MAX_LIFETIME = "max-lifetime"
     SIGTERM = "sigterm"
@@ -41,7 +43,7 @@ class State(enum.Enum):
     ABANDONED = "abandoned"
 
 
-LIMITS = (State.IDLE, State.MAX_TASKS, State.MAX_LIFETIME)
+LIMITS = (State.IDLE, State.QUEUE_SILENT, State.MAX_TASKS, State.MAX_LIFETIME)
 
 
 class Abandoned(Exception):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = [
+    "STATISTICS_INTERVAL_SECONDS",
     "PipelineSettings",
     "SettingSpec",
     "SettingsBlock",
@@ -39,6 +40,9 @@ _KINDS: dict[str, type] = {"int": int, "float": float}
 # settings become backoffLimit and ttlSecondsAfterFinished). Without one, a value beyond 64 bits
 # passes the schema and wraps around or loses digits on its way (Helm reads numbers as float64).
 DEFAULT_MAXIMUM = 2**31 - 1
+# RabbitMQ's `collect_statistics_interval` (5,000 ms by default): the management API's counters
+# are refreshed this often, so two reads closer together may find the same counter.
+STATISTICS_INTERVAL_SECONDS = 5
 # Made on first use: every settings object is checked against its class's specs when made.
 _SPECS_BY_CLASS: dict[type[SettingsBlock], dict[str, SettingSpec]] = {}
 
@@ -62,6 +66,8 @@ class SettingSpec:
     minimum: float | None = None
     exclusive_minimum: float | None = None
     maximum: float | None = None
+    # A value that turns the setting off, allowed although below its minimum (0: no reads).
+    off: float | None = None
 
     def problem(self, value: object) -> str | None:
         """Why `value` is not valid for this setting, or None."""
@@ -71,7 +77,14 @@ class SettingSpec:
             return f"{self.key}: expected {expected}, got {value!r}"
         if not math.isfinite(value):
             return f"{self.key}: expected a finite number, got {value!r}"
+        if self.off is not None and value == self.off:
+            return None
         if self.minimum is not None and value < self.minimum:
+            if self.off is not None:
+                return (
+                    f"{self.key}: must be {self.off:g} (off) or at least {self.minimum:g},"
+                    f" got {value!r}"
+                )
             return f"{self.key}: must be at least {self.minimum:g}, got {value!r}"
         if self.exclusive_minimum is not None and value <= self.exclusive_minimum:
             return f"{self.key}: must be greater than {self.exclusive_minimum:g}, got {value!r}"
@@ -86,7 +99,9 @@ class SettingSpec:
             "description": self.doc,
             "default": self.default,
         }
-        if self.minimum is not None:
+        if self.off is not None and self.minimum is not None:
+            schema["anyOf"] = [{"const": self.off}, {"minimum": self.minimum}]
+        elif self.minimum is not None:
             schema["minimum"] = self.minimum
         if self.exclusive_minimum is not None:
             schema["exclusiveMinimum"] = self.exclusive_minimum
@@ -107,10 +122,12 @@ def setting(
     minimum: float | None = None,
     exclusive_minimum: float | None = None,
     maximum: float = DEFAULT_MAXIMUM,
+    off: float | None = None,
 ) -> T:
     """A settings field; its key and kind are filled in from the field by `setting_specs`.
-    A float field may have an integral default (`5`): the chart's values show it as written."""
-    spec = SettingSpec("", object, default, doc, minimum, exclusive_minimum, maximum)
+    A float field may have an integral default (`5`): the chart's values show it as written.
+    `off`: a value below `minimum` that is still valid, as the setting's "off"."""
+    spec = SettingSpec("", object, default, doc, minimum, exclusive_minimum, maximum, off)
     result: T = dataclasses.field(default=default, metadata={_SPEC: spec})
     return result
 
@@ -183,11 +200,20 @@ class PipelineSettings(SettingsBlock):
         0, minimum=0, doc="A backlog at or below this starts no worker."
     )
     idle_timeout_seconds: float = setting(
-        5,
+        15,
         exclusive_minimum=0,
-        doc="A worker exits after this many seconds without a message. Every worker pays it"
-        " once, so keep it near your pods' start-up time; check with"
-        " `python -m jobtide_scaler simulate --values`.",
+        doc="A worker exits after this many seconds without a message, or earlier once the"
+        " queue is silent (`quietCheckSeconds`). 15 was chosen with the simulator"
+        " (docs/simulator.md); check with `python -m jobtide_scaler simulate --values`.",
+    )
+    quiet_check_seconds: float = setting(
+        5,
+        minimum=STATISTICS_INTERVAL_SECONDS,
+        off=0,
+        doc="An idle worker reads its queue's counters from the management API this often and"
+        " exits as soon as nothing was published since its previous read and nothing is"
+        " ready. 0 turns it off (the idle timeout alone); otherwise at least 5, the broker's"
+        " statistics interval (a shorter read finds the same counter).",
     )
     max_attempts: int = setting(
         3,

@@ -24,9 +24,11 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
   busy or not (the HPA); a deleted or evicted busy pod's message goes back to the head of the
   queue and its work so far is lost. An evicted deployment pod is replaced by its ReplicaSet,
   an evicted Job pod by its Job when the Job has retries left (`backoffLimit` above 0).
-  With `Levers.quiet_check_seconds` an idle Job worker also leaves at its first read of
-  the queue's counters that finds nothing published since its previous read and nothing
-  ready (the publish counter as of the broker's last statistics refresh).
+  A worker that reads the queue's counters while idle (`Scaler.quiet_check_seconds`:
+  jobtide's, from the pipeline's `quiet_check_seconds`) also leaves at its first read that
+  finds nothing published since its previous read and nothing ready (the worker's own
+  decision, `jobtide_worker.quiet.queue_silent`; the publish counter as of the broker's last
+  statistics refresh).
 - The run lasts until every task is done, the workload's horizon has passed, the scaler is
   back at its minimum (no pod, or the HPA's one replica) and no node is left without a pod.
 
@@ -47,7 +49,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from jobtide_worker.pipeline_settings import PipelineSettings
+from jobtide_worker.pipeline_settings import STATISTICS_INTERVAL_SECONDS, PipelineSettings
+from jobtide_worker.quiet import FIRST_READ_SECONDS, QueueCounters, queue_silent
 
 from jobtide_scaler.settings import ScalerSettings
 from jobtide_scaler.simulate.nodes import (
@@ -84,7 +87,7 @@ _GIVE_UP_AFTER_SECONDS = 7 * 24 * 3600.0
 CONNECT_SECONDS = 2.0
 # How often RabbitMQ refreshes the management API's statistics (`collect_statistics_interval`,
 # 5,000 ms by default): a counter read there is as old as the last refresh.
-STATISTICS_SECONDS = 5.0
+STATISTICS_SECONDS = float(STATISTICS_INTERVAL_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,12 @@ class Scaler(Protocol):
 
     @property
     def levers(self) -> Levers: ...
+
+    @property
+    def quiet_check_seconds(self) -> float:
+        """How often an idle worker reads the queue's counters to leave once it is silent;
+        0: it does not."""
+        ...
 
     def decide(self, now: float, view: ClusterView) -> int: ...
 
@@ -291,8 +300,8 @@ class _Run:
         self.waits: list[float | None] = [None] * len(self.tasks)
         self.done = 0
         self.arrival_times = [task.arrival for task in self.tasks]  # in order (workloads sort)
-        # Per idle pod: the queue's `publish` counter at its previous quiet check.
-        self.published_seen: dict[int, int] = {}
+        # Per idle pod: the queue's counters at its previous read of this idle spell.
+        self.counters_seen: dict[int, QueueCounters] = {}
         self.max_backlog = 0
         self.busy_killed = 0
         self.busy_disrupted = 0
@@ -426,13 +435,10 @@ class _Run:
                 pod.number,
                 pod.idle_token,
             )
-            if self.levers.quiet_check_seconds > 0:
-                self.published_seen[pod.number] = self.published()
+            if self.scaler.quiet_check_seconds > 0:
+                self.counters_seen.pop(pod.number, None)
                 self.schedule(
-                    self.now + self.levers.quiet_check_seconds,
-                    _Event.QUIET_CHECK,
-                    pod.number,
-                    pod.idle_token,
+                    self.now + FIRST_READ_SECONDS, _Event.QUIET_CHECK, pod.number, pod.idle_token
                 )
 
     def published(self) -> int:
@@ -447,13 +453,13 @@ class _Run:
         ends its wait)."""
         if pod.exited_at is not None or pod.number not in self.idle or pod.idle_token != token:
             return
-        published = self.published()
-        if published == self.published_seen.get(pod.number) and not self.queue:
+        current = QueueCounters(published=self.published(), ready=len(self.queue))
+        if queue_silent(self.counters_seen.get(pod.number), current):
             self.exit(pod)
             return
-        self.published_seen[pod.number] = published
+        self.counters_seen[pod.number] = current
         self.schedule(
-            self.now + self.levers.quiet_check_seconds, _Event.QUIET_CHECK, pod.number, token
+            self.now + self.scaler.quiet_check_seconds, _Event.QUIET_CHECK, pod.number, token
         )
 
     def dispatch(self) -> None:

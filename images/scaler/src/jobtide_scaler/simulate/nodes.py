@@ -197,12 +197,8 @@ class Levers:
     it finished, and its pod with it: a pod event on its node for Karpenter (jobtide's Jobs).
     KEDA's ScaledJob keeps its last 100 finished Jobs (`successfulJobsHistoryLimit`): their
     deletion is not modelled.
-    quiet_check_seconds: an idle worker reads the queue's counters every this many seconds
-    (the management API's cumulative `publish` counter, refreshed by the broker every
-    `STATISTICS_SECONDS`, and the ready count) and leaves as soon as a read finds nothing
-    published since its previous read and nothing ready, instead of waiting out its idle
-    timeout: a queue that is still fed keeps its idle workers up to the idle timeout, a
-    queue that fell silent lets them go at once. 0: off (the idle timeout alone)."""
+    (Leaving when the queue is silent is a pipeline setting, `quiet_check_seconds`, that
+    jobtide's workers follow: `Scaler.quiet_check_seconds`.)"""
 
     consumer_priorities: bool = False
     pack: bool = False
@@ -213,12 +209,10 @@ class Levers:
     protect_busy_only: bool = False
     protection_delay_seconds: float = 0.0
     finished_pods_deleted: bool = False
-    quiet_check_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
             "eviction_grace_seconds": self.eviction_grace_seconds >= 0,
-            "quiet_check_seconds": self.quiet_check_seconds >= 0,
             "protection_delay_seconds": self.protection_delay_seconds >= 0,
         }
         reject_invalid("lever", self, checks)

@@ -73,12 +73,21 @@ class _PollingScaler:
     def idle_timeout_seconds(self) -> float:
         return self.settings.idle_timeout_seconds
 
+    @property
+    def quiet_check_seconds(self) -> float:
+        return 0.0  # KEDA's workers know nothing of the queue's counters
+
 
 @dataclass
 class JobtideScaler(_PollingScaler):
     levers: Levers = JOBTIDE_LEVERS
     worker: WorkerModel = WorkerModel.DRAIN
     initial_pods: int = 0
+
+    @property
+    def quiet_check_seconds(self) -> float:
+        """jobtide's worker leaves once the queue is silent, as the pipeline sets it."""
+        return self.settings.quiet_check_seconds
 
     def decide(self, now: float, view: ClusterView) -> int:
         observation = Observation(
@@ -171,6 +180,10 @@ class HpaScaler:
     def idle_timeout_seconds(self) -> float:
         return math.inf
 
+    @property
+    def quiet_check_seconds(self) -> float:
+        return 0.0
+
     def decide(self, now: float, view: ClusterView) -> int:
         target = self.replicas_for(now, view.ready + view.unacked)
         previous = self.replicas
@@ -212,6 +225,10 @@ class DemoScaler:
     @property
     def idle_timeout_seconds(self) -> float:
         return 20.0
+
+    @property
+    def quiet_check_seconds(self) -> float:
+        return 0.0
 
     def decide(self, now: float, view: ClusterView) -> int:
         if view.pending == 0 and view.ready > self.settings.messages_per_worker:

@@ -1,0 +1,125 @@
+"""Leave when the queue is silent (docs/simulator.md, "Leave when the queue is silent").
+
+An idle worker cannot tell from its own messages whether its queue is still fed (with
+consumer priorities a young worker gets nothing either way) or has fallen silent. The queue's
+counters in the management API can: an idle worker reads them every `quietCheckSeconds` and
+leaves as soon as a read finds the cumulative `publish` counter unchanged since its previous
+read and nothing ready. A queue that is still fed keeps it up to its idle timeout.
+
+The decision, `queue_silent`, is pure and is the one the simulator runs. `QueueWatch` does the
+reads. The counter is as old as the broker's last statistics refresh
+(`collect_statistics_interval`, 5 s by default): two reads closer together than that can find
+the same counter although something was published, which is why the read interval may not be
+shorter (`pipeline_settings.STATISTICS_INTERVAL_SECONDS`).
+
+A read that fails, answers oddly or finds no `message_stats` (a broker that keeps no
+statistics) changes nothing: the idle timeout still ends the wait. Such a problem is logged
+once per kind, never with the credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from jobtide_worker.config import BrokerConfig
+from jobtide_worker.management import management_session
+
+__all__ = [
+    "FIRST_READ_SECONDS",
+    "OddAnswer",
+    "QueueCounters",
+    "QueueWatch",
+    "counters_from_answer",
+    "queue_silent",
+]
+
+# The first read of an idle spell, this long after the worker's last message: not between two
+# messages taken back to back (a busy worker reads nothing), and one consumer tick.
+FIRST_READ_SECONDS = 0.5
+# Connect and read timeouts of one read: a hanging management API must not keep an idle
+# worker's connection unserviced for long (its heartbeats wait meanwhile).
+READ_TIMEOUT = (2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class QueueCounters:
+    """One read of a queue's counters."""
+
+    published: int  # message_stats.publish: messages published to the queue so far
+    ready: int  # messages_ready
+
+
+def queue_silent(previous: QueueCounters | None, current: QueueCounters) -> bool:
+    """Whether an idle worker may leave: nothing published between its previous read (of the
+    same idle spell) and this one, and nothing ready."""
+    return previous is not None and current.published == previous.published and current.ready == 0
+
+
+class OddAnswer(ValueError):
+    """The management API answered, but not with the queue's counters."""
+
+
+def _count(field: str, value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise OddAnswer(f"{field} is {value!r}, not a count")
+    return value
+
+
+def counters_from_answer(answer: Any) -> QueueCounters:
+    """The counters of `GET /api/queues/{vhost}/{queue}?columns=message_stats.publish,
+    messages_ready`; OddAnswer naming what is missing or wrong."""
+    if not isinstance(answer, dict):
+        raise OddAnswer(f"expected a queue object, got {type(answer).__name__}")
+    stats = answer.get("message_stats")
+    if not isinstance(stats, dict) or "publish" not in stats:
+        raise OddAnswer("no message_stats.publish (the broker keeps no message statistics?)")
+    return QueueCounters(
+        published=_count("message_stats.publish", stats["publish"]),
+        ready=_count("messages_ready", answer.get("messages_ready")),
+    )
+
+
+class QueueWatch:
+    """Reads one queue's counters with the broker's credentials and TLS; the session is
+    opened on the first read, so a worker with the reads off opens none."""
+
+    def __init__(self, broker: BrokerConfig, queue: str) -> None:
+        self._broker = broker
+        vhost = quote(broker.vhost, safe="")
+        self.url = f"{broker.management_url}/api/queues/{vhost}/{quote(queue, safe='')}"
+        self._session: requests.Session | None = None
+
+    def read(self) -> QueueCounters:
+        """The queue's counters now; raises OddAnswer, or requests' errors for a failed read
+        (an HTTP error status included)."""
+        if self._session is None:
+            self._session = management_session(self._broker)
+        response = self._session.get(
+            self.url,
+            params={"columns": "message_stats.publish,messages_ready"},
+            timeout=READ_TIMEOUT,
+        )
+        response.raise_for_status()
+        try:
+            answer = response.json()
+        except requests.JSONDecodeError as e:
+            raise OddAnswer(f"not JSON ({e})") from e
+        return counters_from_answer(answer)
+
+    def problem(self, error: BaseException) -> str:
+        """`error` in words, without the credentials: a TLS problem named, else its class and
+        text (requests never puts the session's credentials into either)."""
+        tls = self._broker.tls_problem(error, port=self._broker.management_port)
+        if tls is not None:
+            return tls
+        if isinstance(error, requests.HTTPError) and error.response is not None:
+            return f"HTTP {error.response.status_code} from {self.url}"
+        return f"{type(error).__name__}: {error}"
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()

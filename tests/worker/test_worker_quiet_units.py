@@ -1,0 +1,99 @@
+"""Leaving when the queue is silent, its pure parts: the decision from two reads (the one the
+simulator runs too), the management API's answer read into counters, and the setting's
+bounds (0 turns the reads off, else at least the broker's statistics interval)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from jobtide_worker import ConfigError, WorkerConfig
+from jobtide_worker.pipeline_settings import (
+    STATISTICS_INTERVAL_SECONDS,
+    PipelineSettings,
+    SettingsError,
+    setting_specs,
+)
+from jobtide_worker.quiet import OddAnswer, QueueCounters, counters_from_answer, queue_silent
+from test_worker_units import BASE
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "silent"),
+    [
+        (QueueCounters(published=7, ready=0), QueueCounters(published=7, ready=0), True),
+        # Something was published between the two reads: the queue is still fed.
+        (QueueCounters(published=7, ready=0), QueueCounters(published=8, ready=0), False),
+        # Nothing published, but messages wait (requeued, or no worker free for them).
+        (QueueCounters(published=7, ready=0), QueueCounters(published=7, ready=2), False),
+        # The first read of an idle spell has nothing to compare with.
+        (None, QueueCounters(published=7, ready=0), False),
+        # The counter went back (the broker restarted, the queue was declared again): not
+        # "unchanged", so no decision on it.
+        (QueueCounters(published=7, ready=0), QueueCounters(published=0, ready=0), False),
+    ],
+)
+def test_the_queue_is_silent_when_nothing_was_published_and_nothing_is_ready(
+    previous: QueueCounters | None, current: QueueCounters, silent: bool
+) -> None:
+    assert queue_silent(previous, current) is silent
+
+
+def test_the_management_apis_answer_read_into_counters() -> None:
+    answer = {"message_stats": {"publish": 12}, "messages_ready": 3}
+    assert counters_from_answer(answer) == QueueCounters(published=12, ready=3)
+
+
+@pytest.mark.parametrize(
+    ("answer", "named"),
+    [
+        ([], "expected a queue object"),
+        ({"messages_ready": 0}, "message_stats"),
+        ({"messages_ready": 0, "message_stats": {}}, "message_stats"),
+        ({"messages_ready": 0, "message_stats": None}, "message_stats"),
+        ({"messages_ready": 0, "message_stats": {"publish": -1}}, "publish"),
+        ({"messages_ready": 0, "message_stats": {"publish": True}}, "publish"),
+        ({"messages_ready": 0, "message_stats": {"publish": 1.5}}, "publish"),
+        ({"message_stats": {"publish": 1}}, "messages_ready"),
+        ({"messages_ready": "0", "message_stats": {"publish": 1}}, "messages_ready"),
+    ],
+)
+def test_an_odd_answer_is_refused_naming_what_is_wrong(answer: Any, named: str) -> None:
+    with pytest.raises(OddAnswer, match=named):
+        counters_from_answer(answer)
+
+
+def test_the_defaults_read_every_statistics_interval_with_a_longer_idle_timeout() -> None:
+    settings = PipelineSettings()
+    assert settings.quiet_check_seconds == STATISTICS_INTERVAL_SECONDS == 5
+    assert settings.idle_timeout_seconds == 15
+    config = WorkerConfig.from_env(BASE)
+    assert config.quiet_check_seconds == 5
+    assert config.idle_timeout_seconds == 15
+
+
+@pytest.mark.parametrize(("value", "read"), [("0", 0.0), ("5", 5.0), ("7.5", 7.5)])
+def test_quiet_check_is_off_at_0_or_at_least_the_statistics_interval(
+    value: str, read: float
+) -> None:
+    config = WorkerConfig.from_env({**BASE, "JOBTIDE_QUIET_CHECK_SECONDS": value})
+    assert config.quiet_check_seconds == read
+    assert PipelineSettings(quiet_check_seconds=read).quiet_check_seconds == read
+
+
+@pytest.mark.parametrize("value", ["4.9", "1", "-5", "nan", "soon"])
+def test_a_quiet_check_below_the_statistics_interval_names_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig.from_env({**BASE, "JOBTIDE_QUIET_CHECK_SECONDS": value})
+    assert caught.value.variable == "JOBTIDE_QUIET_CHECK_SECONDS"
+    assert str(caught.value).startswith("JOBTIDE_QUIET_CHECK_SECONDS:")
+
+
+def test_the_settings_and_their_schema_refuse_a_read_faster_than_the_statistics() -> None:
+    with pytest.raises(SettingsError, match=r"^quietCheckSeconds: must be 0 \(off\) or at least 5"):
+        PipelineSettings(quiet_check_seconds=2.5)
+    schema = setting_specs(PipelineSettings)["quiet_check_seconds"].json_schema()
+    assert schema["anyOf"] == [{"const": 0}, {"minimum": 5}]
+    assert "minimum" not in schema
