@@ -49,6 +49,8 @@ CLUSTER_DOMAIN = "cluster.local"
 POOL_LABEL = ("jobtide.io/pool", "workers")
 POOL_TAINT = {"key": "jobtide.io/pool", "value": "workers", "effect": "NoSchedule"}
 PAUSE_IMAGE = "docker.io/jobtide-testbed/pause:1"
+# containerd's content store under its root: blobs/<algorithm>/<encoded digest>.
+CONTENT_STORE = "io.containerd.content.v1.content"
 CGROUP_ROOT = "jobtide-testbed"
 CNI_BIN_DIR = "/usr/lib/cni"
 PAUSE_SOURCE = Path(__file__).with_name("pause") / "main.go"
@@ -232,6 +234,40 @@ class Node:
         folder = self.registry_hosts / host
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "hosts.toml").write_text(hosts_toml)
+
+    def distrust_registry(self, host: str) -> None:
+        """Undo `trust_registry(host)`."""
+        shutil.rmtree(self.registry_hosts / host, ignore_errors=True)
+
+    def images(self) -> set[str]:
+        """The names of the images containerd holds for kubelet."""
+        return set(self.ctr("images", "ls", "--quiet").stdout.split())
+
+    def image_digest(self, name: str) -> str:
+        """The digest of image `name`'s manifest (or index)."""
+        rows = self.ctr("images", "ls", f"name=={name}").stdout.splitlines()[1:]
+        if len(rows) != 1:
+            raise LookupError(f"node {self.name}: no image {name} in containerd")
+        # REF TYPE DIGEST SIZE PLATFORMS LABELS
+        return rows[0].split()[2]
+
+    def blob(self, digest: str) -> Path:
+        """Where containerd keeps blob `digest` (sha256:...) on disk: its content store,
+        read directly (the node runs as root on this machine)."""
+        algorithm, _, encoded = digest.partition(":")
+        return self.root / "containerd" / "root" / CONTENT_STORE / "blobs" / algorithm / encoded
+
+    def blobs(self) -> set[str]:
+        """The digests of every blob containerd holds for kubelet."""
+        return set(self.ctr("content", "ls", "--quiet").stdout.split())
+
+    def remove_images(self, *names: str) -> None:
+        """Remove images `names` (those held) and the blobs only they needed (containerd's
+        garbage collection, waited for); their snapshots go with the last container that
+        used them."""
+        held = sorted(self.images() & set(names))
+        if held:
+            self.ctr("images", "rm", "--sync", *held)
 
     def load_image(self, tar: Path) -> None:
         """Import a `docker save` tar into the node's containerd (where kubelet finds it)."""

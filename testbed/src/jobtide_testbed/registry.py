@@ -1,17 +1,27 @@
 """An OCI registry on the test bed: the CNCF distribution registry (`ci/setup registry`), on a
 free loopback port, serving TLS with a certificate of its own CA and asking for a password
 (htpasswd, bcrypt). Charts go in with `helm push` and out with `helm install oci://...`;
-images go in with `ctr images push` and the real node's containerd pulls them with a Secret,
-as a cluster pulls from a private registry.
+images go in with `Registry.push_copy` and the real node's containerd pulls them with a
+Secret, as a cluster pulls from a private registry.
 
 The node's containerd runs on the host, so a loopback address reaches the registry from it.
+
+`push_copy` pushes a copy of an image (read from a node's content store) whose every layer
+carries one file more in front, so no node holds its layers: a node that pulls it fetches every
+one of them from the registry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
 import secrets
+import tarfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +34,20 @@ from jobtide_testbed.tools import helm, tool
 
 # The one account the registry knows.
 USERNAME = "jobtide"
+# What `push_copy` writes, and the layers it can copy: uncompressed tars, as `docker save`
+# makes them and `ctr images import` keeps them.
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+TAR_LAYERS = (OCI_LAYER, "application/vnd.docker.image.rootfs.diff.tar")
+INDEXES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+# The file `push_copy` puts in front of every layer (its content makes the layer the copy's).
+COPY_MARKER = ".jobtide-registry-copy"
+# One `key=value` (value quoted or bare) of the registry's text log lines.
+LOG_FIELD = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
 def bcrypt_hash(password: str) -> str:
@@ -135,6 +159,107 @@ class Registry:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return [line for line in lines if '"' in line and not line.startswith("time=")]
 
+    def log_length(self) -> int:
+        """Lines the registry has logged so far: what `records(since=...)` counts from."""
+        return len(self.log_path.read_text(errors="replace").splitlines())
+
+    def records(self, since: int = 0) -> list[dict[str, str]]:
+        """The registry's own log lines after line `since`, as their fields: `msg`, and for
+        a request the request's (`http.request.method`, `.uri`, `.useragent`), with
+        `http.response.status` and `auth.user.name` when it succeeded (`msg` is then
+        "response completed"; a refused password is "error authorizing context: ...")."""
+        lines = self.log_path.read_text(errors="replace").splitlines()[since:]
+        return [
+            {key: value.strip('"') for key, value in LOG_FIELD.findall(line)}
+            for line in lines
+            if line.startswith("time=")
+        ]
+
+    def _api(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        data: bytes | BlobReader | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """A request to `/v2/{path}` as the registry's user; an error unless it succeeds."""
+        response = requests.request(
+            method, f"https://{self.host}/v2/{path}", params=params, data=data, headers=headers,
+            auth=(USERNAME, self.password), verify=str(self.ca), timeout=300,
+        )  # fmt: skip
+        if response.status_code >= 300:
+            raise RuntimeError(f"registry: {method} /v2/{path}: {response.status_code} "
+                               f"{response.text[:500]}")  # fmt: skip
+        return response
+
+    def push_blob(self, repository: str, blob: Blob) -> None:
+        """Upload `blob` into `repository` (one POST, then one PUT of the whole blob)."""
+        started = self._api("POST", f"{repository}/blobs/uploads/")
+        location = started.headers["Location"]
+        path = location.split("/v2/", 1)[1]
+        with blob.reader() as reader:
+            self._api(
+                "PUT", path, params={"digest": blob.digest}, data=reader,
+                headers={"Content-Type": "application/octet-stream"},
+            )  # fmt: skip
+
+    def push_copy(
+        self, blob_path: Callable[[str], Path], manifest: str, repository: str, tag: str,
+        marker: str,
+    ) -> PushedImage:  # fmt: skip
+        """Push a copy of the image whose manifest (or index) is blob `manifest`, reading
+        its blobs where `blob_path` says (a node's content store), as `repository:tag`.
+        Each layer of the copy is the original with a file `COPY_MARKER` in front (read,
+        never rewritten) holding `marker` and the copy's name, so every layer digest and the
+        config are this copy's own (also where two images share a layer): pushed with a
+        `marker` never used before, the copy's layers are on no node, and a node that pulls
+        it fetches every one."""
+        found = json.loads(blob_path(manifest).read_bytes())
+        if found.get("mediaType") in INDEXES:
+            [entry] = [
+                m for m in found["manifests"]
+                if m.get("platform", {}).get("os", "linux") == "linux"
+                and m.get("platform", {}).get("architecture", "amd64") == "amd64"
+            ]  # fmt: skip
+            found = json.loads(blob_path(entry["digest"]).read_bytes())
+        prefix = marker_member(f"{repository}:{tag} {marker}\n")
+        layers = []
+        for layer in found["layers"]:
+            if layer["mediaType"] not in TAR_LAYERS:
+                raise ValueError(
+                    f"layer {layer['digest']}: mediaType {layer['mediaType']} is not an "
+                    f"uncompressed tar ({', '.join(TAR_LAYERS)}); push_copy copies only those"
+                )
+            layers.append(Blob.of(prefix, blob_path(layer["digest"])))
+        config = json.loads(blob_path(found["config"]["digest"]).read_bytes())
+        # An uncompressed layer's diff ID is its digest.
+        config["rootfs"]["diff_ids"] = [layer.digest for layer in layers]
+        config_blob = Blob.of(json.dumps(config).encode())
+        for blob in [*layers, config_blob]:
+            self.push_blob(repository, blob)
+        document = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config_blob.descriptor(OCI_CONFIG),
+                "layers": [layer.descriptor(OCI_LAYER) for layer in layers],
+            }
+        ).encode()
+        self._api(
+            "PUT", f"{repository}/manifests/{tag}", data=document,
+            headers={"Content-Type": OCI_MANIFEST},
+        )  # fmt: skip
+        return PushedImage(
+            reference=f"{self.host}/{repository}:{tag}",
+            repository=repository,
+            tag=tag,
+            manifest=f"sha256:{hashlib.sha256(document).hexdigest()}",
+            config=config_blob.digest,
+            layers=[layer.digest for layer in layers],
+        )
+
     def helm(
         self,
         config: Path,
@@ -171,3 +296,81 @@ class Registry:
             f"  capabilities = {json.dumps(capabilities)}\n"
             f'  ca = "{self.ca}"\n'
         )
+
+
+def marker_member(text: str) -> bytes:
+    """A tar member, file `COPY_MARKER` holding `text`, as the bytes a tar begins with: put
+    in front of a tar, the result is the same tar with this one file more."""
+    data = text.encode()
+    info = tarfile.TarInfo(COPY_MARKER)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    padding = -len(data) % tarfile.BLOCKSIZE
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * padding
+
+
+@dataclass(frozen=True)
+class Blob:
+    """`head` then, when there is one, the bytes of file `tail`: what `push_blob` uploads,
+    read from the file as it goes (a layer is never copied)."""
+
+    head: bytes
+    tail: Path | None
+    digest: str
+    size: int
+
+    @classmethod
+    def of(cls, head: bytes, tail: Path | None = None) -> Blob:
+        digest = hashlib.sha256(head)
+        size = len(head)
+        if tail is not None:
+            with tail.open("rb") as source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        return cls(head, tail, f"sha256:{digest.hexdigest()}", size)
+
+    def descriptor(self, media_type: str) -> dict[str, object]:
+        return {"mediaType": media_type, "digest": self.digest, "size": self.size}
+
+    def reader(self) -> BlobReader:
+        return BlobReader(self)
+
+
+class BlobReader(io.RawIOBase):
+    """A `Blob`'s bytes as a file requests can send with its length (not chunked)."""
+
+    def __init__(self, blob: Blob) -> None:
+        super().__init__()
+        self.blob = blob
+        self._head = io.BytesIO(blob.head)
+        self._tail = blob.tail.open("rb") if blob.tail is not None else None
+
+    def __len__(self) -> int:
+        return self.blob.size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._head.read(size)
+        if self._tail is not None and (size is None or size < 0 or len(data) < size):
+            rest = -1 if size is None or size < 0 else size - len(data)
+            data += self._tail.read(rest)
+        return data
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+        super().close()
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """An image `push_copy` pushed: `reference` (host/repository:tag) is what pods name."""
+
+    reference: str
+    repository: str
+    tag: str
+    manifest: str
+    config: str
+    layers: list[str]
