@@ -285,15 +285,14 @@ class Registry:
             stdin=self.password if password is None else password, check=password is None,
         )  # fmt: skip
 
-    def hosts_toml(self, *, push: bool = False) -> str:
-        """containerd's hosts.toml for this registry (under a registry `config_path`, or
-        `ctr --hosts-dir`): HTTPS with the test bed's CA (containerd would speak plain HTTP to
-        a loopback registry otherwise); pull only unless `push`."""
-        capabilities = ["pull", "resolve", *(["push"] if push else [])]
+    def hosts_toml(self) -> str:
+        """containerd's hosts.toml for this registry (under a registry `config_path`): HTTPS
+        with the test bed's CA (containerd would speak plain HTTP to a loopback registry
+        otherwise), pull only."""
         return (
             f'server = "https://{self.host}"\n\n'
             f'[host."https://{self.host}"]\n'
-            f"  capabilities = {json.dumps(capabilities)}\n"
+            '  capabilities = ["pull", "resolve"]\n'
             f'  ca = "{self.ca}"\n'
         )
 
