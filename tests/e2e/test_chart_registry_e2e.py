@@ -135,16 +135,17 @@ def test_chart_and_images_come_from_the_registry(
     kubeconfig = kube_node.cluster.kubeconfig
     images_found = kube_node.images()
     blobs_found = kube_node.blobs()
-    kube_node.trust_registry(registry.host, registry.hosts_toml())
-    # A marker never used before: no node holds a layer of these copies.
-    marker = f"{RELEASE} {secrets.token_hex(8)}"
-    scaler, hello = (
-        copy_image(kube_node, registry, local, marker) for local in (SCALER_IMAGE, HELLO_IMAGE)
-    )
-    pushed = time.monotonic()
-    assert not {scaler.reference, hello.reference} & kube_node.images()
-    assert not {*scaler.layers, *hello.layers} & blobs_found
     try:
+        kube_node.trust_registry(registry.host, registry.hosts_toml())
+        # A marker never used before: no node holds a layer of these copies.
+        marker = f"{RELEASE} {secrets.token_hex(8)}"
+        scaler, hello = (
+            copy_image(kube_node, registry, local, marker) for local in (SCALER_IMAGE, HELLO_IMAGE)
+        )
+        pushed = time.monotonic()
+        assert not {scaler.reference, hello.reference} & images_found
+        assert not {*scaler.layers, *hello.layers} & blobs_found
+
         credentials = tmp_path / "registry.json"
         registry.helm_login(credentials)
         version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
@@ -162,7 +163,8 @@ def test_chart_and_images_come_from_the_registry(
         values["pipelineDefaults"]["image"] = registry_image(hello)
         values["pipelineDefaults"]["env"] = [{"name": "JOBTIDE_LOG_FORMAT", "value": "json"}]
         values["pipelines"] = {"hello": {"queue": "hello", "handler": "handler:handle"}}
-        # What the registry logs from here on is the install's: the chart, then the images.
+        # What the registry logs from here on is the install's (the chart, then the images)
+        # and the wrong password's.
         logged_before = registry.log_length()
         # The wrong password's pod tries while the release installs.
         kube_node.cluster.apply(wrong_password_pod(node_namespace, hello.reference))
@@ -181,6 +183,7 @@ def test_chart_and_images_come_from_the_registry(
             assert pod["spec"]["imagePullSecrets"] == [{"name": REGCRED}]
             [status] = pod["status"]["containerStatuses"]
             assert status["image"] == scaler.reference, status
+            assert status["imageID"] == scaler.pinned, status
 
         # Tasks for the worker: the scaler starts a Job whose pod pulls the worker's copy.
         broker = ReleaseBroker.find(kubeconfig, node_namespace, RELEASE)
@@ -195,6 +198,7 @@ def test_chart_and_images_come_from_the_registry(
             assert pod["spec"]["imagePullSecrets"] == [{"name": REGCRED}]
             [status] = pod["status"]["containerStatuses"]
             assert status["image"] == hello.reference, status
+            assert status["imageID"] == hello.pinned, status
 
         # containerd fetched every layer of both copies from the registry, as its user.
         records = registry.records(since=logged_before)

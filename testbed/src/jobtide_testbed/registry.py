@@ -373,3 +373,9 @@ class PushedImage:
     manifest: str
     config: str
     layers: list[str]
+
+    @property
+    def pinned(self) -> str:
+        """host/repository@manifest digest: what a pod that runs this copy reports as its
+        `imageID`."""
+        return f"{self.reference.rpartition(':')[0]}@{self.manifest}"
