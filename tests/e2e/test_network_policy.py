@@ -125,6 +125,10 @@ def test_chart_policies_admit_only_the_release_s_pods(
                 interval=0.5,
             )
             t = lap("policies in force", t)
+            # What the agent made of them, to be gone once it stops.
+            chains, ipsets = agent_footprint()
+            assert chains
+            assert ipsets
 
             listeners += [
                 listen_in(kube_node, ns, pod, SERVED_PORT, tmp_path)
@@ -204,6 +208,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
             helm("uninstall", RELEASE, "--wait", check=False)
     # The machine is given back as found: no chain and no ipset of the agent is left.
     assert agent_footprint() == ([], [])
+    print(f"\nthe agent's {len(chains)} chains and {len(ipsets)} ipsets were removed on stop")
     for source, results in looks.items():
         print(f"\n{source}: {json.dumps(results, sort_keys=True)}")
     steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in figures.items())
