@@ -155,3 +155,11 @@ build_registry() {
   go_install registry "$REGISTRY_VERSION" github.com/distribution/distribution/v3/cmd/registry \
     "-X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION"
 }
+
+# build_kube_router: kube-router, of which the test bed runs only the network policy controller
+# (jobtide_testbed/netpol.py); its version ldflag makes `kube-router --version` name the pin.
+build_kube_router() {
+  go_install kube-router "$KUBE_ROUTER_VERSION" \
+    github.com/cloudnativelabs/kube-router/v2/cmd/kube-router \
+    "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
+}

@@ -31,7 +31,7 @@ import subprocess
 import tarfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -76,6 +76,8 @@ SYSCTLS = (
     "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
 )
 IPTABLES_CHAIN_PREFIXES = ("KUBE-", "CNI-")
+# The ipsets of the node's NetworkPolicy agent (jobtide_testbed.netpol), for IPv4 and IPv6.
+IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
 # Fixed paths kubelet and the CNI library write to whatever their configuration says:
 # entries that appear in them while the node runs are removed on release (and the folder
 # itself if the node created it).
@@ -463,25 +465,32 @@ class Node:
         )
 
     def _grant_coredns(self) -> None:
-        user = "system:jobtide-testbed-coredns"
+        self.grant(
+            "system:jobtide-testbed-coredns",
+            [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "namespaces", "endpoints", "pods"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        )
+
+    def grant(self, user: str, rules: list[dict[str, Any]]) -> None:
+        """A ClusterRole named `user` with `rules`, bound to the user `user` (a node daemon
+        that authenticates with a client certificate of that common name)."""
         self.cluster.apply(
             [
                 {
                     "apiVersion": "rbac.authorization.k8s.io/v1",
                     "kind": "ClusterRole",
                     "metadata": {"name": user},
-                    "rules": [
-                        {
-                            "apiGroups": [""],
-                            "resources": ["services", "namespaces", "endpoints", "pods"],
-                            "verbs": ["list", "watch"],
-                        },
-                        {
-                            "apiGroups": ["discovery.k8s.io"],
-                            "resources": ["endpointslices"],
-                            "verbs": ["list", "watch"],
-                        },
-                    ],
+                    "rules": rules,
                 },
                 {
                     "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -498,6 +507,14 @@ class Node:
                 },
             ]
         )
+
+    def client_kubeconfig(self, name: str, user: str) -> Path:
+        """A kubeconfig under the node's root, `<name>.kubeconfig`, for a daemon of the node
+        that signs in as `user` with a client certificate from the cluster's CA."""
+        pair = self.cluster.pki.issue(name, common_name=user)
+        path = self.root / f"{name}.kubeconfig"
+        self._kubeconfig(path, pair.cert, pair.key)
+        return path
 
     def _pause_image_tar(self) -> Path:
         """A one-binary image made without docker: the binary is built from PAUSE_SOURCE
@@ -623,7 +640,8 @@ def clean_host(root: Path | None) -> None:
             _remove_new_entries(json.loads(before.read_text()))
     if (BIN_KUBE_PROXY := BIN / "kube-proxy").exists():
         run([str(BIN_KUBE_PROXY), "--cleanup"], check=False, timeout=60)
-    _remove_chains()
+    remove_chains(IPTABLES_CHAIN_PREFIXES)
+    remove_ipsets(IPSET_PREFIXES)
     ip("link", "delete", BRIDGE, check=False)
     _remove_cgroups()
 
@@ -690,7 +708,9 @@ def _unmount_under(root: Path) -> None:
         run(["umount", "--lazy", point], check=False)
 
 
-def _remove_chains() -> None:
+def remove_chains(prefixes: tuple[str, ...]) -> None:
+    """Remove every iptables chain (IPv4 and IPv6, every table) whose name starts with one of
+    `prefixes`, and the rules of other chains that jump to them."""
     for save, cmd in (("iptables-save", "iptables"), ("ip6tables-save", "ip6tables")):
         dump = run([save], check=False).stdout
         table = ""
@@ -699,13 +719,13 @@ def _remove_chains() -> None:
         for line in dump.splitlines():
             if line.startswith("*"):
                 table = line[1:]
-            elif line.startswith(":") and line[1:].startswith(IPTABLES_CHAIN_PREFIXES):
+            elif line.startswith(":") and line[1:].startswith(prefixes):
                 ours.setdefault(table, []).append(line[1:].split()[0])
             elif line.startswith("-A ") and any(
-                f"-j {p}" in line or f"-g {p}" in line for p in IPTABLES_CHAIN_PREFIXES
+                f"-j {p}" in line or f"-g {p}" in line for p in prefixes
             ):
                 chain = line.split()[1]
-                if not chain.startswith(IPTABLES_CHAIN_PREFIXES):
+                if not chain.startswith(prefixes):
                     jumps.append((table, line[3:]))
         for table, rule in jumps:
             run([cmd, "-t", table, "-D", *shlex.split(rule)], check=False)
@@ -714,6 +734,21 @@ def _remove_chains() -> None:
                 run([cmd, "-t", table, "-F", chain], check=False)
             for chain in chains:
                 run([cmd, "-t", table, "-X", chain], check=False)
+
+
+def ipsets() -> list[str]:
+    """The names of the machine's ipsets (none when Debian's `ipset` is not installed)."""
+    if shutil.which("ipset") is None:
+        return []
+    return run(["ipset", "list", "-n"], check=False).stdout.split()
+
+
+def remove_ipsets(prefixes: tuple[str, ...]) -> None:
+    """Destroy every ipset whose name starts with one of `prefixes` (after the rules that
+    use them are gone: an ipset in use cannot be destroyed)."""
+    for name in ipsets():
+        if name.startswith(prefixes):
+            run(["ipset", "destroy", name], check=False)
 
 
 def _cgroup_hierarchies() -> list[Path]:

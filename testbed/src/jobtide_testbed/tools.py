@@ -44,6 +44,7 @@ STAGE_OF_TOOL = {
     "promtool": "promtool",
     "kube-score": "kube-score",
     "registry": "registry",
+    "kube-router": "kube-router",
 }
 
 _ready_stages: set[str] = set()
