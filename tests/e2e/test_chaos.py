@@ -376,6 +376,13 @@ def run_chaos(kube_node: Node, ledger: Ledger, namespace: str, size: Size) -> No
         stalled = stall(done_times, d.began, d.healed)
         print(f"  {d.name}{where} at {d.progress:.0%} done: consumption resumed "
               f"{d.healed - d.began:.1f} s later; stall {stalled:.1f} s")  # fmt: skip
+    print("  every 10 s: seconds, ready and unacked per queue, active Jobs per pipeline")
+    shown = -10.0
+    for sample in watcher.samples:
+        if sample.elapsed - shown >= 10:
+            shown = sample.elapsed
+            queues = " ".join(f"{q} {sample.ready[q]}/{sample.unacked[q]}" for q in PIPELINES)
+            print(f"    {sample.elapsed:4.0f} s  {queues}  active {sample.active_jobs}")
     print(f"  {len(watcher.jobs_seen)} worker Jobs; everything done and gone "
           f"{finished_at - began_at:.0f} s after the first publish")  # fmt: skip
 
