@@ -9,9 +9,13 @@ The host reaches pods directly: it owns the node's bridge, so a pod IP is a rout
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import datetime
 import json
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,8 +35,8 @@ from jobtide_testbed.images import (
     scaler_image,
     worker_images,
 )
-from jobtide_testbed.node import POOL_LABEL, POOL_TAINT
-from jobtide_testbed.process import run
+from jobtide_testbed.node import POOL_LABEL, POOL_TAINT, Node
+from jobtide_testbed.process import run, wait_for
 from jobtide_testbed.rabbitmq import NEWEST
 from jobtide_testbed.tools import CHART, api_client, ensure_stage, helm, kubectl
 
@@ -44,6 +48,8 @@ RABBITMQ_COMMAND = ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
 # The hello example's handler (images/worker/examples/hello): every pipeline on the node runs it.
 HELLO_HANDLER = "handler:handle"
 WORKER_SELECTOR = "app.kubernetes.io/component=worker"
+# The chart's rabbitmq.podSecurityContext: a hostPath volume is not chowned to fsGroup.
+RABBITMQ_UID = 999
 
 
 def build_chart_images(builder: ImageBuilder) -> list[str]:
@@ -323,6 +329,7 @@ class Watcher:
         self.jobs_seen: set[str] = set()
         # Per pipeline, over every look at the cluster, also those whose broker read failed.
         self.active_jobs_peak: dict[str, int] = {}
+        self.peak_total_active_jobs = 0  # over all pipelines, over every look
         self.errors: list[str] = []
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -442,6 +449,8 @@ class Watcher:
                     record.running = now
                     record.scheduled_epoch = scheduled_time(status)
             elif phase in ("Succeeded", "Failed") and record.finished is None:
+                # The log first: a failed read (the apiserver away) is tried again next time.
+                record.log = self.read_log(self.namespace, name)
                 record.finished = now
                 if record.running is None:
                     record.running = now
@@ -449,9 +458,9 @@ class Watcher:
                     terminated = container.get("state", {}).get("terminated")
                     if terminated:
                         record.exit_code = int(terminated["exitCode"])
-                record.log = self.read_log(self.namespace, name)
         for pipeline, count in active.items():
             self.active_jobs_peak[pipeline] = max(self.active_jobs_peak.get(pipeline, 0), count)
+        self.peak_total_active_jobs = max(self.peak_total_active_jobs, sum(active.values()))
         return active, pending, running
 
 
@@ -476,3 +485,147 @@ def diagnostics(kubeconfig: Path, namespace: str) -> Iterator[str]:
     pods = kubectl(kubeconfig, "get", "pods", "-o", "name", "-n", namespace, check=False)
     for pod in pods.stdout.split():
         yield f"==== {pod}\n" + read("logs", pod, "--all-containers", "--tail=60")
+
+
+def component_selector(release: str, component: str) -> str:
+    """The label selector of one component of a release (`rabbitmq`, `scaler`, `worker`)."""
+    return f"app.kubernetes.io/instance={release},app.kubernetes.io/component={component}"
+
+
+def get_pods(kubeconfig: Path, namespace: str, selector: str) -> list[dict[str, Any]]:
+    out = kubectl(kubeconfig, "get", "pods", "-n", namespace, "-o", "json", "-l", selector).stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+@contextlib.contextmanager
+def broker_volumes(kubeconfig: Path, namespace: str, count: int, size: str) -> Iterator[str]:
+    """`count` static hostPath PersistentVolumes for the release broker's claims (the test
+    bed has no provisioner), in a storage class of their own (yielded); removed with their
+    folders afterwards, and the release's broker claims with them."""
+    storage_class = f"{namespace}-broker"
+    folders: list[Path] = []
+    try:
+        for index in range(count):
+            # Not under a test's tmp_path: the broker's non-root user must reach the folder.
+            folder = Path(tempfile.mkdtemp(prefix="jobtide-e2e-broker-", dir="/var/tmp"))
+            folders.append(folder)
+            os.chown(folder, RABBITMQ_UID, RABBITMQ_UID)
+            manifest = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"{storage_class}-{index}"},
+                "spec": {
+                    "storageClassName": storage_class,
+                    "capacity": {"storage": size},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(folder), "type": "Directory"},
+                },
+            }
+            kubectl(kubeconfig, "apply", "-f", "-", stdin=json.dumps(manifest))
+        yield storage_class
+    finally:
+        # The claims outlive the release only when the uninstall failed; their protection
+        # finalizer holds them until the broker pods are gone, so the folders are unused.
+        kubectl(kubeconfig, "delete", "pvc", "-n", namespace, "-l",
+                "app.kubernetes.io/component=rabbitmq", "--wait", "--timeout=120s",
+                check=False, timeout=150)  # fmt: skip
+        for index in range(len(folders)):
+            kubectl(kubeconfig, "delete", "pv", f"{storage_class}-{index}", "--wait",
+                    "--timeout=60s", check=False, timeout=90)  # fmt: skip
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def task_pid(node: Node, container_id: str) -> int:
+    """The host PID of a container's process (containerd's task): for a worker, the worker
+    process itself, since the image's entrypoint runs it in exec form."""
+    for line in node.ctr("tasks", "ls").stdout.splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == container_id:
+            return int(pid)
+    raise LookupError(f"no containerd task {container_id}")
+
+
+def log_message(line: str) -> str | None:
+    message = log_entry(line).get("message")
+    return None if message is None else str(message)
+
+
+class ContainerLog:
+    """A pod's container log, read from kubelet's file on the host. Opened before the pod is
+    deleted, it stays readable after kubelet removes it with the pod, and a line shows there
+    as soon as the container writes it (no API round trip)."""
+
+    def __init__(self, node: Node, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        container = pod["spec"]["containers"][0]["name"]
+        folder = f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        # restartPolicy Never: the first container's log is the only one.
+        self._file = (node.root / "pod-logs" / folder / container / "0.log").open("rb")
+        self.lines: list[str] = []
+        self._unread = b""  # a record still being written
+        self._unfinished = ""  # parts of a line split over records
+
+    def read(self) -> list[str]:
+        """Lines written since the last read. The file's lines are CRI records,
+        `<time> <stream> <P|F> <text>`, P marking a part of a longer line."""
+        *records, self._unread = (self._unread + self._file.read()).split(b"\n")
+        new: list[str] = []
+        for record in records:
+            _, _, tag, text = record.decode().split(" ", 3)
+            self._unfinished += text
+            if tag == "F":
+                new.append(self._unfinished)
+                self._unfinished = ""
+        self.lines += new
+        return new
+
+    def text_until_exit(self, timeout: float) -> str:
+        """The whole log, once the worker has logged its exit."""
+
+        def exited() -> bool:
+            self.read()
+            return any(log_message(line) == "worker exiting" for line in self.lines)
+
+        wait_for(exited, timeout=timeout, interval=0.2, what="the worker's exit line")
+        return "".join(f"{line}\n" for line in self.lines)
+
+    def __enter__(self) -> ContainerLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def lease_holder(kubeconfig: Path, namespace: str, release: str) -> str:
+    """The identity holding the release scaler's Lease ("" when none); the Lease is named as
+    the scaler's Deployment."""
+    deployment = kubectl(kubeconfig, "get", "deployment", "-n", namespace, "-l",
+                         component_selector(release, "scaler"),
+                         "-o", "jsonpath={.items[0].metadata.name}").stdout  # fmt: skip
+    lease = json.loads(kubectl(kubeconfig, "get", "lease", deployment, "-n", namespace, "-o",
+                               "json", check=False).stdout or "{}")  # fmt: skip
+    return str(lease.get("spec", {}).get("holderIdentity") or "")
+
+
+def scaler_metric(pod: dict[str, Any], name: str) -> float | None:
+    """One unlabelled metric of a scaler pod's /metrics, read at the pod's address."""
+    port = next(
+        p["containerPort"]
+        for container in pod["spec"]["containers"]
+        for p in container.get("ports", [])
+        if p.get("name") == "metrics"
+    )
+    response = requests.get(f"http://{pod['status']['podIP']}:{port}/metrics", timeout=10)
+    response.raise_for_status()
+    for line in response.text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return None

@@ -333,6 +333,9 @@ class ImageBuilder:
 
 WORKER_IMAGE = "jobtide/worker:test"
 HELLO_IMAGE = "jobtide/worker-hello:test"
+# The chaos run's handler, reporting each attempt to a ledger on the host (ledger.py).
+LEDGER_IMAGE = "jobtide/worker-ledger:test"
+LEDGER_HANDLER_DIR = Path(__file__).with_name("ledger_handler")
 SCALER_IMAGE = "jobtide/scaler:test"
 
 
@@ -344,6 +347,16 @@ def worker_images(builder: ImageBuilder) -> list[str]:
     hello_dir = worker_dir / "examples" / "hello"
     builder.build(hello_dir / "Dockerfile", hello_dir, HELLO_IMAGE, {"BASE_IMAGE": WORKER_IMAGE})
     return [WORKER_IMAGE, HELLO_IMAGE]
+
+
+def ledger_images(builder: ImageBuilder) -> list[str]:
+    """The ledger handler's worker image (tests/e2e/test_chaos.py), on the worker base."""
+    worker_images(builder)
+    builder.build(
+        LEDGER_HANDLER_DIR / "Dockerfile", LEDGER_HANDLER_DIR, LEDGER_IMAGE,
+        {"BASE_IMAGE": WORKER_IMAGE},
+    )  # fmt: skip
+    return [LEDGER_IMAGE]
 
 
 def scaler_image(builder: ImageBuilder) -> str:

@@ -109,6 +109,14 @@ class KubeCluster:
         self.apiserver.stop()
         self.start_apiserver()
 
+    def restart_etcd(self) -> None:
+        """Stop etcd and start it again on its data; returns once the apiserver is ready on
+        it again."""
+        self.etcd.stop()
+        self.etcd.start()
+        wait_for(self._etcd_healthy, timeout=30, what="etcd after its restart")
+        wait_for(self._apiserver_ready, timeout=90, what="kube-apiserver /readyz", interval=0.5)
+
     def stop(self) -> None:
         for p in (self.kwok, self.scheduler, self.controller_manager, self.apiserver, self.etcd):
             if p is not None:
