@@ -1072,6 +1072,10 @@ def test_the_uninstall_hook_may_annotate_the_members_and_nothing_else() -> None:
     assert container["args"] == [
         "annotate", "--namespace", "pipelines", "jobtide.io/uninstalling=true", *MEMBERS
     ]  # fmt: skip
+    # Its pod admits no connection, as the workers' do.
+    policy = find(docs, "NetworkPolicy", "-workers")["spec"]
+    assert selects(policy["podSelector"], find(docs, "Job", "-uninstall")["spec"]["template"]
+                   ["metadata"]["labels"])  # fmt: skip
     assert not [d for d in render(set_values=ONE_PIPELINE) if d["kind"] == "Role" and
                 d["metadata"]["name"].endswith("-uninstall")]  # fmt: skip
 
