@@ -149,9 +149,9 @@ def test_three_member_broker_loses_no_task_through_a_leader_loss_and_a_rolling_r
         # user may read queues, not the broker's nodes).
         queue = broker().queue(QUEUE)
         everyone = {p["metadata"]["name"] for p in pods}
-        members = {member_of(n) for n in queue.get("members", [])}
+        replicas = {member_of(n) for n in queue.get("members", [])}
         online = {member_of(n) for n in queue.get("online", [])}
-        return members == online == everyone
+        return replicas == online == everyone
 
     # One cluster of three from empty volumes; both queues replicated on every member.
     try:
