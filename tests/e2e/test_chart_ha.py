@@ -192,7 +192,7 @@ def test_three_member_broker_loses_no_task_through_a_leader_loss_and_a_rolling_r
             )
             # Mid-stream: once a sixth of the wave is done.
             wait_for(
-                lambda: (first.depth(QUEUE) or WAVE) <= WAVE * 5 // 6,
+                lambda: (depth := first.depth(QUEUE)) is not None and depth <= WAVE * 5 // 6,
                 timeout=180,
                 what="workers through a sixth of the first wave",
                 interval=0.5,
