@@ -305,6 +305,69 @@ def test_scaler_service_account_can_do_exactly_what_the_scaler_needs(
     )
 
 
+HA_BROKER = CHART / "ci" / "ha-broker-values.yaml"
+
+
+def test_uninstall_hook_may_annotate_the_broker_members_and_nothing_else(
+    kube: KubeCluster, namespace: str, tmp_path: Path
+) -> None:
+    """The pre-delete hook's ServiceAccount patches the members' pods (the scaler image's
+    `annotate` command, run here with its token) and nothing else; the hook runs at uninstall
+    (its Job succeeds on the kwok node) and leaves nothing behind."""
+    from jobtide_scaler.annotate import annotate
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+
+    helm(kube, namespace, "install", "jobs", str(CHART), "-f", str(HA_BROKER))
+    # The hook's ServiceAccount and Role exist only while `helm uninstall` runs: create them
+    # as rendered, to check them before.
+    hook = [
+        d
+        for d in render([HA_BROKER], namespace=namespace)
+        if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"
+        and d["kind"] != "Job"
+    ]
+    kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(hook))
+    account = "jobs-jobtide-rabbitmq-uninstall"
+    user = f"system:serviceaccount:{namespace}:{account}"
+    members = [f"jobs-jobtide-rabbitmq-{i}" for i in range(3)]
+    assert all(can(kube, user, namespace, "", "pods", "patch", m) for m in members)
+    assert not can(kube, user, namespace, "", "pods", "patch", "jobs-jobtide-rabbitmq-3")
+    assert not can(kube, user, namespace, "", "pods", "patch")
+    for verb in ("get", "list", "watch", "update", "delete", "create"):
+        assert not can(kube, user, namespace, "", "pods", verb, members[0]), verb
+    assert not can(kube, user, namespace, "", "pods/exec", "create", members[0])
+    assert not can(kube, user, namespace, "", "secrets", "get", "jobs-jobtide-rabbitmq")
+    assert not can(kube, user, namespace, "apps", "statefulsets", "patch", "jobs-jobtide-rabbitmq")
+
+    def member_annotations() -> dict[str, str]:
+        out = kube.kubectl("get", "pods", "-n", namespace, "-o", "json", "-l",
+                           "app.kubernetes.io/component=rabbitmq").stdout  # fmt: skip
+        return {
+            p["metadata"]["name"]: p["metadata"].get("annotations", {}).get(UNINSTALLING, "")
+            for p in json.loads(out)["items"]
+        }
+
+    wait_for(lambda: set(member_annotations()) == set(members), timeout=60,
+             what="the StatefulSet's three pods")  # fmt: skip
+    token = kube.service_account_token(namespace, account)
+    kubeconfig = kube.kubeconfig_for_token(token, tmp_path / "uninstall-hook.kubeconfig")
+    core = k8s.CoreV1Api(k8s_config.new_client_from_config(config_file=str(kubeconfig)))
+    assert annotate(core, namespace, UNINSTALLING, "true", members) == 3
+    assert member_annotations() == dict.fromkeys(members, "true")
+    scaler = kube.kubectl("get", "pods", "-n", namespace, "-o", "name", "-l",
+                          "app.kubernetes.io/component=scaler").stdout.split()  # fmt: skip
+    with pytest.raises(k8s.ApiException) as refused:
+        annotate(core, namespace, UNINSTALLING, "true", [scaler[0].removeprefix("pod/")])
+    assert refused.value.status == 403
+
+    helm(kube, namespace, "uninstall", "jobs", "--wait")
+    assert wait_until_gone(kube, namespace, "jobs") == []
+
+
+UNINSTALLING = "jobtide.io/uninstalling"
+
+
 @pytest.mark.parametrize("binary", ["helm3", "helm4"])
 def test_status_figures_written_as_the_scaler_survive_an_upgrade(
     binary: str, kube: KubeCluster, namespace: str, tmp_path: Path

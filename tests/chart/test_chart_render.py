@@ -62,7 +62,7 @@ def pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     pods = {
         f"{d['kind']}/{d['metadata']['name']}": d["spec"]["template"]["spec"]
         for d in docs
-        if d["kind"] in ("Deployment", "StatefulSet")
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
     }
     pods.update({f"Pod/{d['metadata']['name']}": d["spec"] for d in docs if d["kind"] == "Pod"})
     for name in scaler_config(docs)["pipelines"]:
@@ -358,7 +358,9 @@ def test_standard_labels_on_every_object(values: Path | None) -> None:
         assert labels["app.kubernetes.io/instance"] == "jobs", where
         assert labels["app.kubernetes.io/version"] == "0.1.0", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        components = ("scaler", STATUS_COMPONENT, "rabbitmq", "worker", "test")
+        components = (
+            "scaler", STATUS_COMPONENT, "rabbitmq", "rabbitmq-uninstall", "worker", "test"
+        )  # fmt: skip
         assert labels["app.kubernetes.io/component"] in components, where
         assert labels["helm.sh/chart"] == f"jobtide-{chart_version}", where
         assert doc["metadata"]["namespace"] == "pipelines", where
@@ -951,6 +953,131 @@ def test_rabbitmq_services_pdb_and_network_policy() -> None:
     ]
     without = render(set_values=[*ONE_PIPELINE, "networkPolicy.enabled=false"])
     assert not [d for d in without if d["kind"] == "NetworkPolicy"]
+
+
+HA = ["rabbitmq.replicas=3"]
+MEMBERS = [f"jobs-jobtide-rabbitmq-{i}" for i in range(3)]
+NODE_NAMES = [f"rabbit@{m}.jobs-jobtide-rabbitmq-headless.pipelines" for m in MEMBERS]
+
+
+def test_a_clustered_broker_forms_from_its_members_stable_names() -> None:
+    docs = render(set_values=[*ONE_PIPELINE, *HA])
+    spec = find(docs, "StatefulSet", "-rabbitmq")["spec"]
+    assert (spec["replicas"], spec["podManagementPolicy"]) == (3, "Parallel")
+    assert spec["serviceName"] == "jobs-jobtide-rabbitmq-headless"
+    pod = spec["template"]["spec"]
+    server = pod["containers"][0]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    node_name = "rabbit@$(POD_NAME).jobs-jobtide-rabbitmq-headless.pipelines"
+    assert env["RABBITMQ_NODENAME"]["value"] == node_name
+    # Distribution on the pod's address (no loopback-only settings), on the fixed ports.
+    assert {"ERL_EPMD_ADDRESS", "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"}.isdisjoint(env)
+    assert env["RABBITMQ_DIST_PORT"]["value"] == "25672"
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert (ports["epmd"], ports["dist"]) == (4369, 25672)
+    # Classic peer discovery lists every member's stable name.
+    conf = rabbitmq_files(docs)["rabbitmq.conf"].splitlines()
+    assert "cluster_formation.peer_discovery_backend = classic_config" in conf
+    listed = [line.split(" = ")[1] for line in conf if ".classic_config.nodes." in line]
+    assert listed == NODE_NAMES
+    assert "quorum_queue.continuous_membership_reconciliation.target_group_size = 3" in conf
+    # Members prefer different nodes unless the user set an affinity.
+    term = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = spec["template"]["metadata"]["labels"]
+    assert term[0]["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    term = "rabbitmq.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+    expression = f"{term}.nodeSelectorTerms[0].matchExpressions[0]"
+    own_affinity = [f"{expression}.key=pool", f"{expression}.operator=Exists"]
+    own = find(render(set_values=[*ONE_PIPELINE, *HA, *own_affinity]), "StatefulSet")
+    assert list(own["spec"]["template"]["spec"]["affinity"]) == ["nodeAffinity"]
+
+
+def test_a_clustered_broker_replicates_every_queue_on_every_member() -> None:
+    docs = render(set_values=[*ONE_PIPELINE, *HA])
+    definitions = json.loads(rabbitmq_files(docs)["definitions.json"])
+    (pipeline,) = scaler_config(docs)["pipelines"].values()
+    expected = topology.definitions(
+        [(pipeline["queue"], pipeline["maxAttempts"], pipeline["maxTaskSeconds"])], "/", 3
+    )
+    assert sorted(definitions["queues"], key=lambda q: q["name"]) == sorted(
+        expected["queues"], key=lambda q: q["name"]
+    )
+    assert {q["arguments"][topology.GROUP_SIZE_ARGUMENT] for q in definitions["queues"]} == {3}
+    # The workers (and the scaler) declare the queues with the same argument.
+    assert worker_env(docs)["JOBTIDE_QUORUM_INITIAL_GROUP_SIZE"] == "3"
+    # One member: no argument anywhere, as before.
+    single = render(set_values=ONE_PIPELINE)
+    assert "JOBTIDE_QUORUM_INITIAL_GROUP_SIZE" not in worker_env(single)
+    queues = json.loads(rabbitmq_files(single)["definitions.json"])["queues"]
+    assert not [q for q in queues if topology.GROUP_SIZE_ARGUMENT in q["arguments"]]
+
+
+def worker_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in worker_container(docs, "resize")["env"]}
+
+
+def test_a_clustered_broker_admits_erlang_distribution_from_its_members_only() -> None:
+    docs = render(set_values=[*ONE_PIPELINE, *HA])
+    clients, peers = find(docs, "NetworkPolicy", "-rabbitmq")["spec"]["ingress"]
+    assert [p["port"] for p in clients["ports"]] == ["amqp", "management"]
+    assert [p["port"] for p in peers["ports"]] == ["epmd", "dist"]
+    (source,) = peers["from"]
+    members = find(docs, "StatefulSet", "-rabbitmq")["spec"]["template"]["metadata"]["labels"]
+    assert selects(source["podSelector"], members)
+    for kind, suffix in (("Deployment", "-scaler"), ("Job", "-uninstall")):
+        labels = find(docs, kind, suffix)["spec"]["template"]["metadata"]["labels"]
+        assert not selects(source["podSelector"], labels)
+    (job,) = scaler_jobs(docs)
+    assert not selects(source["podSelector"], job["spec"]["template"]["metadata"]["labels"])
+
+
+def test_a_clustered_member_stops_only_once_its_queues_keep_a_majority() -> None:
+    docs = render(set_values=[*ONE_PIPELINE, *HA])
+    pod = find(docs, "StatefulSet", "-rabbitmq")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    script = server["lifecycle"]["preStop"]["exec"]["command"][-1]
+    assert "await_online_quorum_plus_one" in script
+    # ... unless the pre-delete hook marked it: read through the downward API.
+    assert "jobtide.io/uninstalling" in script
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (item,) = volumes["podinfo"]["downwardAPI"]["items"]
+    assert item["fieldRef"]["fieldPath"] == "metadata.annotations"
+    assert pod["terminationGracePeriodSeconds"] > 120  # the pre-stop's own limit
+    # The budget leaves a majority; the one-member broker has none of this.
+    assert find(docs, "PodDisruptionBudget", "-rabbitmq")["spec"]["maxUnavailable"] == 1
+    single = find(render(set_values=ONE_PIPELINE), "StatefulSet", "-rabbitmq")["spec"]
+    assert "lifecycle" not in single["template"]["spec"]["containers"][0]
+    assert single["podManagementPolicy"] == "OrderedReady"
+
+
+def test_the_uninstall_hook_may_annotate_the_members_and_nothing_else() -> None:
+    docs = render(set_values=[*ONE_PIPELINE, *HA])
+    hook = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook")]
+    uninstall = [d for d in hook if d["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"]
+    assert sorted(d["kind"] for d in uninstall) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
+    role = find(docs, "Role", "-rabbitmq-uninstall")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "resourceNames": MEMBERS, "verbs": ["patch"]}
+    ]
+    binding = find(docs, "RoleBinding", "-rabbitmq-uninstall")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    job = find(docs, "Job", "-rabbitmq-uninstall")["spec"]["template"]["spec"]
+    assert job["serviceAccountName"] == binding["subjects"][0]["name"]
+    (container,) = job["containers"]
+    scaler = find(docs, "Deployment", "-scaler")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == scaler["image"]
+    assert container["args"] == [
+        "annotate", "--namespace", "pipelines", "jobtide.io/uninstalling=true", *MEMBERS
+    ]  # fmt: skip
+    # Its pod admits no connection, as the workers' do.
+    policy = find(docs, "NetworkPolicy", "-workers")["spec"]
+    assert selects(policy["podSelector"], find(docs, "Job", "-uninstall")["spec"]["template"]
+                   ["metadata"]["labels"])  # fmt: skip
+    assert not [d for d in render(set_values=ONE_PIPELINE) if d["kind"] == "Role" and
+                d["metadata"]["name"].endswith("-uninstall")]  # fmt: skip
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:

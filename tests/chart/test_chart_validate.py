@@ -96,7 +96,7 @@ def test_scenarios_cover_the_documented_cases() -> None:
     assert {p.name for p in SCENARIOS} == {
         f"{n}-values.yaml"
         for n in ("external-broker", "two-pipelines", "node-pool", "existing-secrets",
-                  "replicas-2", "minimal")
+                  "replicas-2", "minimal", "ha-broker")
     }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pika
 import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
+from jobtide_worker.config import BrokerConfig
 from jobtide_worker.logs import INFO, WARNING, EventLog
 from jobtide_worker.priority import EPOCH_UNIX_SECONDS, MAX_PRIORITY, consumer_priority
 from jobtide_worker.task import (
@@ -362,3 +363,22 @@ def test_consumer_priorities_stay_within_a_signed_32_bit_non_negative_range(
 def test_unknown_consumer_priority_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="oldest"):
         consumer_priority("oldest", 0)
+
+
+def test_quorum_group_size_comes_from_the_environment_and_reaches_every_queue() -> None:
+    base = {
+        "JOBTIDE_BROKER_HOST": "rabbitmq",
+        "JOBTIDE_BROKER_USERNAME": "u",
+        "JOBTIDE_BROKER_PASSWORD": "p",
+    }
+    assert BrokerConfig.from_env(base).quorum_group_size == 0
+    clustered = BrokerConfig.from_env({**base, "JOBTIDE_QUORUM_INITIAL_GROUP_SIZE": "3"})
+    assert clustered.quorum_group_size == 3
+    with pytest.raises(ConfigError) as bad:
+        BrokerConfig.from_env({**base, "JOBTIDE_QUORUM_INITIAL_GROUP_SIZE": "three"})
+    assert bad.value.variable == "JOBTIDE_QUORUM_INITIAL_GROUP_SIZE"
+    assert topology.queue_arguments("q", 3)[topology.GROUP_SIZE_ARGUMENT] == 3
+    assert topology.dead_letter_queue_arguments(3)[topology.GROUP_SIZE_ARGUMENT] == 3
+    assert topology.GROUP_SIZE_ARGUMENT not in topology.queue_arguments("q")
+    queues = topology.definitions([("q", 3, 60.0)], group_size=5)["queues"]
+    assert [q["arguments"][topology.GROUP_SIZE_ARGUMENT] for q in queues] == [5, 5]

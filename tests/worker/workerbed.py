@@ -162,10 +162,14 @@ class WorkerBed:
                     return found
                 found.append((props, body))
 
-    def define_topology(self, max_attempts: int, max_task_seconds: float) -> dict[str, Any]:
-        """Load the chart's definitions of this queue (jobtide_worker.topology) and wait until
-        the broker applies its policy; returns the policy's definition. Removed by close()."""
-        definitions = topology.definitions([(self.queue, max_attempts, max_task_seconds)])
+    def define_topology(
+        self, max_attempts: int, max_task_seconds: float, group_size: int = 0
+    ) -> dict[str, Any]:
+        """Load the chart's definitions of this queue (jobtide_worker.topology, its quorum
+        queues of `group_size` members) and wait until the broker applies its policy; returns
+        the policy's definition. Removed by close()."""
+        pipelines = [(self.queue, max_attempts, max_task_seconds)]
+        definitions = topology.definitions(pipelines, group_size=group_size)
         response = self.broker.api("POST", "definitions", json=definitions)
         assert response.status_code in (200, 204), response.text
         self._policies.append(topology.policy_name(self.queue))

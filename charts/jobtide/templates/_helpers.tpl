@@ -52,6 +52,30 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Objects per component. */}}
 {{- define "jobtide.scaler.fullname" -}}{{ include "jobtide.fullname" . }}-scaler{{- end }}
 {{- define "jobtide.rabbitmq.fullname" -}}{{ include "jobtide.fullname" . }}-rabbitmq{{- end }}
+
+{{/* "true" when the release's broker is a cluster of several members (rabbitmq.replicas). */}}
+{{- define "jobtide.rabbitmq.clustered" -}}
+{{- if and .Values.rabbitmq.enabled (gt (int64 .Values.rabbitmq.replicas) 1) }}true{{ end }}
+{{- end }}
+
+{{/* The members' pod names, one a line: the StatefulSet's pods 0 to replicas - 1. */}}
+{{- define "jobtide.rabbitmq.members" -}}
+{{- $fullname := include "jobtide.rabbitmq.fullname" . }}
+{{- range $i := until (int .Values.rabbitmq.replicas) }}
+{{ printf "%s-%d" $fullname $i }}
+{{- end }}
+{{- end }}
+
+{{/* A member's Erlang node name, by pod name: `rabbit@POD.HEADLESS.NAMESPACE`, resolved by the
+cluster DNS through the pod's search domains (the headless Service publishes not-ready pods,
+so the members find each other while they start). */}}
+{{- define "jobtide.rabbitmq.nodeName" -}}
+{{- printf "rabbit@%s.%s-headless.%s" .pod (include "jobtide.rabbitmq.fullname" .root) .root.Release.Namespace }}
+{{- end }}
+
+{{/* The annotation the pre-delete hook sets on every member: its pre-stop then leaves at once
+(an uninstall stops every member, so none could keep a majority). */}}
+{{- define "jobtide.rabbitmq.uninstallingAnnotation" -}}jobtide.io/uninstalling{{- end }}
 {{- /* The ConfigMap of the scaler's status figures (scaler-status-configmap.yaml). */}}
 {{- define "jobtide.scaler.statusName" -}}{{ include "jobtide.scaler.fullname" . }}-status{{- end }}
 
@@ -87,6 +111,10 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.rabbitmq.vhost | quote }}
 - name: JOBTIDE_BROKER_TLS
   value: "false"
+{{- if include "jobtide.rabbitmq.clustered" . }}
+- name: JOBTIDE_QUORUM_INITIAL_GROUP_SIZE
+  value: {{ .Values.rabbitmq.replicas | quote }}
+{{- end }}
 {{- else }}
 - name: JOBTIDE_BROKER_HOST
   value: {{ .Values.externalBroker.host | quote }}

@@ -164,6 +164,54 @@ def write_values(path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
+# The chart's rabbitmq.podSecurityContext: a hostPath volume is not chowned to fsGroup.
+RABBITMQ_UID = 999
+
+
+@contextlib.contextmanager
+def host_path_volumes(
+    kubeconfig: Path, storage_class: str, count: int, size: str, claims: str
+) -> Iterator[str]:
+    """`count` static hostPath PersistentVolumes of `size` in a storage class of their own
+    named `storage_class` (the test bed has no provisioner), each a folder of the broker's
+    user under /var/tmp (a non-root user must reach it). Afterwards the claims the label
+    selector `claims` matches are deleted (they outlive a release only when its uninstall
+    failed; their protection finalizer holds them until the broker pods are gone), then the
+    volumes and their folders."""
+    folders: list[Path] = []
+    names = [f"{storage_class}-{i}" for i in range(count)]
+    try:
+        for name in names:
+            folder = Path(tempfile.mkdtemp(prefix="jobtide-e2e-broker-", dir="/var/tmp"))
+            folders.append(folder)
+            os.chown(folder, RABBITMQ_UID, RABBITMQ_UID)
+            manifest = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": name},
+                "spec": {
+                    "storageClassName": storage_class,
+                    "capacity": {"storage": size},
+                    "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "hostPath": {"path": str(folder), "type": "Directory"},
+                },
+            }
+            kubectl(kubeconfig, "apply", "-f", "-", stdin=json.dumps(manifest))
+        yield storage_class
+    finally:
+        where = "jsonpath={.items[*].metadata.namespace}"
+        namespaces = kubectl(kubeconfig, "get", "pvc", "-A", "-l", claims, "-o", where,
+                             check=False).stdout  # fmt: skip
+        for namespace in sorted(set(namespaces.split())):
+            kubectl(kubeconfig, "delete", "pvc", "-n", namespace, "-l", claims,
+                    "--wait", "--timeout=120s", check=False, timeout=150)  # fmt: skip
+        kubectl(kubeconfig, "delete", "pv", *names, "--ignore-not-found", "--wait",
+                "--timeout=60s", check=False, timeout=90)  # fmt: skip
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 # Every kind a release (and its scaler's workers) may leave behind.
 RELEASE_KINDS = (
     "statefulsets,deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,"
@@ -196,12 +244,27 @@ class ReleaseBroker:
     management_port: int = 15672
 
     @classmethod
-    def find(cls, kubeconfig: Path, namespace: str, release: str) -> ReleaseBroker:
-        pod = json.loads(
+    def find(
+        cls, kubeconfig: Path, namespace: str, release: str, avoid: Iterable[str] = ()
+    ) -> ReleaseBroker:
+        """The broker's pod, a ready one not being deleted nor named in `avoid` first (a
+        cluster's members come and go)."""
+        pods = json.loads(
             kubectl(kubeconfig, "get", "pod", "-n", namespace, "-o", "json", "-l",
                     f"app.kubernetes.io/instance={release},app.kubernetes.io/component=rabbitmq"
                     ).stdout
-        )["items"][0]  # fmt: skip
+        )["items"]  # fmt: skip
+        avoided = set(avoid)
+
+        def serving(pod: dict[str, Any]) -> bool:
+            conditions = pod.get("status", {}).get("conditions", [])
+            return (
+                pod["metadata"]["name"] not in avoided
+                and "deletionTimestamp" not in pod["metadata"]
+                and any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+            )
+
+        pod = next((p for p in pods if serving(p)), pods[0])
         secret = json.loads(
             kubectl(kubeconfig, "get", "secret", "-n", namespace, "-o", "json", "-l",
                     f"app.kubernetes.io/instance={release}").stdout

@@ -1,5 +1,6 @@
 """Entry point: `python -m jobtide_scaler run --config FILE [--once] [--dry-run]`,
-`python -m jobtide_scaler status -n NS RELEASE ...` or `python -m jobtide_scaler simulate ...`."""
+`python -m jobtide_scaler status -n NS RELEASE ...`, `python -m jobtide_scaler simulate ...` or
+`python -m jobtide_scaler annotate -n NS KEY=VALUE POD...` (the chart's pre-delete hook)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jobtide_scaler.statuscmd import main as status_main
 
         return status_main(args[1:])
+    if args[:1] == ["annotate"]:
+        from jobtide_scaler.annotate import main as annotate_main
+
+        return annotate_main(args[1:])
     if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
         args = ["run", *args]  # `run` is the default command
     options = parse_args(args)

@@ -39,4 +39,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="replay workloads against this policy, KEDA and the HPA (see simulate --help)",
     )
     simulate.add_argument("simulate_args", nargs=argparse.REMAINDER)
+
+    commands.add_parser(
+        "annotate",
+        add_help=False,
+        help="set one annotation on named pods (the chart's pre-delete hook; see annotate --help)",
+    ).add_argument("annotate_args", nargs=argparse.REMAINDER)
     return parser.parse_args(list(argv))

@@ -80,6 +80,10 @@ class BrokerConfig:
     server_name: str | None = None
     heartbeat_seconds: int = 30
     management_port: int = 15672  # the scaler reads queue counts from the management API
+    # Members of each quorum queue declared (`x-quorum-initial-group-size`): the broker
+    # cluster's size, so the worker declares its queues exactly as the chart's definitions do;
+    # 0 leaves the argument out (the broker's default).
+    quorum_group_size: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BrokerConfig:
@@ -106,6 +110,7 @@ class BrokerConfig:
             server_name=e.server_name("JOBTIDE_BROKER_SERVER_NAME", tls=tls),
             heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
             management_port=e.port("JOBTIDE_BROKER_MANAGEMENT_PORT", 15672),
+            quorum_group_size=e.number("JOBTIDE_QUORUM_INITIAL_GROUP_SIZE", 0, int, minimum=0),
         )
 
     def credentials(self) -> tuple[str, str]:

@@ -274,7 +274,7 @@ class Consumer:
         try:
             if self.config.declare_topology:
                 declaring = connection.channel()
-                topology.declare(declaring, self.config.queue)
+                topology.declare(declaring, self.config.queue, self.config.broker.quorum_group_size)
                 declaring.close()
             dead_letter_channel = connection.channel()
             dead_letter_channel.confirm_delivery()

@@ -30,7 +30,7 @@ def publish(
     try:
         channel = connection.channel()
         if declare:
-            topology.declare(channel, queue)
+            topology.declare(channel, queue, broker.quorum_group_size)
         channel.confirm_delivery()
         for task in tasks:
             body, properties = message(task, headers)

@@ -13,6 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 DEAD_LETTER_EXCHANGE = "jobtide.dlx"
+# The queue argument giving a quorum queue its number of members. Declared with the broker
+# cluster's size (the chart's `rabbitmq.replicas` above 1), so every member holds a replica;
+# a redeclare must carry the same value, or the broker refuses it (PRECONDITION_FAILED).
+GROUP_SIZE_ARGUMENT = "x-quorum-initial-group-size"
 
 # A delivery unacked longer than its consumer timeout makes RabbitMQ close the channel. Since
 # 3.12 (so on every supported 4.x) the broker honours a per-consumer `x-consumer-timeout`
@@ -32,16 +36,22 @@ def policy_name(queue: str) -> str:
     return f"jobtide-{queue}"
 
 
-def queue_arguments(queue: str) -> dict[str, Any]:
+def queue_arguments(queue: str, group_size: int = 0) -> dict[str, Any]:
+    """The pipeline queue's arguments; `group_size` 0 leaves the members to the broker."""
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
         "x-dead-letter-routing-key": queue,
+        **_group_size(group_size),
     }
 
 
-def dead_letter_queue_arguments() -> dict[str, Any]:
-    return {"x-queue-type": "quorum"}
+def dead_letter_queue_arguments(group_size: int = 0) -> dict[str, Any]:
+    return {"x-queue-type": "quorum", **_group_size(group_size)}
+
+
+def _group_size(group_size: int) -> dict[str, Any]:
+    return {GROUP_SIZE_ARGUMENT: group_size} if group_size else {}
 
 
 def policy(queue: str, max_attempts: int, max_task_seconds: float) -> dict[str, Any]:
@@ -74,17 +84,21 @@ def broker_consumer_timeout_ms(max_task_seconds: Iterable[float]) -> int:
     return max(longest, BROKER_DEFAULT_CONSUMER_TIMEOUT_MS)
 
 
-def definitions(pipelines: Iterable[tuple[str, int, float]], vhost: str = "/") -> dict[str, Any]:
+def definitions(
+    pipelines: Iterable[tuple[str, int, float]], vhost: str = "/", group_size: int = 0
+) -> dict[str, Any]:
     """RabbitMQ definitions (the JSON of `rabbitmqctl import_definitions`) for pipelines given
-    as `(queue, max_attempts, max_task_seconds)`: queues, the shared exchange, bindings and
-    policies."""
+    as `(queue, max_attempts, max_task_seconds)`: queues (of `group_size` members, 0: the
+    broker's default), the shared exchange, bindings and policies."""
     queues: list[dict[str, Any]] = []
     bindings: list[dict[str, Any]] = []
     policies: list[dict[str, Any]] = []
     for queue, max_attempts, max_task_seconds in sorted(set(pipelines)):
-        queues.append(_queue_definition(queue, vhost, queue_arguments(queue)))
+        queues.append(_queue_definition(queue, vhost, queue_arguments(queue, group_size)))
         queues.append(
-            _queue_definition(dead_letter_queue(queue), vhost, dead_letter_queue_arguments())
+            _queue_definition(
+                dead_letter_queue(queue), vhost, dead_letter_queue_arguments(group_size)
+            )
         )
         bindings.append(
             {
@@ -130,14 +144,15 @@ def regex_escape(name: str) -> str:
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in name)
 
 
-def declare(channel: Any, queue: str) -> None:
+def declare(channel: Any, queue: str, group_size: int = 0) -> None:
     """Declare the pipeline's queue, the dead-letter exchange and queue, and their binding on a
-    pika BlockingChannel. Idempotent; a queue that exists with other arguments makes the broker
-    close the channel with PRECONDITION_FAILED, which is the check we want. The policy is not an
-    AMQP object: the chart's definitions create it."""
+    pika BlockingChannel, the queues with `group_size` members (0: the broker's default).
+    Idempotent; a queue that exists with other arguments makes the broker close the channel
+    with PRECONDITION_FAILED, which is the check we want. The policy is not an AMQP object: the
+    chart's definitions create it."""
     channel.exchange_declare(DEAD_LETTER_EXCHANGE, "direct", durable=True)
     channel.queue_declare(
-        dead_letter_queue(queue), durable=True, arguments=dead_letter_queue_arguments()
+        dead_letter_queue(queue), durable=True, arguments=dead_letter_queue_arguments(group_size)
     )
     channel.queue_bind(dead_letter_queue(queue), DEAD_LETTER_EXCHANGE, queue)
-    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue))
+    channel.queue_declare(queue, durable=True, arguments=queue_arguments(queue, group_size))
