@@ -26,8 +26,12 @@ from jobtide_testbed.chartnode import (
     ReleaseBroker,
     Watcher,
     WorkerRecord,
+    completed_ids,
     diagnostics,
+    executions,
+    get_pods,
     host_path_volumes,
+    is_ready,
     log_time,
     release_objects,
     write_values,
@@ -37,7 +41,6 @@ from jobtide_testbed.process import wait_for
 from jobtide_testbed.tools import CHART, kubectl
 from jobtide_worker.publisher import publish
 from test_chart_e2e import IDLE_EXITS, PIPELINE, QUEUE, e2e_values
-from test_chart_restarts import completed_ids, executions, get_pods, is_ready
 
 pytestmark = pytest.mark.e2e
 

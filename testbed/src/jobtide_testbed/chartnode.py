@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +361,33 @@ class WorkerRecord:
     def exit_reason(self) -> str | None:
         reasons = [e.get("reason") for e in self.entries() if e.get("message") == "worker exiting"]
         return str(reasons[-1]) if reasons else None
+
+
+def executions(records: list[WorkerRecord]) -> Counter[str]:
+    """Handler runs that succeeded, per message id: `done`, and `ack-lost` after a success
+    whose ack the channel's loss swallowed (the broker then redelivers the task)."""
+    runs: Counter[str] = Counter()
+    for record in records:
+        for entry in record.entries():
+            if entry.get("message") != "task":
+                continue
+            ack_lost_after_success = entry.get("outcome") == "ack-lost" and str(
+                entry.get("reason", "")
+            ).endswith("before done")
+            if entry.get("outcome") == "done" or ack_lost_after_success:
+                runs[str(entry["message_id"])] += 1
+    return runs
+
+
+def completed_ids(records: list[WorkerRecord]) -> set[str]:
+    """Message ids acknowledged after a successful run: `done`, or `duplicate` (the same
+    worker did the task before its ack was lost, and acked the redelivery without a rerun)."""
+    return {
+        str(entry["message_id"])
+        for record in records
+        for entry in record.entries()
+        if entry.get("message") == "task" and entry.get("outcome") in ("done", "duplicate")
+    }
 
 
 class Watcher:
