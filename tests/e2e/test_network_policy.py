@@ -118,12 +118,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
             )
             pods = [broker_pod, scaler_pod, "outsider", "worker"]
             t = lap("pods", t)
-            wait_for(
-                lambda: agent.enforces(ns, pods, policies),
-                timeout=60,
-                what="kube-router's rules for the release's policies and pods",
-                interval=0.5,
-            )
+            agent.wait_until_in_force(ns, pods, policies)
             t = lap("policies in force", t)
             # What the agent made of them, to be gone once it stops.
             chains, ipsets = agent_footprint()
@@ -182,12 +177,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
                  "networkPolicy.enabled=false", "--wait", "--timeout", "3m")  # fmt: skip
             no_policies = cluster.kubectl("get", "networkpolicies", "-n", ns, "-o", "name")
             assert no_policies.stdout.split() == []
-            wait_for(
-                lambda: agent.enforces(ns, pods, policies, present=False),
-                timeout=60,
-                what="kube-router's rules without the release's policies",
-                interval=0.5,
-            )
+            agent.wait_until_in_force(ns, pods, policies, present=False)
             t = lap("policies off", t)
             for source, namespace, pod in (
                 ("outsider", ns, "outsider"),
@@ -201,6 +191,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
         except BaseException:
             print("\n\n".join(diagnostics(cluster.kubeconfig, ns)))
             print(agent.process.tail(60))
+            print("\n".join(r for r in agent.rules().splitlines() if "KUBE-" in r))
             raise
         finally:
             for listener in listeners:

@@ -113,18 +113,36 @@ class PolicyAgent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def enforces(
+    def rules(self) -> str:
+        """The machine's iptables filter table (IPv4), as iptables-save prints it."""
+        return str(run(["iptables-save", "-t", "filter"]).stdout)
+
+    def missing(
         self, namespace: str, pods: list[str], policies: list[str], *, present: bool = True
-    ) -> bool:
-        """Whether the rules on the machine now run every one of `pods` (of `namespace`)
-        through its firewall and hold the rules of every one of `policies` (of none of them
-        when not `present`)."""
+    ) -> list[str]:
+        """What the rules on the machine lack for every one of `pods` (of `namespace`) to
+        pass its firewall and for the rules of every one of `policies` to be there (for none
+        of them to be there, when not `present`); empty when the agent has caught up."""
         self.process.check_alive()
-        rules = run(["iptables-save", "-t", "filter"]).stdout
-        if not all(f"POD name:{p} namespace: {namespace} " in rules for p in pods):
-            return False
-        found = [f'"run through nw policy {p}"' in rules for p in policies]
-        return all(found) if present else not any(found)
+        rules = self.rules()
+        lacking = [f"pod {p}" for p in pods if f"POD name:{p} namespace: {namespace} " not in rules]
+        for p in policies:
+            if (f'"run through nw policy {p}"' in rules) != present:
+                lacking.append(f"policy {p} {'in' if present else 'out of'} force")
+        return lacking
+
+    def wait_until_in_force(
+        self, namespace: str, pods: list[str], policies: list[str], *, present: bool = True
+    ) -> None:
+        """Wait until `missing(...)` is empty; the timeout names what is still missing."""
+
+        def caught_up() -> bool:
+            lacking = self.missing(namespace, pods, policies, present=present)
+            if lacking:
+                raise LookupError(", ".join(lacking))
+            return True
+
+        wait_for(caught_up, timeout=60, what="kube-router's rules", interval=0.5)
 
     def _running(self) -> bool:
         self.process.check_alive()
