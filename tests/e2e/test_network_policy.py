@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jobtide_scaler.jobs import job_labels
 from jobtide_testbed.chartnode import Helm, ReleaseBroker, diagnostics, write_values
 from jobtide_testbed.kube import namespace_name
 from jobtide_testbed.netpol import PolicyAgent, agent_footprint, listen_in, pod_ip, reach
@@ -44,17 +45,15 @@ def labelled_pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 
 def worker_labels(node: Node, namespace: str) -> dict[str, str]:
-    """The labels of the pipeline's worker pods, from the Job template the scaler creates
-    its Jobs from (its configuration)."""
+    """The labels of the pipeline's worker pods: the Job template's in the scaler's
+    configuration, and those the scaler adds to each Job it creates."""
     config_map = json.loads(
         node.cluster.kubectl("get", "configmap", f"{RELEASE}-jobtide-scaler", "-n", namespace,
                              "-o", "json").stdout
     )  # fmt: skip
     config = yaml.safe_load(config_map["data"]["config.yaml"])
-    labels: dict[str, str] = config["pipelines"][PIPELINE]["jobTemplate"]["spec"]["template"][
-        "metadata"
-    ]["labels"]
-    return labels
+    template = config["pipelines"][PIPELINE]["jobTemplate"]["spec"]["template"]
+    return {**template["metadata"]["labels"], **job_labels(RELEASE, PIPELINE)}
 
 
 def opened(results: dict[str, str]) -> dict[str, bool]:
