@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jobtide_scaler.jobs import job_labels
 from jobtide_testbed.chartnode import Helm, ReleaseBroker, diagnostics, write_values
 from jobtide_testbed.kube import namespace_name
 from jobtide_testbed.netpol import PolicyAgent, agent_footprint, listen_in, pod_ip, reach
@@ -44,17 +45,15 @@ def labelled_pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 
 def worker_labels(node: Node, namespace: str) -> dict[str, str]:
-    """The labels of the pipeline's worker pods, from the Job template the scaler creates
-    its Jobs from (its configuration)."""
+    """The labels of the pipeline's worker pods: the Job template's in the scaler's
+    configuration, and those the scaler adds to each Job it creates."""
     config_map = json.loads(
         node.cluster.kubectl("get", "configmap", f"{RELEASE}-jobtide-scaler", "-n", namespace,
                              "-o", "json").stdout
     )  # fmt: skip
     config = yaml.safe_load(config_map["data"]["config.yaml"])
-    labels: dict[str, str] = config["pipelines"][PIPELINE]["jobTemplate"]["spec"]["template"][
-        "metadata"
-    ]["labels"]
-    return labels
+    template = config["pipelines"][PIPELINE]["jobTemplate"]["spec"]["template"]
+    return {**template["metadata"]["labels"], **job_labels(RELEASE, PIPELINE)}
 
 
 def opened(results: dict[str, str]) -> dict[str, bool]:
@@ -118,12 +117,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
             )
             pods = [broker_pod, scaler_pod, "outsider", "worker"]
             t = lap("pods", t)
-            wait_for(
-                lambda: agent.enforces(ns, pods, policies),
-                timeout=60,
-                what="kube-router's rules for the release's policies and pods",
-                interval=0.5,
-            )
+            agent.wait_until_in_force(ns, pods, policies)
             t = lap("policies in force", t)
             # What the agent made of them, to be gone once it stops.
             chains, ipsets = agent_footprint()
@@ -173,8 +167,12 @@ def test_chart_policies_admit_only_the_release_s_pods(
             def acked() -> int:
                 return int(broker.queue(QUEUE).get("message_stats", {}).get("ack", 0))
 
-            wait_for(lambda: acked() >= TASKS, timeout=120, what="tasks done by a worker Job")
-            assert broker.depth(QUEUE) == 0
+            # The broker's statistics lag: the queue reads empty a moment after the acks count.
+            wait_for(
+                lambda: acked() >= TASKS and broker.depth(QUEUE) == 0,
+                timeout=120,
+                what="tasks done by a worker Job",
+            )
             assert broker.depth(f"{QUEUE}.dlq") == 0
             t = lap("tasks done by a worker", t)
 
@@ -182,12 +180,7 @@ def test_chart_policies_admit_only_the_release_s_pods(
                  "networkPolicy.enabled=false", "--wait", "--timeout", "3m")  # fmt: skip
             no_policies = cluster.kubectl("get", "networkpolicies", "-n", ns, "-o", "name")
             assert no_policies.stdout.split() == []
-            wait_for(
-                lambda: agent.enforces(ns, pods, policies, present=False),
-                timeout=60,
-                what="kube-router's rules without the release's policies",
-                interval=0.5,
-            )
+            agent.wait_until_in_force(ns, pods, policies, present=False)
             t = lap("policies off", t)
             for source, namespace, pod in (
                 ("outsider", ns, "outsider"),
@@ -201,6 +194,8 @@ def test_chart_policies_admit_only_the_release_s_pods(
         except BaseException:
             print("\n\n".join(diagnostics(cluster.kubeconfig, ns)))
             print(agent.process.tail(60))
+            print("\n".join(r for r in agent.rules().splitlines() if "KUBE-" in r))
+            print(json.dumps(looks, indent=1, sort_keys=True))
             raise
         finally:
             for listener in listeners:

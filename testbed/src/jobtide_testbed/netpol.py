@@ -7,9 +7,10 @@ read-only rights and turns each NetworkPolicy into iptables chains (`KUBE-ROUTER
 `KUBE-NWPLCY-*`, `KUBE-POD-FW-*`) and ipsets (`KUBE-SRC-*`, `KUBE-DST-*`); the node's bridge
 passes packets between pods through iptables (bridge netfilter), so they meet those rules.
 Traffic from the node itself (kubelet probes, the test bed reaching a pod from the host) is
-always let through, as kube-router does on every node. On stop, every chain and ipset it
-made is removed and the machine is as it was. It runs only beside a running `Node` (whose
-lock covers the machine's iptables).
+always let through, as kube-router does on every node. While it runs, a connection to a
+Service address without endpoints is dropped on its way out (`GUARD_CHAIN`), never sent off the
+machine. On stop, every chain and ipset it made is removed and the machine is as it was. It
+runs only beside a running `Node` (whose lock covers the machine's iptables).
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ from jobtide_testbed.process import Process, run, wait_for
 from jobtide_testbed.tools import ensure_stage, tool
 
 AGENT_USER = "system:jobtide-testbed-kube-router"
-CHAIN_PREFIXES = ("KUBE-ROUTER-", "KUBE-NWPLCY-", "KUBE-POD-FW-")
+# A pod's connection to a Service address that no endpoint backs is refused by kube-proxy's
+# filter rules, but kube-router accepts the pod's traffic before they see it, and the packet would
+# leave the machine by its default route. This chain drops it on the way out instead.
+GUARD_CHAIN = "JOBTIDE-SVC-GUARD"
+CHAIN_PREFIXES = ("KUBE-ROUTER-", "KUBE-NWPLCY-", "KUBE-POD-FW-", GUARD_CHAIN)
 # Named while kube-router swaps a set's members in; removed on stop if one was left.
 SWAP_IPSET_PREFIXES = ("TMP-", "inet6:TMP-")
 # What the controller watches (kube-router starts informers for all of them) and nothing more.
@@ -92,8 +97,12 @@ class PolicyAgent:
         if left != ([], []):
             raise RuntimeError(f"kube-router's chains and ipsets are already here: {left}")
         self.node.grant(AGENT_USER, AGENT_RULES)
-        self.process.start()
         try:
+            iptables = ["iptables", "-t", "mangle"]
+            run([*iptables, "-N", GUARD_CHAIN])
+            run([*iptables, "-A", GUARD_CHAIN, "-d", SERVICE_CIDR, "-j", "DROP"])
+            run([*iptables, "-I", "POSTROUTING", "1", "-j", GUARD_CHAIN])
+            self.process.start()
             wait_for(self._running, timeout=60, what="kube-router's firewall", interval=0.5)
         except BaseException:
             self.stop()
@@ -113,18 +122,36 @@ class PolicyAgent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def enforces(
+    def rules(self) -> str:
+        """The machine's iptables filter table (IPv4), as iptables-save prints it."""
+        return str(run(["iptables-save", "-t", "filter"]).stdout)
+
+    def missing(
         self, namespace: str, pods: list[str], policies: list[str], *, present: bool = True
-    ) -> bool:
-        """Whether the rules on the machine now run every one of `pods` (of `namespace`)
-        through its firewall and hold the rules of every one of `policies` (of none of them
-        when not `present`)."""
+    ) -> list[str]:
+        """What the rules on the machine lack for every one of `pods` (of `namespace`) to
+        pass its firewall and for the rules of every one of `policies` to be there (for none
+        of them to be there, when not `present`); empty when the agent has caught up."""
         self.process.check_alive()
-        rules = run(["iptables-save", "-t", "filter"]).stdout
-        if not all(f"POD name:{p} namespace: {namespace} " in rules for p in pods):
-            return False
-        found = [f'"run through nw policy {p}"' in rules for p in policies]
-        return all(found) if present else not any(found)
+        rules = self.rules()
+        lacking = [f"pod {p}" for p in pods if f"POD name:{p} namespace: {namespace} " not in rules]
+        for p in policies:
+            if (f'"run through nw policy {p}"' in rules) != present:
+                lacking.append(f"policy {p} {'in' if present else 'out of'} force")
+        return lacking
+
+    def wait_until_in_force(
+        self, namespace: str, pods: list[str], policies: list[str], *, present: bool = True
+    ) -> None:
+        """Wait until `missing(...)` is empty; the timeout names what is still missing."""
+
+        def caught_up() -> bool:
+            lacking = self.missing(namespace, pods, policies, present=present)
+            if lacking:
+                raise LookupError(", ".join(lacking))
+            return True
+
+        wait_for(caught_up, timeout=60, what="kube-router's rules", interval=0.5)
 
     def _running(self) -> bool:
         self.process.check_alive()

@@ -75,7 +75,7 @@ SYSCTLS = (
     "net/netfilter/nf_conntrack_tcp_timeout_established",
     "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
 )
-IPTABLES_CHAIN_PREFIXES = ("KUBE-", "CNI-")
+IPTABLES_CHAIN_PREFIXES = ("KUBE-", "CNI-", "JOBTIDE-")
 # The ipsets of the node's NetworkPolicy agent (jobtide_testbed.netpol), for IPv4 and IPv6.
 IPSET_PREFIXES = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
 # Fixed paths kubelet and the CNI library write to whatever their configuration says:
