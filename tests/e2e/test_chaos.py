@@ -16,6 +16,7 @@ unset: the chart's default single broker). The CI run has 1,500 tasks; `-m bench
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import signal
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobtide_scaler.status import STATUS_KEY
 from jobtide_testbed.chartnode import (
     ContainerLog,
     Helm,
     ReleaseBroker,
+    Sample,
     Watcher,
     broker_volumes,
     component_selector,
@@ -213,6 +216,18 @@ def test_chaos_run_bench(
     run_chaos(kube_node, ledger, node_namespace, BENCH)
 
 
+def scaler_decisions(watcher: Watcher) -> str:
+    """Per pipeline, the scaler's last decision and its reason, from its status document."""
+    (config_map,) = watcher.core.list_namespaced_config_map(
+        watcher.namespace, label_selector=component_selector(RELEASE, "scaler-status")
+    ).items
+    document = json.loads((config_map.data or {}).get(STATUS_KEY, "{}"))
+    return "; ".join(
+        f"{name}: {p.get('decision')} ({p.get('reason')})"
+        for name, p in sorted(document.get("pipelines", {}).items())
+    )
+
+
 def run_chaos(kube_node: Node, ledger: Ledger, namespace: str, size: Size) -> None:
     cluster = kube_node.cluster
     kubeconfig = cluster.kubeconfig
@@ -329,8 +344,20 @@ def run_chaos(kube_node: Node, ledger: Ledger, namespace: str, size: Size) -> No
     thresholds = sorted(rng.uniform(*DISRUPT_BETWEEN) for _ in plan)
 
     queues = {name: name for name in PIPELINES}
+    watcher = Watcher(kubeconfig, namespace, broker, queues)
+    decisions: dict[float, str] = {}  # the scaler's decisions, by sample, every 10 s
+
+    def note_decisions(sample: Sample) -> None:
+        if decisions and sample.elapsed - max(decisions) < 10:
+            return
+        try:
+            decisions[sample.elapsed] = scaler_decisions(watcher)
+        except Exception as error:  # the apiserver away: noted, not fatal
+            decisions[sample.elapsed] = repr(error)
+
+    watcher.on_sample(note_decisions)
     with (
-        Watcher(kubeconfig, namespace, broker, queues) as watcher,
+        watcher,
         KillLottery(kube_node, ledger, rng, lambda: progress() > 0.85) as lottery,
     ):
         began_at = time.monotonic()
@@ -376,13 +403,14 @@ def run_chaos(kube_node: Node, ledger: Ledger, namespace: str, size: Size) -> No
         stalled = stall(done_times, d.began, d.healed)
         print(f"  {d.name}{where} at {d.progress:.0%} done: consumption resumed "
               f"{d.healed - d.began:.1f} s later; stall {stalled:.1f} s")  # fmt: skip
-    print("  every 10 s: seconds, ready and unacked per queue, active Jobs per pipeline")
-    shown = -10.0
+    print("  every 10 s: seconds; ready/unacked and active Jobs per pipeline; the scaler's")
     for sample in watcher.samples:
-        if sample.elapsed - shown >= 10:
-            shown = sample.elapsed
-            queues = " ".join(f"{q} {sample.ready[q]}/{sample.unacked[q]}" for q in PIPELINES)
-            print(f"    {sample.elapsed:4.0f} s  {queues}  active {sample.active_jobs}")
+        if sample.elapsed in decisions:
+            counts = " ".join(
+                f"{q} {sample.ready[q]}/{sample.unacked[q]} {sample.active_jobs[q]}"
+                for q in PIPELINES
+            )
+            print(f"    {sample.elapsed:4.0f} s  {counts}  {decisions[sample.elapsed]}")
     print(f"  {len(watcher.jobs_seen)} worker Jobs; everything done and gone "
           f"{finished_at - began_at:.0f} s after the first publish")  # fmt: skip
 
