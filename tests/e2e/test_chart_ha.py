@@ -87,7 +87,9 @@ def release(
     ) as storage_class:
         values = write_values(tmp_path / "values.yaml", ha_values(storage_class))
         try:
+            began = time.monotonic()
             helm.install(RELEASE, [values])
+            print(f"\nhelm install --wait (three members): {time.monotonic() - began:.1f} s")
             yield helm
         finally:
             # The test uninstalls; this is for a test that failed before it.
@@ -118,6 +120,16 @@ def ack_times(records: list[WorkerRecord]) -> list[float]:
         for entry in record.entries()
         if entry.get("message") == "task" and entry.get("outcome") == "done"
     )
+
+
+def reconnections(record: WorkerRecord) -> int:
+    """How often the worker lost its connection and consumed again; -1 when it lost one and
+    never came back."""
+    messages = [entry.get("message") for entry in record.entries()]
+    lost = [i for i, message in enumerate(messages) if message == "connection lost"]
+    if lost and "consuming" not in messages[lost[-1] :]:
+        return -1
+    return len(lost)
 
 
 def test_three_member_broker_loses_no_task_through_a_leader_loss_and_a_rolling_restart(
@@ -301,6 +313,12 @@ def test_three_member_broker_loses_no_task_through_a_leader_loss_and_a_rolling_r
     for name in (QUEUE, f"{QUEUE}.dlq"):
         assert len(set(last.queue(name)["members"])) == REPLICAS
 
+    # The workers survived the loss of the member they were connected to: the rolling restart
+    # took every member away under every worker alive then, and each connected again.
+    lost = {name: reconnections(record) for name, record in watcher.workers.items()}
+    assert sum(lost.values()) > 0
+    assert all(count >= 0 for count in lost.values()), lost
+
     times = ack_times(workers)
     for name, (start, end) in windows.items():
         stalled[name] = longest_gap(times, start, end)
@@ -326,5 +344,6 @@ def test_three_member_broker_loses_no_task_through_a_leader_loss_and_a_rolling_r
         gap = stalled[name]
         print(f"  {name}: over in {over[name]:.1f} s, longest gap between acks {gap:.2f} s")
     print(f"  tasks run more than once: {sum(1 for c in runs.values() if c > 1)}")
+    print(f"  connections lost and made again by workers: {sum(lost.values())}")
     print(f"  helm uninstall (pre-delete hook, three members): {uninstalled:.1f} s")
     print(f"  test duration: {time.monotonic() - test_began:.0f} s (install excluded)")
