@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -629,6 +630,8 @@ def _task_stopped(ctr: list[str], task: str) -> bool:
 def clean_host(root: Path | None) -> None:
     """Undo what a node did to the machine. Idempotent; with `root` also unmounts under it
     and restores the sysctls saved there. Safe only while holding the node lock."""
+    if root is None:
+        _kill_crashed_nodes()
     _kill_our_shims()
     if root is not None:
         _unmount_under(root)
@@ -679,22 +682,63 @@ def _remove_new_entries(before: dict[str, list[str] | None]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _kill_our_shims() -> None:
-    """containerd shims (and their containers) of a test bed containerd that is gone."""
+def _cmdlines() -> Iterator[tuple[int, list[bytes]]]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+
+
+def _kill_crashed_nodes() -> None:
+    """Every process of a node whose run died without stopping it (pytest killed, say): its
+    kubelet would go on killing the next node's pods, which share the machine's paths."""
+    processes = dict(_cmdlines())
+    roots = crashed_node_roots(processes.values())
+    for pid in processes_under(processes, roots):
+        if pid != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    for root in roots:
+        _unmount_under(Path(root))
+
+
+def crashed_node_roots(cmdlines: Iterable[list[bytes]]) -> set[str]:
+    """The host folders of the nodes whose kubelet or containerd still runs, known by their
+    configuration files (`<host folder>/node/kubelet.yaml`, `.../node/containerd.toml`)."""
+    markers = (b"/node/kubelet.yaml", b"/node/containerd.toml")
+    return {
+        arg.split(b"=", 1)[-1].removesuffix(marker).decode(errors="replace")
+        for argv in cmdlines
+        for arg in argv
+        for marker in markers
+        if arg.endswith(marker)
+    }
+
+
+def processes_under(processes: dict[int, list[bytes]], roots: set[str]) -> list[int]:
+    """The processes started with a path under one of `roots` (a node's control plane, its
+    kubelet, containerd, kube-proxy and CoreDNS)."""
+    prefixes = [root.encode() + b"/" for root in roots]
+    return [
+        pid
+        for pid, argv in processes.items()
+        if any(prefix in arg for arg in argv for prefix in prefixes)
+    ]
+
+
+def _kill_our_shims() -> None:
+    """containerd shims (and their containers) of a test bed containerd that is gone."""
+    for pid, argv in _cmdlines():
         if (
             argv
             and argv[0].endswith(b"containerd-shim-runc-v2")
             and any(a.endswith(b"/node/containerd/containerd.sock") for a in argv)
         ):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), 9)
+                os.kill(pid, 9)
 
 
 def _unmount_under(root: Path) -> None:
