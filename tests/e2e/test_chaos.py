@@ -216,15 +216,20 @@ def test_chaos_run_bench(
     run_chaos(kube_node, ledger, node_namespace, BENCH)
 
 
-def scaler_decisions(watcher: Watcher) -> str:
-    """Per pipeline, the scaler's last decision and its reason, from its status document."""
+def scaler_status(watcher: Watcher) -> dict[str, dict[str, Any]]:
+    """Per pipeline, the scaler's latest figures, from its status document."""
     (config_map,) = watcher.core.list_namespaced_config_map(
         watcher.namespace, label_selector=component_selector(RELEASE, "scaler-status")
     ).items
     document = json.loads((config_map.data or {}).get(STATUS_KEY, "{}"))
+    return dict(document.get("pipelines", {}))
+
+
+def scaler_decisions(watcher: Watcher) -> str:
+    """Per pipeline, the scaler's last decision and its reason."""
     return "; ".join(
         f"{name}: {p.get('decision')} ({p.get('reason')})"
-        for name, p in sorted(document.get("pipelines", {}).items())
+        for name, p in sorted(scaler_status(watcher).items())
     )
 
 
@@ -459,3 +464,12 @@ def run_chaos(kube_node: Node, ledger: Ledger, namespace: str, size: Size) -> No
     (scaler,) = get_pods(kubeconfig, namespace, SCALER_SELECTOR)
     assert lease_holder(kubeconfig, namespace, RELEASE).startswith(f"{scaler['metadata']['name']}_")
     assert scaler_metric(scaler, "jobtide_leader") == 1.0
+    # And it decides on the broker's counts again after every disruption (after a broker
+    # restart the management API once gave no publish counter, and the counts went stale
+    # for good: no worker was replaced for minutes).
+    wait_for(
+        lambda: {p.get("decision") for p in scaler_status(watcher).values()} == {"none"},
+        timeout=60,
+        what="the scaler's decisions on fresh counts of the empty queues",
+        interval=1,
+    )

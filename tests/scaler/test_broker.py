@@ -6,10 +6,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
+import requests
 from jobtide_scaler.broker import Broker, QueueReading
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ
@@ -115,3 +117,48 @@ def test_the_oldest_waiting_message_is_dated_by_the_publish_counter_without_touc
         assert emptied.published == 5
     finally:
         broker.close()
+
+
+def test_counts_stay_fresh_after_the_broker_restarts_with_nothing_published_since(
+    tmp_path: Path,
+) -> None:
+    """A restarted broker keeps the queue's messages but not its publish counter: until
+    something is published again it answers `message_stats: []`. The counts must still be
+    read (they once went stale for good there, and no Job was created for minutes)."""
+    rabbitmq = RabbitMQ(tmp_path / "broker").start()
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.amqp_url))
+        channel = connection.channel()
+        topology.declare(channel, "restarted")
+        channel.confirm_delivery()
+        for i in range(4):
+            channel.basic_publish("", "restarted", f"task {i}".encode())
+        connection.close()
+        rabbitmq.restart()
+        # A delivery after the restart gives the queue statistics without a publish count.
+        connection = pika.BlockingConnection(pika.URLParameters(rabbitmq.amqp_url))
+        channel = connection.channel()
+        method, _props, _body = channel.basic_get("restarted")
+        channel.basic_ack(method.delivery_tag)
+        connection.close()
+        broker = Broker(broker_config(rabbitmq))
+        try:
+            management = f"{rabbitmq.management_url}/api/queues/%2F/restarted"
+            auth = (rabbitmq.username, rabbitmq.password)
+            columns = {"columns": "name,message_stats.publish"}
+            wait_for(
+                lambda: requests.get(management, auth=auth, params=columns, timeout=10).json()
+                .get("message_stats") == [],
+                timeout=30,
+                what="the restarted broker's statistics without a publish count",
+            )  # fmt: skip
+            wait_for(
+                lambda: (r := broker.read(["restarted"]).get("restarted")) is not None
+                and (r.ready, r.unacked, r.published) == (3, 0, None),
+                timeout=30,
+                what="3 ready from the management API, no publish count",
+            )  # fmt: skip
+        finally:
+            broker.close()
+    finally:
+        rabbitmq.close()

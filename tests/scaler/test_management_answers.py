@@ -28,6 +28,13 @@ def test_a_well_formed_answer_is_used_as_it_is() -> None:
     assert validated_queues(answer, "/") == answer
 
 
+def test_no_publish_counted_since_a_restart_is_no_publish_count() -> None:
+    # What RabbitMQ answers for `columns=...,message_stats.publish` once it restarted and
+    # nothing was published since: the counts stand, the publish counter is unknown.
+    answer = [queue(message_stats=[])]
+    assert validated_queues(answer, "/") == answer
+
+
 @pytest.mark.parametrize(
     ("answer", "named"),
     [

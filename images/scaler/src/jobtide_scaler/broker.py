@@ -65,8 +65,14 @@ def validated_queues(answer: Any, vhost: str) -> list[dict[str, Any]]:
             if not _is_count(queue.get(field)):
                 raise InvalidAnswer(f"queue {name!r}: {field} is {queue[field]!r}, not a count")
         stats = queue.get("message_stats")
-        if stats is not None and not (isinstance(stats, dict) and _is_count(stats.get("publish"))):
-            raise InvalidAnswer(f"queue {name!r}: message_stats.publish is not a count")
+        # `[]`: statistics kept but no publish counted since they began (the broker restarted
+        # and nothing was published since; RabbitMQ encodes the empty set as a list).
+        if stats not in (None, []) and not (
+            isinstance(stats, dict) and _is_count(stats.get("publish"))
+        ):
+            raise InvalidAnswer(
+                f"queue {name!r}: message_stats.publish is not a count ({str(stats)[:80]})"
+            )
     return answer
 
 
