@@ -35,10 +35,10 @@ from jobtide_testbed.chartnode import (
     ReleaseBroker,
     Sample,
     Watcher,
-    broker_volumes,
     component_selector,
     diagnostics,
     get_pods,
+    host_path_volumes,
     is_ready,
     lease_holder,
     local_image,
@@ -151,7 +151,8 @@ def release(
 ) -> Iterator[Helm]:
     kubeconfig = kube_node.cluster.kubeconfig
     helm = Helm(kubeconfig, node_namespace)
-    volumes = broker_volumes(kubeconfig, node_namespace, BROKER_REPLICAS or 1, BROKER_VOLUME_SIZE)
+    volumes = host_path_volumes(kubeconfig, f"{node_namespace}-broker", BROKER_REPLICAS or 1,
+                                BROKER_VOLUME_SIZE, BROKER_SELECTOR)  # fmt: skip
     with volumes as storage_class:
         values = write_values(tmp_path / "values.yaml", chaos_values(ledger.url, storage_class))
         helm.install(RELEASE, [values])

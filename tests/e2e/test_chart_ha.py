@@ -27,6 +27,7 @@ from jobtide_testbed.chartnode import (
     Watcher,
     WorkerRecord,
     completed_ids,
+    component_selector,
     diagnostics,
     executions,
     get_pods,
@@ -56,7 +57,7 @@ SECOND_WAVE_SECONDS = (0.1, 0.3)
 # the watcher's broker reads.
 TTL_SECONDS = 60
 VOLUME_SIZE = "1Gi"
-BROKER_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=rabbitmq"
+BROKER_SELECTOR = component_selector(RELEASE, "rabbitmq")
 SCALER_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=scaler"
 # The broker setting the upgrade changes (it rolls the members: the configuration's checksum).
 UPGRADED_CONSUMER_TIMEOUT_SECONDS = 7200

@@ -594,46 +594,6 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-@contextlib.contextmanager
-def broker_volumes(kubeconfig: Path, namespace: str, count: int, size: str) -> Iterator[str]:
-    """`count` static hostPath PersistentVolumes for the release broker's claims (the test
-    bed has no provisioner), in a storage class of their own (yielded); removed with their
-    folders afterwards, and the release's broker claims with them."""
-    storage_class = f"{namespace}-broker"
-    folders: list[Path] = []
-    try:
-        for index in range(count):
-            # Not under a test's tmp_path: the broker's non-root user must reach the folder.
-            folder = Path(tempfile.mkdtemp(prefix="jobtide-e2e-broker-", dir="/var/tmp"))
-            folders.append(folder)
-            os.chown(folder, RABBITMQ_UID, RABBITMQ_UID)
-            manifest = {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": f"{storage_class}-{index}"},
-                "spec": {
-                    "storageClassName": storage_class,
-                    "capacity": {"storage": size},
-                    "accessModes": ["ReadWriteOnce"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "hostPath": {"path": str(folder), "type": "Directory"},
-                },
-            }
-            kubectl(kubeconfig, "apply", "-f", "-", stdin=json.dumps(manifest))
-        yield storage_class
-    finally:
-        # The claims outlive the release only when the uninstall failed; their protection
-        # finalizer holds them until the broker pods are gone, so the folders are unused.
-        kubectl(kubeconfig, "delete", "pvc", "-n", namespace, "-l",
-                "app.kubernetes.io/component=rabbitmq", "--wait", "--timeout=120s",
-                check=False, timeout=150)  # fmt: skip
-        for index in range(len(folders)):
-            kubectl(kubeconfig, "delete", "pv", f"{storage_class}-{index}", "--wait",
-                    "--timeout=60s", check=False, timeout=90)  # fmt: skip
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def task_pid(node: Node, container_id: str) -> int:
     """The host PID of a container's process (containerd's task): for a worker, the worker
     process itself, since the image's entrypoint runs it in exec form."""
