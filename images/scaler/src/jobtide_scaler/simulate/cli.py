@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from jobtide_worker.pipeline_settings import (
 )
 
 from jobtide_scaler.settings import ScalerSettings
-from jobtide_scaler.simulate.engine import Settings
+from jobtide_scaler.simulate.engine import Metrics, Settings
 from jobtide_scaler.simulate.nodes import (
     Autoscaler,
     Consolidation,
@@ -35,6 +36,8 @@ from jobtide_scaler.simulate.nodes import (
 )
 from jobtide_scaler.simulate.report import Comparison, compare, format_table, plot
 from jobtide_scaler.simulate.scalers import JOBTIDE_LEVERS
+from jobtide_scaler.simulate.sweep import bill
+from jobtide_scaler.simulate.tune import Tuning, TuningConfig, tune
 from jobtide_scaler.simulate.workloads import WORKLOADS, Workload, make_workload, read_trace
 
 __all__ = [
@@ -223,6 +226,18 @@ def _parser() -> argparse.ArgumentParser:
         "--compare", action="store_true", help="all built-in workloads (unless one is named)"
     )
     parser.add_argument("--policy", action="append", help="only these policies (repeatable)")
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="search the cheapest messagesPerWorker and idleTimeoutSeconds for the workload or "
+        "trace, at a p95 wait no longer than the current settings' (or --max-wait-p95)",
+    )
+    parser.add_argument(
+        "--max-wait-p95",
+        type=float,
+        metavar="SECONDS",
+        help="with --tune: the longest p95 wait a tuning may have",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     parser.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="backlog, workers and nodes over time"
@@ -258,6 +273,14 @@ def main(argv: Sequence[str]) -> int:
             workloads = [make_workload(name, args.seed) for name in WORKLOADS]
         else:
             parser.error("name a --workload or a --trace, or use --compare")
+        if args.tune:
+            if len(workloads) != 1 or args.policy or args.plot is not None:
+                parser.error("--tune takes one --workload or --trace, without --policy or --plot")
+            tuning = tune(workloads[0], settings, pool, levers, args.seed, args.max_wait_p95)
+            _print_tuning(workloads[0], tuning, pool, _values_path(args), args.format)
+            return 0
+        if args.max_wait_p95 is not None:
+            parser.error("--max-wait-p95 applies to --tune only")
         policies = tuple(args.policy) if args.policy else None
         comparisons = [compare(w, settings, args.seed, policies, pool, levers) for w in workloads]
     except (OSError, ValueError, yaml.YAMLError) as error:
@@ -292,3 +315,59 @@ def _print(comparisons: list[Comparison], output_format: str) -> None:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2))
         return
     print("\n\n".join(format_table(comparison) for comparison in comparisons))
+
+
+def _values_path(args: argparse.Namespace) -> str:
+    """Where the tuned keys go in the values: the pipeline's own keys, or the defaults."""
+    if args.pipeline is not None:
+        return f"pipelines.{args.pipeline}"
+    if args.values is not None:
+        values = yaml.safe_load(args.values.read_text()) or {}
+        pipelines = values.get("pipelines") or {}
+        if len(pipelines) == 1:
+            return f"pipelines.{next(iter(pipelines))}"
+    return "pipelineDefaults"
+
+
+def _print_tuning(
+    workload: Workload, tuning: Tuning, pool: NodePool | None, path: str, output_format: str
+) -> None:
+    unit = "pod-s" if pool is None else "node-s"
+    cost = bill(pool)
+
+    def figures(found: tuple[TuningConfig, Metrics]) -> dict[str, Any]:
+        config, metrics = found
+        return {"values": config.values(), "figures": metrics.summary()}
+
+    if output_format == "json":
+        document = {
+            "workload": workload.name,
+            "wait_limit": round(tuning.wait_limit, 1),
+            "runs": tuning.runs,
+            "current": figures(tuning.current),
+            "best": None if tuning.best is None else figures(tuning.best),
+            "values_path": path,
+        }
+        print(json.dumps(document, indent=2))
+        return
+
+    def line(found: tuple[TuningConfig, Metrics]) -> str:
+        config, metrics = found
+        keys = ", ".join(f"{key} {value}" for key, value in config.values().items())
+        return f"{keys}: {cost(metrics):.0f} {unit}, p95 wait {metrics.wait_p95:.1f} s"
+
+    print(f"tuning on {workload.name} ({tuning.runs} runs)")
+    print(f"  current settings: {line(tuning.current)}")
+    if tuning.best is None:
+        print(f"  no tuning waits {tuning.wait_limit:.1f} s or less at p95")
+        return
+    change = cost(tuning.best[1]) / cost(tuning.current[1]) - 1
+    if tuning.best[0] == tuning.current[0]:
+        print(f"  the current settings are the cheapest at p95 <= {tuning.wait_limit:.1f} s")
+        return
+    print(f"  cheapest at p95 <= {tuning.wait_limit:.1f} s: {line(tuning.best)} ({change:+.1%})")
+    print("values:")
+    snippet: dict[str, Any] = tuning.best[0].values()
+    for key in reversed(path.split(".")):
+        snippet = {key: snippet}
+    print(textwrap.indent(yaml.safe_dump(snippet, sort_keys=False), "  "), end="")
