@@ -420,6 +420,28 @@ def test_node_lower_bound_by_hand() -> None:
     assert metrics.node_seconds >= node_seconds_lower_bound(workload, FIXED, POOL)
 
 
+def test_node_lower_bound_at_a_wait_by_hand() -> None:
+    # Under the cluster autoscaler an empty node is kept 10 minutes. Two 10 s tasks 2000 s
+    # apart, each starting within 20 s of its arrival on a node launched at least 30 s before:
+    # some node is billed over [0 + 20 - 30, 0 + 10 + 600] and [1990, 2610], 1240 node-s,
+    # where the bound at any wait is (10 + 10 + 5 + 5) / 4 + 30 + 600 = 637.5.
+    pool = NodePool(
+        autoscaler=Autoscaler.CLUSTER_AUTOSCALER,
+        provisioning_seconds=(30, 30),
+        termination_seconds=0,
+    )
+    two = Workload("hand", (Task(0.0, 10.0), Task(2000.0, 10.0)), 2000.0)
+    assert node_seconds_lower_bound(two, FIXED, pool) == pytest.approx(637.5)
+    assert node_seconds_lower_bound(two, FIXED, pool, wait_p95=20) == pytest.approx(1240)
+    # A p95 lets n - ceil(0.95 n) tasks wait longer: of 20 such tasks one, whose interval
+    # (620 s) no longer counts.
+    twenty = Workload("hand", tuple(Task(2000.0 * i, 10.0) for i in range(20)), 38000.0)
+    assert node_seconds_lower_bound(twenty, FIXED, pool, wait_p95=20) == pytest.approx(19 * 620)
+    # The simulated policy, at its own p95 wait, is not below it.
+    metrics = simulate(two, FIXED, JobtideScaler(FIXED), pool=pool).metrics
+    assert metrics.node_seconds >= node_seconds_lower_bound(two, FIXED, pool, metrics.wait_p95)
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [("500m", 0.5), ("2", 2.0), (1, 1.0), ("1Gi", 2.0**30), ("512Mi", 2.0**29), ("1G", 1e9)],

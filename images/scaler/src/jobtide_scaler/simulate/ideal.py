@@ -32,6 +32,17 @@ reactive scaler can occasionally beat) and a true lower bound on node-seconds (d
   after its last pod left (the autoscaler's delay for an empty node, since its busy pods
   cannot be moved). At least one pod and one node are needed. It is a true bound, and a
   loose one: it lets every node be full all the time.
+- Node lower bound at a p95 wait of at most W (`wait_p95`): for the same policies, a task
+  that waits at most W starts on a node launched at least the shortest provisioning latency
+  before it started, and that node is billed until at least the autoscaler's delay for an
+  empty node after the task ended (its pods are never evicted, so the node empties only once
+  the task's worker has left). So some node is billed throughout [arrival + W - shortest
+  provisioning, arrival + duration + that delay] of each such task. A p95 of W lets at most
+  n - ceil(0.95 n) tasks wait longer (the nearest-rank percentile); leaving out a task's
+  interval shrinks the union by at most its length. The bound is the union of every task's
+  interval less the k longest intervals, or the bound above if that is more. It is what
+  makes a goal out of reach where the autoscaler keeps an empty node long (the cluster
+  autoscaler's 10 minutes) and tasks are spread out in time (a trickle).
 """
 
 from __future__ import annotations
@@ -172,12 +183,39 @@ def ideal_node_seconds(
     return cost
 
 
-def node_seconds_lower_bound(workload: Workload, settings: Settings, pool: NodePool) -> float:
+def node_seconds_lower_bound(
+    workload: Workload, settings: Settings, pool: NodePool, wait_p95: float | None = None
+) -> float:
     """Node-seconds no policy goes below if its workers drain until idle and are never
-    evicted, at any wait (the module docstring gives the argument)."""
+    evicted, at any wait, or at a p95 wait of at most `wait_p95` (the module docstring gives
+    the arguments)."""
     if not workload.tasks:
         return 0.0
     work = sum(task.duration for task in workload.tasks)
     one_pod = settings.startup_seconds[0] + settings.idle_timeout_seconds
     one_node = pool.provisioning_seconds[0] + pool.empty_node_kept_seconds
-    return (work + one_pod) / pool.pods_per_node + one_node
+    bound = (work + one_pod) / pool.pods_per_node + one_node
+    if wait_p95 is None:
+        return bound
+    return max(bound, _some_node_billed(workload, pool, wait_p95))
+
+
+def _some_node_billed(workload: Workload, pool: NodePool, wait_p95: float) -> float:
+    """Seconds during which at least one node is billed, at a p95 wait of at most
+    `wait_p95` (the module docstring's second bound)."""
+    before = wait_p95 - pool.provisioning_seconds[0]
+    after = pool.empty_node_kept_seconds
+    intervals = sorted(
+        (task.arrival + before, task.arrival + task.duration + after)
+        for task in workload.tasks
+        if task.duration + after > before
+    )
+    covered = 0.0
+    reach = -math.inf
+    for begin, end in intervals:
+        covered += max(0.0, end - max(begin, reach))
+        reach = max(reach, end)
+    count = len(workload.tasks)
+    may_wait_longer = count - math.ceil(0.95 * count)
+    lengths = sorted((end - begin for begin, end in intervals), reverse=True)
+    return covered - sum(lengths[:may_wait_longer])
