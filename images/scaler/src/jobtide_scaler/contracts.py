@@ -8,9 +8,8 @@ From the settings (`jobtide_worker.pipeline_settings.PipelineSettings`,
 in the chart's values schema and in the chart's values.yaml (defaults and `# --` comments),
 and the list of setting keys the chart copies into the scaler's configuration. From the names of
 the environment variables (`jobtide_worker.config.Variable`): the chart's templates that name
-them. From the Kubernetes
-OpenAPI schemas (`jobtide_scaler.kubeschema`): the shapes of the Kubernetes objects values pass
-through, in the chart's values schema. From the queue
+them. From the Kubernetes OpenAPI schemas (`jobtide_scaler.kubeschema`): the shapes of the
+Kubernetes objects values pass through, in the chart's values schema. From the queue
 topology (`jobtide_worker.topology`): the chart's per-pipeline broker definitions, as a JSON
 skeleton whose placeholders the chart fills in for each pipeline (Helm cannot run Python). From
 the chart's CHANGELOG.md, values.yaml's image defaults and the scaler's license: Chart.yaml's
