@@ -29,11 +29,15 @@ def test_generated_file_is_current(path: str) -> None:
     assert (REPO / path).read_text() == expected, f"{path} is stale: run `{contracts.COMMAND}`"
 
 
-def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
-    # The generated files and the other sources some are made from.
+def copy_generated_files(to: Path) -> None:
+    """The generated files and the other sources some are made from."""
     for path in [*contracts.GENERATORS, contracts.CHART_CHANGELOG, contracts.SCALER_PROJECT]:
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / path, tmp_path / path)
+        (to / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / path, to / path)
+
+
+def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
+    copy_generated_files(tmp_path)
     values = tmp_path / contracts.CHART_VALUES
     values.write_text(values.read_text().replace("  maxWorkers: 20\n", "  maxWorkers: 7\n"))
     (tmp_path / contracts.CHART_TOPOLOGY).unlink()
@@ -42,6 +46,35 @@ def test_a_stale_file_is_found_and_rewritten(tmp_path: Path) -> None:
     assert contracts.main(["--write", "--repo", str(tmp_path)]) == 0
     assert contracts.stale_files(tmp_path) == []
     assert values.read_text() == (REPO / contracts.CHART_VALUES).read_text()
+
+
+def test_a_stale_list_of_variable_names_is_found_and_rewritten(tmp_path: Path) -> None:
+    copy_generated_files(tmp_path)
+    generated = tmp_path / contracts.CHART_ENV_NAMES
+    current = generated.read_text()
+    # A name changed by hand (or in Variable without regenerating).
+    generated.write_text(current.replace("}}JOBTIDE_BROKER_HOST{{", "}}JOBTIDE_HOST{{"))
+    assert contracts.stale_files(tmp_path) == [contracts.CHART_ENV_NAMES]
+    assert contracts.main(["--check", "--repo", str(tmp_path)]) == 1
+    assert contracts.main(["--write", "--repo", str(tmp_path)]) == 0
+    assert generated.read_text() == current
+
+
+def test_the_chart_names_jobtides_variables_by_their_generated_templates() -> None:
+    """Every variable of `Variable` has its template, and the chart's templates spell none of
+    those names themselves (the helm test pod's script reads two of its own variables, named
+    in the same file)."""
+    names = contracts.variable_names()
+    assert names
+    assert all(name.startswith("JOBTIDE_") for name in names.values())
+    generated = (REPO / contracts.CHART_ENV_NAMES).read_text()
+    for attribute, name in names.items():
+        assert f'{{{{- define "jobtide.env.{attribute}" -}}}}{name}{{{{- end }}}}' in generated
+    templates = REPO / contracts.CHART_ENV_NAMES.rsplit("/", 1)[0]
+    for template in sorted(templates.glob("*.*")):
+        if template.name != Path(contracts.CHART_ENV_NAMES).name:
+            spelled = set(re.findall(r"JOBTIDE_[A-Z_]+", template.read_text()))
+            assert not spelled & set(names.values()), template.name
 
 
 def test_chart_annotations_follow_the_changelog_and_the_image_defaults(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from jobtide_scaler.cluster import JobCounts, JobState, classify, count_jobs, record_of
+from jobtide_scaler.jobstate import JobCounts, JobState, classify, count_jobs, record_of
 
 pytestmark = pytest.mark.unit
 

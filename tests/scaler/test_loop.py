@@ -11,17 +11,11 @@ from typing import Any
 import pytest
 from helpers import BROKER_ENV, config_document, pipeline_document
 from jobtide_scaler.broker import QueueReading
-from jobtide_scaler.cluster import (
-    CacheSnapshot,
-    CreateOutcome,
-    CreateResult,
-    JobRecord,
-    JobState,
-    count_jobs,
-)
+from jobtide_scaler.cluster import CacheSnapshot, CreateOutcome, CreateResult
 from jobtide_scaler.config import ScalerConfig, build_config
 from jobtide_scaler.events import Event
 from jobtide_scaler.jobs import ANNOTATION_CREATE_ID, LABEL_PIPELINE
+from jobtide_scaler.jobstate import JobRecord, JobState, count_jobs
 from jobtide_scaler.loop import CreateLedger, Scaler
 from jobtide_scaler.metrics import Metrics
 from jobtide_scaler.status import StatusDocument

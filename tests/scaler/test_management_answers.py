@@ -28,9 +28,10 @@ def test_a_well_formed_answer_is_used_as_it_is() -> None:
     assert validated_queues(answer, "/") == answer
 
 
-def test_no_publish_counted_since_a_restart_is_no_publish_count() -> None:
+def test_no_publish_counted_since_a_restart_is_a_well_formed_answer() -> None:
     # What RabbitMQ answers for `columns=...,message_stats.publish` once it restarted and
-    # nothing was published since: the counts stand, the publish counter is unknown.
+    # nothing was published since: the counts stand, 0 published since the restart
+    # (jobtide_worker.management.published_count, tests/worker/test_worker_quiet_units.py).
     answer = [queue(message_stats=[])]
     assert validated_queues(answer, "/") == answer
 
@@ -45,8 +46,8 @@ def test_no_publish_counted_since_a_restart_is_no_publish_count() -> None:
         ([queue(messages_unacknowledged=2.5)], "messages_unacknowledged is 2.5, not a count"),
         ([queue(consumers="1")], "consumers is '1', not a count"),
         ([queue(messages_ready=True)], "messages_ready is True, not a count"),
-        ([queue(message_stats={"publish": -4})], "message_stats.publish is not a count"),
-        ([queue(message_stats=[1])], "message_stats.publish is not a count"),
+        ([queue(message_stats={"publish": -4})], "queue 'q': message_stats.publish is -4, not a"),
+        ([queue(message_stats=[1])], "queue 'q': message_stats.publish is not a count"),
     ],
 )
 def test_a_malformed_or_foreign_answer_is_refused_naming_what_is_wrong(

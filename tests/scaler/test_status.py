@@ -8,10 +8,10 @@ import json
 from dataclasses import replace
 
 import pytest
+from jobtide_scaler.jobstate import JobCounts
 from jobtide_scaler.policy import Observation
 from jobtide_scaler.status import (
     LeaseInfo,
-    LiveJobs,
     PipelineStatus,
     StatusDocument,
     StatusView,
@@ -75,7 +75,7 @@ def document(**overrides: object) -> StatusDocument:
 
 
 LEASE = LeaseInfo("jobs-jobtide-scaler-5f7c9-x2kqp_1a2b3c4d", WRITTEN + 2, 15)
-JOBS = {"resize-images": LiveJobs(6, 2), "train-models": LiveJobs(2, 0)}
+JOBS = {"resize-images": JobCounts(6, 2), "train-models": JobCounts(2, 0)}
 
 
 def test_the_document_round_trips_as_camel_case_json() -> None:
@@ -170,7 +170,7 @@ def test_unreadable_jobs_fall_back_to_the_figures_and_say_so() -> None:
 
 
 def test_before_the_first_write_the_live_jobs_are_shown() -> None:
-    view = StatusView("jobs", "pipelines", None, None, {"resize-images": LiveJobs(1, 1)})
+    view = StatusView("jobs", "pipelines", None, None, {"resize-images": JobCounts(1, 1)})
     table = format_table(view, WRITTEN)
     assert "figures: none yet" in table
     assert "leader: unknown" in table

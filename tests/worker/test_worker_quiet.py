@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jobtide_testbed.faultproxy import Fault, FaultProxy
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ, wait_counts
+from jobtide_worker.quiet import COLUMNS
 from workerbed import Worker, WorkerBed
 
 pytestmark = pytest.mark.integration
@@ -49,6 +51,45 @@ def test_an_idle_worker_leaves_once_the_queue_is_silent(bed: WorkerBed) -> None:
     assert exiting["reason"] == "queue-silent", worker.log()
     assert exiting["tasks"] == 2
     assert "queue counters unreadable" not in worker.log()
+
+
+def test_after_a_broker_restart_an_idle_worker_still_leaves_once_the_queue_is_silent(
+    private_bed: Callable[..., WorkerBed],
+) -> None:
+    """A restarted broker keeps the queue's messages but not its publish counter: until
+    something is published again it answers `message_stats: []`, which is 0 published since
+    the restart. Idle workers once took it for an odd answer and stayed up to their idle
+    timeout after every broker restart."""
+    bed = private_bed()
+    published_before_the_workers(bed, 3)
+    bed.broker.restart()
+    with bed.channel() as channel:  # a delivery gives the queue statistics again
+        method, _properties, _body = channel.basic_get(bed.queue)
+        channel.basic_ack(method.delivery_tag)
+
+    def counters() -> Any:
+        path = f"queues/%2F/{bed.queue}"
+        return bed.broker.api("GET", path, params={"columns": COLUMNS}).json()
+
+    wait_for(
+        lambda: counters().get("message_stats") == [],
+        timeout=30,
+        what="the restarted broker's statistics without a publish count",
+    )
+    worker = bed.start_worker(
+        JOBTIDE_IDLE_TIMEOUT_SECONDS=LONG_IDLE, JOBTIDE_LOG_FORMAT="json", **QUIET
+    )
+    bed.wait_record("done", count=2)
+    started = time.monotonic()
+    assert worker.wait(int(LONG_IDLE) - 10) == 0
+    print(f"left {time.monotonic() - started:.1f} s after its last task")
+    exiting = exit_line(worker)
+    assert exiting["reason"] == "queue-silent", worker.log()
+    assert exiting["tasks"] == 2
+    # No answer taken for an odd one (a read cut by the network would not be about this).
+    assert "OddAnswer" not in worker.log()
+    # What it read all along: nothing has been published since the restart.
+    assert counters() == {"message_stats": [], "messages_ready": 0}
 
 
 class Feeder:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from jobtide_worker import ConfigError, WorkerConfig
+from jobtide_worker.management import published_count
 from jobtide_worker.pipeline_settings import (
     STATISTICS_INTERVAL_SECONDS,
     PipelineSettings,
@@ -44,6 +45,41 @@ def test_the_queue_is_silent_when_nothing_was_published_and_nothing_is_ready(
 def test_the_management_apis_answer_read_into_counters() -> None:
     answer = {"message_stats": {"publish": 12}, "messages_ready": 3}
     assert counters_from_answer(answer) == QueueCounters(published=12, ready=3)
+
+
+def test_a_restarted_broker_with_nothing_published_since_has_a_silent_queue() -> None:
+    # RabbitMQ's answer once it restarted and nothing was published since (the empty set of
+    # statistics, encoded as a list): 0 published, so two such reads with nothing ready are a
+    # silent queue (it once was an odd answer, and idle workers waited for their timeout).
+    answer = {"message_stats": [], "messages_ready": 0}
+    read = counters_from_answer(answer)
+    assert read == QueueCounters(published=0, ready=0)
+    assert queue_silent(read, counters_from_answer(answer))
+
+
+@pytest.mark.parametrize(
+    ("message_stats", "published"),
+    [
+        ({"publish": 12}, 12),
+        ({"publish": 0}, 0),
+        ([], 0),  # statistics kept, nothing published since they began (a restart)
+        (None, None),  # no statistics kept
+        ({}, None),
+        ({"deliver_get": 3}, None),
+    ],
+)
+def test_the_publish_counter_as_the_scaler_and_the_worker_read_it(
+    message_stats: Any, published: int | None
+) -> None:
+    assert published_count(message_stats) == published
+
+
+@pytest.mark.parametrize(
+    "message_stats", [[1], {"publish": -1}, {"publish": "12"}, {"publish": True}, "[]", 0]
+)
+def test_a_publish_counter_that_is_not_a_count_is_an_odd_answer(message_stats: Any) -> None:
+    with pytest.raises(OddAnswer, match=r"^message_stats\.publish is "):
+        published_count(message_stats)
 
 
 @pytest.mark.parametrize(

@@ -100,47 +100,48 @@ so the members find each other while they start). */}}
 {{- end }}
 {{- end }}
 
-{{/* Broker environment for the scaler and the workers (docs/architecture.md). */}}
+{{/* Broker environment for the scaler and the workers (docs/architecture.md); the variables'
+names come from _env-names.tpl. */}}
 {{- define "jobtide.broker.env" -}}
 {{- if .Values.rabbitmq.enabled }}
-- name: JOBTIDE_BROKER_HOST
+- name: {{ include "jobtide.env.BROKER_HOST" . }}
   value: {{ printf "%s.%s.svc" (include "jobtide.rabbitmq.fullname" .) .Release.Namespace | quote }}
-- name: JOBTIDE_BROKER_PORT
+- name: {{ include "jobtide.env.BROKER_PORT" . }}
   value: {{ .Values.rabbitmq.service.amqpPort | quote }}
-- name: JOBTIDE_BROKER_VHOST
+- name: {{ include "jobtide.env.BROKER_VHOST" . }}
   value: {{ .Values.rabbitmq.vhost | quote }}
-- name: JOBTIDE_BROKER_TLS
+- name: {{ include "jobtide.env.BROKER_TLS" . }}
   value: "false"
 {{- if include "jobtide.rabbitmq.clustered" . }}
-- name: JOBTIDE_QUORUM_INITIAL_GROUP_SIZE
+- name: {{ include "jobtide.env.QUORUM_INITIAL_GROUP_SIZE" . }}
   value: {{ .Values.rabbitmq.replicas | quote }}
 {{- end }}
 {{- else }}
-- name: JOBTIDE_BROKER_HOST
+- name: {{ include "jobtide.env.BROKER_HOST" . }}
   value: {{ .Values.externalBroker.host | quote }}
-- name: JOBTIDE_BROKER_PORT
+- name: {{ include "jobtide.env.BROKER_PORT" . }}
   value: {{ .Values.externalBroker.port | quote }}
-- name: JOBTIDE_BROKER_VHOST
+- name: {{ include "jobtide.env.BROKER_VHOST" . }}
   value: {{ .Values.externalBroker.vhost | quote }}
-- name: JOBTIDE_BROKER_TLS
+- name: {{ include "jobtide.env.BROKER_TLS" . }}
   value: {{ .Values.externalBroker.tls.enabled | quote }}
 {{- if include "jobtide.broker.caMounted" . }}
-- name: JOBTIDE_BROKER_CA_FILE
+- name: {{ include "jobtide.env.BROKER_CA_FILE" . }}
   value: {{ printf "%s/ca.crt" (include "jobtide.broker.caDir" .) | quote }}
 {{- end }}
 {{- with .Values.externalBroker.tls.serverName }}
-- name: JOBTIDE_BROKER_SERVER_NAME
+- name: {{ include "jobtide.env.BROKER_SERVER_NAME" . }}
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
 {{- /* The management API: the scaler reads queue counts there, an idle worker its queue's
 counters (quietCheckSeconds). Same host and TLS as AMQP (the bundled broker's Service port
 `management`; externalBroker.managementPort). */}}
-- name: JOBTIDE_BROKER_MANAGEMENT_PORT
+- name: {{ include "jobtide.env.BROKER_MANAGEMENT_PORT" . }}
   value: {{ include "jobtide.broker.managementPort" . | quote }}
-- name: JOBTIDE_BROKER_USERNAME_FILE
+- name: {{ include "jobtide.env.BROKER_USERNAME_FILE" . }}
   value: {{ printf "%s/username" (include "jobtide.broker.credentialsDir" .) | quote }}
-- name: JOBTIDE_BROKER_PASSWORD_FILE
+- name: {{ include "jobtide.env.BROKER_PASSWORD_FILE" . }}
   value: {{ printf "%s/password" (include "jobtide.broker.credentialsDir" .) | quote }}
 {{- end }}
 

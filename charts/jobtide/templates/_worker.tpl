@@ -101,7 +101,7 @@ image: {{ include "jobtide.image" (dict "image" $p.image "root" .root) | quote }
 imagePullPolicy: {{ $p.image.pullPolicy }}
 env:
   {{- include "jobtide.broker.env" .root | trim | nindent 2 }}
-  - name: JOBTIDE_HANDLER
+  - name: {{ include "jobtide.env.HANDLER" .root }}
     value: {{ $p.handler | quote }}
   {{- with $p.env }}
   {{- toYaml . | nindent 2 }}

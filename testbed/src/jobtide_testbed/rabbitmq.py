@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from jobtide_worker.config import Variable
 
 from jobtide_testbed.pki import PKI
 from jobtide_testbed.process import Process, free_port, port_open, run, wait_for
@@ -250,14 +251,14 @@ class RabbitMQ:
         if self.tls is None:
             raise ValueError(f"{self.nodename} was started without tls")
         return {
-            "JOBTIDE_BROKER_HOST": TLS_HOST,
-            "JOBTIDE_BROKER_PORT": str(self.amqps_port),
-            "JOBTIDE_BROKER_MANAGEMENT_PORT": str(self.management_tls_port),
-            "JOBTIDE_BROKER_VHOST": self.vhost,
-            "JOBTIDE_BROKER_USERNAME": self.username,
-            "JOBTIDE_BROKER_PASSWORD": self.password,
-            "JOBTIDE_BROKER_TLS": "true",
-            "JOBTIDE_BROKER_CA_FILE": str(self.tls.ca),
+            Variable.BROKER_HOST: TLS_HOST,
+            Variable.BROKER_PORT: str(self.amqps_port),
+            Variable.BROKER_MANAGEMENT_PORT: str(self.management_tls_port),
+            Variable.BROKER_VHOST: self.vhost,
+            Variable.BROKER_USERNAME: self.username,
+            Variable.BROKER_PASSWORD: self.password,
+            Variable.BROKER_TLS: "true",
+            Variable.BROKER_CA_FILE: str(self.tls.ca),
         }
 
     def connections(self) -> list[dict[str, Any]]:

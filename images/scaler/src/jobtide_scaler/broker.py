@@ -29,7 +29,7 @@ import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 import requests
 from jobtide_worker.config import BrokerConfig, BrokerTlsError
-from jobtide_worker.management import management_session
+from jobtide_worker.management import OddAnswer, management_session, published_count
 
 from jobtide_scaler.backlog import PublishHistory
 from jobtide_scaler.retry import retry_after
@@ -64,15 +64,10 @@ def validated_queues(answer: Any, vhost: str) -> list[dict[str, Any]]:
         for field in COUNT_FIELDS:
             if not _is_count(queue.get(field)):
                 raise InvalidAnswer(f"queue {name!r}: {field} is {queue[field]!r}, not a count")
-        stats = queue.get("message_stats")
-        # `[]`: statistics kept but no publish counted since they began (the broker restarted
-        # and nothing was published since; RabbitMQ encodes the empty set as a list).
-        if stats not in (None, []) and not (
-            isinstance(stats, dict) and _is_count(stats.get("publish"))
-        ):
-            raise InvalidAnswer(
-                f"queue {name!r}: message_stats.publish is not a count ({str(stats)[:80]})"
-            )
+        try:
+            published_count(queue.get("message_stats"))
+        except OddAnswer as e:
+            raise InvalidAnswer(f"queue {name!r}: {e}") from None
     return answer
 
 
@@ -82,7 +77,8 @@ class QueueReading:
     unacked: int
     consumers: int
     read_at: float  # monotonic seconds of the oldest figure in it
-    # The broker's count of messages published to the queue so far; None when it keeps none
+    # The broker's count of messages published to the queue since its statistics began (its
+    # last start; jobtide_worker.management.published_count); None when it keeps none
     # (management statistics off): then the oldest waiting message's age is unknown.
     published: int | None = None
     # Monotonic seconds by which the oldest waiting message had been published (a lower bound
@@ -233,19 +229,19 @@ class Broker:
     def _reading(self, queue: dict[str, Any], asked_at: float, answered_at: float) -> QueueReading:
         name = queue["name"]
         ready = int(queue.get("messages_ready") or 0)
-        published = (queue.get("message_stats") or {}).get("publish")
+        published = published_count(queue.get("message_stats"))
         since = None
         if published is None:
             self._published.pop(name, None)
         else:
             history = self._published.setdefault(name, PublishHistory())
-            since = history.observe(int(published), ready, answered_at)
+            since = history.observe(published, ready, answered_at)
         return QueueReading(
             ready,
             int(queue.get("messages_unacknowledged") or 0),
             int(queue.get("consumers") or 0),
             asked_at,
-            published=None if published is None else int(published),
+            published=published,
             oldest_waiting_since=since,
         )
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from jobtide_worker.config import PIPELINE_VARIABLES
+from jobtide_worker.config import PIPELINE_VARIABLES, Variable
 
 from jobtide_scaler.config import PipelineConfig
 
@@ -44,8 +44,8 @@ def cache_selector(release: str) -> str:
 def worker_env(pipeline: PipelineConfig) -> list[dict[str, str]]:
     settings = pipeline.settings
     return [
-        {"name": "JOBTIDE_PIPELINE", "value": pipeline.name},
-        {"name": "JOBTIDE_QUEUE", "value": pipeline.queue},
+        {"name": Variable.PIPELINE, "value": pipeline.name},
+        {"name": Variable.QUEUE, "value": pipeline.queue},
         *(
             {"name": variable, "value": _number(getattr(settings, field_name))}
             for field_name, variable in PIPELINE_VARIABLES.items()

@@ -22,16 +22,11 @@ from typing import Any, Protocol
 from jobtide_worker import topology
 
 from jobtide_scaler.broker import QueueReading
-from jobtide_scaler.cluster import (
-    CacheSnapshot,
-    CreateOutcome,
-    CreateResult,
-    JobCounts,
-    JobRecord,
-)
+from jobtide_scaler.cluster import CacheSnapshot, CreateOutcome, CreateResult
 from jobtide_scaler.config import PipelineConfig, ScalerConfig
 from jobtide_scaler.events import Event, EventPolicy, PipelineFacts
 from jobtide_scaler.jobs import build_job, owner_reference
+from jobtide_scaler.jobstate import JobCounts, JobRecord
 from jobtide_scaler.metrics import Metrics
 from jobtide_scaler.policy import Observation, desired_workers, jobs_to_create, limiting_cap
 from jobtide_scaler.status import (

@@ -22,6 +22,7 @@ from typing import Any
 
 from jobtide_worker.pipeline_settings import PipelineSettings
 
+from jobtide_scaler.jobstate import JobCounts
 from jobtide_scaler.policy import Observation, desired_workers
 
 # The document's key in the ConfigMap, and the version of its layout.
@@ -219,19 +220,13 @@ class LeaseInfo:
 
 
 @dataclass(frozen=True)
-class LiveJobs:
-    active: int
-    pending: int
-
-
-@dataclass(frozen=True)
 class StatusView:
     release: str
     namespace: str
     document: StatusDocument | None
     lease: LeaseInfo | None = None
     # Per pipeline, from the Job list made for this view; None when it could not be read.
-    jobs: dict[str, LiveJobs] | None = None
+    jobs: dict[str, JobCounts] | None = None
     # What could not be read, for the footnotes ("Lease: Forbidden").
     problems: tuple[str, ...] = ()
 
@@ -261,7 +256,7 @@ def view_json(view: StatusView, now: float) -> dict[str, Any]:
         for name, p in sorted(doc.pipelines.items()):
             entry = _camel(asdict(p))
             if view.jobs is not None:
-                jobs = live.get(name, LiveJobs(0, 0))
+                jobs = live.get(name, JobCounts())
                 entry["active"], entry["pending"] = jobs.active, jobs.pending
             entry["workersFrom"] = "jobs" if view.jobs is not None else "figures"
             result["pipelines"][name] = entry

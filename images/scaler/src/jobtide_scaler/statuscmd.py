@@ -16,12 +16,11 @@ from typing import Any, TextIO
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from jobtide_scaler.cluster import count_jobs, record_of
 from jobtide_scaler.jobs import LABEL_COMPONENT, LABEL_INSTANCE, cache_selector
+from jobtide_scaler.jobstate import JobCounts, count_jobs, record_of
 from jobtide_scaler.status import (
     STATUS_KEY,
     LeaseInfo,
-    LiveJobs,
     StatusDocument,
     StatusView,
     format_json,
@@ -150,7 +149,7 @@ class StatusReader:
             duration_seconds=spec.get("leaseDurationSeconds"),
         )
 
-    def _jobs(self, problems: list[str]) -> dict[str, LiveJobs] | None:
+    def _jobs(self, problems: list[str]) -> dict[str, JobCounts] | None:
         try:
             listed = self._get(
                 lambda: self.batch.list_namespaced_job(
@@ -163,8 +162,7 @@ class StatusReader:
         except k8s.ApiException as e:
             problems.append(f"worker Jobs: {_reason(e)}; WORKERS from the figures")
             return None
-        counts = count_jobs([record_of(item) for item in listed.get("items") or []])
-        return {name: LiveJobs(c.active, c.pending) for name, c in counts.items()}
+        return count_jobs([record_of(item) for item in listed.get("items") or []])
 
 
 def api_client_for(kubeconfig: str | None, context: str | None) -> tuple[k8s.ApiClient, str]:

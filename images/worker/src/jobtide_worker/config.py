@@ -4,7 +4,9 @@ object. The variables are documented in images/worker/README.md (one table).
 `BrokerConfig.from_env` is the one parser of the `JOBTIDE_BROKER_*` variables,
 `BrokerConfig.connection_parameters` the one builder of pika's connection parameters and
 `BrokerConfig.connect` the one way to open a connection: the worker, the publisher and the
-scaler all use them.
+scaler all use them. The names of the variables that other parts set (`Variable`) are written
+once, here: the chart names them through templates generated from `Variable`
+(charts/jobtide/templates/_env-names.tpl) and the scaler imports them.
 
 TLS (`JOBTIDE_BROKER_TLS`) always verifies the broker's certificate, against the CA bundle of
 `JOBTIDE_BROKER_CA_FILE` (or the system's) and for the host name connected to (or
@@ -22,7 +24,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import pika  # type: ignore[import-untyped]
 
@@ -30,6 +32,33 @@ from jobtide_worker import priority
 from jobtide_worker.pipeline_settings import PipelineSettings, setting_specs
 
 T = TypeVar("T")
+
+
+class Variable:
+    """The names of the environment variables that another part sets for the worker (and the
+    scaler), each written once: the chart sets the broker's and the handler's, naming each by
+    the template `jobtide.env.<ATTRIBUTE>` that `python -m jobtide_scaler.contracts --write`
+    generates from this class (charts/jobtide/templates/_env-names.tpl); the scaler reads the
+    broker's with `BrokerConfig.from_env` and sets the pipeline's and the queue's on every
+    worker Job (with those of `PIPELINE_VARIABLES`)."""
+
+    BROKER_HOST: Final = "JOBTIDE_BROKER_HOST"
+    BROKER_PORT: Final = "JOBTIDE_BROKER_PORT"
+    BROKER_VHOST: Final = "JOBTIDE_BROKER_VHOST"
+    BROKER_USERNAME: Final = "JOBTIDE_BROKER_USERNAME"
+    BROKER_PASSWORD: Final = "JOBTIDE_BROKER_PASSWORD"  # noqa: S105 (a name, no password)
+    BROKER_USERNAME_FILE: Final = "JOBTIDE_BROKER_USERNAME_FILE"
+    BROKER_PASSWORD_FILE: Final = "JOBTIDE_BROKER_PASSWORD_FILE"  # noqa: S105
+    BROKER_TLS: Final = "JOBTIDE_BROKER_TLS"
+    BROKER_CA_FILE: Final = "JOBTIDE_BROKER_CA_FILE"
+    BROKER_SERVER_NAME: Final = "JOBTIDE_BROKER_SERVER_NAME"
+    HEARTBEAT_SECONDS: Final = "JOBTIDE_HEARTBEAT_SECONDS"
+    BROKER_MANAGEMENT_PORT: Final = "JOBTIDE_BROKER_MANAGEMENT_PORT"
+    QUORUM_INITIAL_GROUP_SIZE: Final = "JOBTIDE_QUORUM_INITIAL_GROUP_SIZE"
+    HANDLER: Final = "JOBTIDE_HANDLER"
+    PIPELINE: Final = "JOBTIDE_PIPELINE"
+    QUEUE: Final = "JOBTIDE_QUEUE"
+
 
 # What a worker started without the scaler's variables does: the pipeline settings' defaults.
 _PIPELINE_DEFAULTS = PipelineSettings()
@@ -87,7 +116,8 @@ class BrokerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BrokerConfig:
-        """The broker from `JOBTIDE_BROKER_*` (and `JOBTIDE_HEARTBEAT_SECONDS`); raises
+        """The broker from `JOBTIDE_BROKER_*` (and `JOBTIDE_HEARTBEAT_SECONDS`,
+        `JOBTIDE_QUORUM_INITIAL_GROUP_SIZE`), named by `Variable`; raises
         ConfigError naming every bad variable."""
         e = _Env(os.environ if env is None else env)
         broker = cls._read(e)
@@ -97,20 +127,21 @@ class BrokerConfig:
     @classmethod
     def _read(cls, e: _Env) -> BrokerConfig:
         # In the variables' order, so that their problems are reported in it.
+        v = Variable
         return cls(
-            host=e.host("JOBTIDE_BROKER_HOST"),
-            port=e.port("JOBTIDE_BROKER_PORT", 5672),
-            vhost=e.text("JOBTIDE_BROKER_VHOST", "/"),
-            username=e.secret("JOBTIDE_BROKER_USERNAME"),
-            password=e.secret("JOBTIDE_BROKER_PASSWORD"),
-            username_file=e.text("JOBTIDE_BROKER_USERNAME_FILE", "") or None,
-            password_file=e.text("JOBTIDE_BROKER_PASSWORD_FILE", "") or None,
-            tls=(tls := e.boolean("JOBTIDE_BROKER_TLS", False)),
-            ca_file=e.ca_file("JOBTIDE_BROKER_CA_FILE", tls=tls),
-            server_name=e.server_name("JOBTIDE_BROKER_SERVER_NAME", tls=tls),
-            heartbeat_seconds=e.number("JOBTIDE_HEARTBEAT_SECONDS", 30, int, minimum=1),
-            management_port=e.port("JOBTIDE_BROKER_MANAGEMENT_PORT", 15672),
-            quorum_group_size=e.number("JOBTIDE_QUORUM_INITIAL_GROUP_SIZE", 0, int, minimum=0),
+            host=e.host(v.BROKER_HOST),
+            port=e.port(v.BROKER_PORT, 5672),
+            vhost=e.text(v.BROKER_VHOST, "/"),
+            username=e.secret(v.BROKER_USERNAME, v.BROKER_USERNAME_FILE),
+            password=e.secret(v.BROKER_PASSWORD, v.BROKER_PASSWORD_FILE),
+            username_file=e.text(v.BROKER_USERNAME_FILE, "") or None,
+            password_file=e.text(v.BROKER_PASSWORD_FILE, "") or None,
+            tls=(tls := e.boolean(v.BROKER_TLS, False)),
+            ca_file=e.ca_file(v.BROKER_CA_FILE, tls=tls),
+            server_name=e.server_name(v.BROKER_SERVER_NAME, tls=tls),
+            heartbeat_seconds=e.number(v.HEARTBEAT_SECONDS, 30, int, minimum=1),
+            management_port=e.port(v.BROKER_MANAGEMENT_PORT, 15672),
+            quorum_group_size=e.number(v.QUORUM_INITIAL_GROUP_SIZE, 0, int, minimum=0),
         )
 
     def credentials(self) -> tuple[str, str]:
@@ -180,14 +211,14 @@ class BrokerConfig:
         if code in _WRONG_NAME_CODES:
             return (
                 f"the certificate of {where} is not valid for the name {self.tls_name!r} "
-                f"(connect by a name it was issued for, or set JOBTIDE_BROKER_SERVER_NAME "
+                f"(connect by a name it was issued for, or set {Variable.BROKER_SERVER_NAME} "
                 f"to one) ({detail})"
             )
         if code in _UNTRUSTED_CODES:
             trusted = f"the CA bundle {self.ca_file}" if self.ca_file else "the system's CA bundle"
             return (
                 f"the certificate of {where} is not signed by a CA in {trusted} "
-                f"(JOBTIDE_BROKER_CA_FILE must hold the CA that signed it) ({detail})"
+                f"({Variable.BROKER_CA_FILE} must hold the CA that signed it) ({detail})"
             )
         return f"the certificate of {where} failed verification ({detail})"
 
@@ -243,12 +274,12 @@ class WorkerConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
         source = os.environ if env is None else env
         e = _Env(source)
-        queue = e.required("JOBTIDE_QUEUE")
+        queue = e.required(Variable.QUEUE)
         config = cls(
             broker=BrokerConfig._read(e),
             queue=queue,
-            pipeline=e.text("JOBTIDE_PIPELINE", queue),
-            handler=e.handler("JOBTIDE_HANDLER", "handler:handle"),
+            pipeline=e.text(Variable.PIPELINE, queue),
+            handler=e.handler(Variable.HANDLER, "handler:handle"),
             **{
                 field_name: e.setting(variable, field_name)
                 for field_name, variable in PIPELINE_VARIABLES.items()
@@ -377,23 +408,24 @@ class _Env:
             return self._problem(name, f"{problem}, got {value!r}", value)
         return value
 
-    def secret(self, name: str) -> str:
-        """From `name` or the file named by `name_FILE`; never echoed in errors."""
-        file_name = self.env.get(f"{name}_FILE", "").strip()
+    def secret(self, name: str, file_variable: str) -> str:
+        """From `name` or the file named by `file_variable`; never echoed in errors."""
+        file_name = self.env.get(file_variable, "").strip()
         if file_name:
             try:
                 value = Path(file_name).read_text().strip()
             except OSError as e:
-                return self._problem(f"{name}_FILE", f"cannot read {file_name}: {e.strerror}", "")
-            return value or self._problem(f"{name}_FILE", f"{file_name} is empty", "")
-        return self.env.get(name, "") or self._problem(name, f"is required (or {name}_FILE)", "")
+                return self._problem(file_variable, f"cannot read {file_name}: {e.strerror}", "")
+            return value or self._problem(file_variable, f"{file_name} is empty", "")
+        problem = f"is required (or {file_variable})"
+        return self.env.get(name, "") or self._problem(name, problem, "")
 
     def tls_only(self, name: str, *, tls: bool) -> str | None:
         """A variable that only means something with TLS on: None when unset, a problem when
         set with TLS off (the user expects TLS; nothing falls back to plain text)."""
         value = self.env.get(name, "").strip()
         if value and not tls:
-            return self._problem(name, "is set but JOBTIDE_BROKER_TLS is not true", None)
+            return self._problem(name, f"is set but {Variable.BROKER_TLS} is not true", None)
         return value or None
 
     def ca_file(self, name: str, *, tls: bool) -> str | None:

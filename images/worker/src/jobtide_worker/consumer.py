@@ -24,7 +24,7 @@ import pika.exceptions  # type: ignore[import-untyped]
 import requests
 
 from jobtide_worker import fields, topology
-from jobtide_worker.config import WorkerConfig
+from jobtide_worker.config import Variable, WorkerConfig
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import (
@@ -96,7 +96,7 @@ def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
         error, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError
     ):
         return BrokerRefused(
-            "JOBTIDE_BROKER_USERNAME",
+            Variable.BROKER_USERNAME,
             f"the broker refused the user name or password ({describe(error)})",
         )
     code = _reply_code(error)
@@ -104,25 +104,25 @@ def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
         isinstance(error, pika.exceptions.ConnectionClosedByBroker) and code == _NOT_ALLOWED
     ):
         return BrokerRefused(
-            "JOBTIDE_BROKER_VHOST",
+            Variable.BROKER_VHOST,
             f"no such virtual host, or the user may not use it ({describe(error)})",
         )
     if isinstance(error, pika.exceptions.ChannelClosedByBroker):
         if code == _PRECONDITION_FAILED:
             return BrokerRefused(
-                "JOBTIDE_QUEUE",
+                Variable.QUEUE,
                 f"queue {queue!r} exists with other arguments than a jobtide pipeline's"
                 f" (declared elsewhere?) ({describe(error)})",
             )
         if code == _NOT_FOUND:
             return BrokerRefused(
-                "JOBTIDE_QUEUE",
+                Variable.QUEUE,
                 f"queue {queue!r} does not exist and JOBTIDE_DECLARE_TOPOLOGY is false"
                 f" ({describe(error)})",
             )
         if code == _ACCESS_REFUSED:
             return BrokerRefused(
-                "JOBTIDE_BROKER_USERNAME",
+                Variable.BROKER_USERNAME,
                 f"the user may not use queue {queue!r} or the dead-letter exchange"
                 f" ({describe(error)})",
             )

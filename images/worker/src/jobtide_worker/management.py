@@ -1,8 +1,11 @@
-"""HTTP(S) sessions to the broker's management API, for the scaler and the worker alike.
+"""HTTP(S) sessions to the broker's management API, and what its answers mean, for the
+scaler and the worker alike.
 
 `management_session` authenticates with the broker's credentials and, with TLS, verifies the
 broker's certificate exactly as AMQP does (`BrokerConfig.ssl_context`: its CA bundle alone,
 or the system's, and the name its certificate must carry); nothing falls back to plain HTTP.
+`published_count` reads a queue's publish counter (the scaler dates the oldest waiting message
+by it, an idle worker tells a silent queue by it).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import requests.auth
 
 from jobtide_worker.config import BrokerConfig
 
-__all__ = ["management_session"]
+__all__ = ["OddAnswer", "count", "management_session", "published_count"]
 
 
 class _BrokerTlsAdapter(requests.adapters.HTTPAdapter):
@@ -59,3 +62,34 @@ def management_session(broker: BrokerConfig) -> requests.Session:
     if broker.tls:
         session.mount("https://", _BrokerTlsAdapter(broker))
     return session
+
+
+class OddAnswer(ValueError):
+    """The management API answered, but not with what was asked; the message names what is
+    missing or wrong."""
+
+
+def count(field: str, value: Any) -> int:
+    """`value` when it is a count (an int, not negative), else OddAnswer naming `field`."""
+    if type(value) is not int or value < 0:
+        raise OddAnswer(f"{field} is {value!r}, not a count")
+    return value
+
+
+def published_count(message_stats: Any) -> int | None:
+    """The messages published to a queue since the broker's statistics began (its last start),
+    from the queue's `message_stats` as `columns=message_stats.publish` answers it.
+
+    None when there is no publish counter: no `message_stats` (a broker that keeps no message
+    statistics, or a queue nothing has happened to since they began) or none in it. `[]` is
+    the empty set, as RabbitMQ encodes one: statistics are kept and nothing was published since
+    they began (a restarted broker, until something is published again), so 0. OddAnswer for
+    anything else that is not a count."""
+    if message_stats is None:
+        return None
+    if isinstance(message_stats, list) and not message_stats:
+        return 0
+    if not isinstance(message_stats, dict):
+        raise OddAnswer(f"message_stats.publish is not a count ({message_stats!r:.80})")
+    published = message_stats.get("publish")
+    return None if published is None else count("message_stats.publish", published)

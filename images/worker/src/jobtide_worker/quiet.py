@@ -12,9 +12,11 @@ reads. The counter is as old as the broker's last statistics refresh
 the same counter although something was published, which is why the read interval may not be
 shorter (`pipeline_settings.STATISTICS_INTERVAL_SECONDS`).
 
-A read that fails, answers oddly or finds no `message_stats` (a broker that keeps no
+A read that fails, answers oddly or finds no publish counter (a broker that keeps no
 statistics) changes nothing: the idle timeout still ends the wait. Such a problem is logged
-once per kind, never with the credentials.
+once per kind, never with the credentials. A restarted broker answers `message_stats: []`
+until something is published again: 0 published since the restart
+(`jobtide_worker.management.published_count`, which the scaler reads the counter with too).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from urllib.parse import quote
 import requests
 
 from jobtide_worker.config import BrokerConfig
-from jobtide_worker.management import management_session
+from jobtide_worker.management import OddAnswer, count, management_session, published_count
 
 __all__ = [
+    "COLUMNS",
     "FIRST_READ_SECONDS",
     "OddAnswer",
     "QueueCounters",
@@ -40,6 +43,8 @@ __all__ = [
 # The first read of an idle spell, this long after the worker's last message: not between two
 # messages taken back to back (a busy worker reads nothing), and one consumer tick.
 FIRST_READ_SECONDS = 0.5
+# The fields read: `GET /api/queues/{vhost}/{queue}?columns=...`.
+COLUMNS = "message_stats.publish,messages_ready"
 # Connect and read timeouts of one read: a hanging management API must not keep an idle
 # worker's connection unserviced for long (its heartbeats wait meanwhile).
 READ_TIMEOUT = (2.0, 3.0)
@@ -59,27 +64,16 @@ def queue_silent(previous: QueueCounters | None, current: QueueCounters) -> bool
     return previous is not None and current.published == previous.published and current.ready == 0
 
 
-class OddAnswer(ValueError):
-    """The management API answered, but not with the queue's counters."""
-
-
-def _count(field: str, value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise OddAnswer(f"{field} is {value!r}, not a count")
-    return value
-
-
 def counters_from_answer(answer: Any) -> QueueCounters:
     """The counters of `GET /api/queues/{vhost}/{queue}?columns=message_stats.publish,
     messages_ready`; OddAnswer naming what is missing or wrong."""
     if not isinstance(answer, dict):
         raise OddAnswer(f"expected a queue object, got {type(answer).__name__}")
-    stats = answer.get("message_stats")
-    if not isinstance(stats, dict) or "publish" not in stats:
+    published = published_count(answer.get("message_stats"))
+    if published is None:
         raise OddAnswer("no message_stats.publish (the broker keeps no message statistics?)")
     return QueueCounters(
-        published=_count("message_stats.publish", stats["publish"]),
-        ready=_count("messages_ready", answer.get("messages_ready")),
+        published=published, ready=count("messages_ready", answer.get("messages_ready"))
     )
 
 
@@ -100,7 +94,7 @@ class QueueWatch:
             self._session = management_session(self._broker)
         response = self._session.get(
             self.url,
-            params={"columns": "message_stats.publish,messages_ready"},
+            params={"columns": COLUMNS},
             timeout=READ_TIMEOUT,
         )
         response.raise_for_status()
