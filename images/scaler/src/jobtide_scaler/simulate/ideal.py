@@ -26,11 +26,11 @@ reactive scaler can occasionally beat) and a true lower bound on node-seconds (d
   tasks).
 - Node lower bound: what no policy whose workers drain until idle and are never evicted (the
   goal's "zero busy workers disrupted") can go below, at any wait. Each task's duration is
-  spent on a worker pod; each pod also starts up (at least the shortest start-up) and, before
-  it leaves by itself, waits its idle timeout; a node holds at most `pods_per_node` of them;
-  and a node is launched (at least the shortest provisioning latency, with no pod) and kept
-  after its last pod left (the autoscaler's delay for an empty node, since its busy pods
-  cannot be moved). At least one pod and one node are needed. It is a true bound, and a
+  spent on a worker pod; each pod also starts up (at least the shortest start-up; it may
+  leave the moment it is idle, as a worker reading a silent queue nearly does); a node holds
+  at most `pods_per_node` of them; and a node is launched (at least the shortest provisioning
+  latency, with no pod) and kept after its last pod left (the autoscaler's least delay for an
+  empty node, since its busy pods cannot be moved: `NodePool.empty_node_least_kept_seconds`). At least one pod and one node are needed. It is a true bound, and a
   loose one: it lets every node be full all the time.
 - Node lower bound at a p95 wait of at most W (`wait_p95`): for the same policies, a task
   that waits at most W starts on a node launched at least the shortest provisioning latency
@@ -192,8 +192,8 @@ def node_seconds_lower_bound(
     if not workload.tasks:
         return 0.0
     work = sum(task.duration for task in workload.tasks)
-    one_pod = settings.startup_seconds[0] + settings.idle_timeout_seconds
-    one_node = pool.provisioning_seconds[0] + pool.empty_node_kept_seconds
+    one_pod = settings.startup_seconds[0]
+    one_node = pool.provisioning_seconds[0] + pool.empty_node_least_kept_seconds
     bound = (work + one_pod) / pool.pods_per_node + one_node
     if wait_p95 is None:
         return bound
@@ -204,7 +204,7 @@ def _some_node_billed(workload: Workload, pool: NodePool, wait_p95: float) -> fl
     """Seconds during which at least one node is billed, at a p95 wait of at most
     `wait_p95` (the module docstring's second bound)."""
     before = wait_p95 - pool.provisioning_seconds[0]
-    after = pool.empty_node_kept_seconds
+    after = pool.empty_node_least_kept_seconds
     intervals = sorted(
         (task.arrival + before, task.arrival + task.duration + after)
         for task in workload.tasks

@@ -153,12 +153,22 @@ class NodePool:
 
     @property
     def empty_node_kept_seconds(self) -> float:
-        """The least time the autoscaler keeps an empty node billed."""
+        """How long the autoscaler keeps an empty node billed after its last pod event."""
         if self.autoscaler is Autoscaler.KARPENTER:
             kept = self.consolidate_after_seconds + self.validation_seconds
         else:
             kept = self.ca_unneeded_seconds
         return kept + self.termination_seconds
+
+    @property
+    def empty_node_least_kept_seconds(self) -> float:
+        """The least time a node stays billed after its last pod left, for the lower bounds:
+        Karpenter may not have recorded that pod's exit (an event within
+        POD_EVENT_DEDUPE_SECONDS of the last one recorded), so its consolidateAfter may have
+        started that much earlier."""
+        if self.autoscaler is Autoscaler.KARPENTER:
+            return max(0.0, self.empty_node_kept_seconds - POD_EVENT_DEDUPE_SECONDS)
+        return self.empty_node_kept_seconds
 
     @property
     def pods_per_node(self) -> int:
