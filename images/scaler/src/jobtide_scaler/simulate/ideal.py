@@ -30,8 +30,9 @@ reactive scaler can occasionally beat) and a true lower bound on node-seconds (d
   leave the moment it is idle, as a worker reading a silent queue nearly does); a node holds
   at most `pods_per_node` of them; and a node is launched (at least the shortest provisioning
   latency, with no pod) and kept after its last pod left (the autoscaler's least delay for an
-  empty node, since its busy pods cannot be moved: `NodePool.empty_node_least_kept_seconds`). At least one pod and one node are needed. It is a true bound, and a
-  loose one: it lets every node be full all the time.
+  empty node, since its busy pods cannot be moved: `NodePool.empty_node_least_kept_seconds`).
+  At least one pod and one node are needed. It is a true bound, and a loose one: it lets
+  every node be full all the time.
 - Node lower bound at a p95 wait of at most W (`wait_p95`): for the same policies, a task
   that waits at most W starts on a node launched at least the shortest provisioning latency
   before it started, and that node is billed until at least the autoscaler's delay for an
