@@ -177,6 +177,9 @@ def test_rotated_password_reaches_running_pods_without_restart(
             wait_for(lambda: worker_done() >= set(first), timeout=60,
                      what="the first tasks done", interval=0.5)  # fmt: skip
             worker_name = worker["metadata"]["name"]
+            # The management API lists a connection once its statistics come in.
+            wait_for(lambda: worker_name in worker_connections(), timeout=30,
+                     what="the worker's connection listed", interval=0.5)  # fmt: skip
             before = worker_connections()[worker_name]
 
             # Rotate: a real change on the broker, so the old password is refused.
