@@ -15,7 +15,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,21 +202,25 @@ def test_rotated_password_reaches_running_pods_without_restart(
             put_secret(kubeconfig, node_namespace, queue, new)
             updated = time.monotonic()
             fresh = decisions("none")
-            files = {"scaler": secret_file(kube_node, scaler, "password"),
-                     "worker": secret_file(kube_node, worker, "password")}  # fmt: skip
-            propagated: dict[str, float] = {}
+            scaler_file = secret_file(kube_node, scaler, "password")
+            worker_file = secret_file(kube_node, worker, "password")
+            # Seconds after the Secret's update each was first seen.
+            checks: dict[str, Callable[[], bool]] = {
+                "scaler file": lambda: scaler_file.read_text() == new,
+                "worker file": lambda: worker_file.read_text() == new,
+                "scaler fresh": lambda: decisions("none") > fresh,
+            }
+            seen: dict[str, float] = {}
 
-            def files_rewritten() -> bool:
-                for who, path in files.items():
-                    if who not in propagated and path.read_text() == new:
-                        propagated[who] = time.monotonic() - updated
-                return len(propagated) == len(files)
+            def rotation_reached() -> bool:
+                for what, check in checks.items():
+                    if what not in seen and check():
+                        seen[what] = time.monotonic() - updated
+                return len(seen) == len(checks)
 
-            wait_for(files_rewritten, timeout=180, what="kubelet rewriting the Secret's files",
-                     interval=0.2)  # fmt: skip
-            wait_for(lambda: decisions("none") > fresh, timeout=60,
-                     what="the scaler deciding on fresh counts again", interval=0.5)  # fmt: skip
-            recovered = time.monotonic() - updated
+            wait_for(rotation_reached, timeout=180, interval=0.2,
+                     what="kubelet rewriting the Secret's files, the scaler deciding on "
+                     "fresh counts again")  # fmt: skip
 
             # The worker, still the same process, connects with the new password.
             def reconnected() -> bool:
@@ -268,9 +272,9 @@ def test_rotated_password_reaches_running_pods_without_restart(
     # Two worker Jobs in all: none was created while the credentials were wrong.
     assert scaler_metric(scaler, f'jobtide_jobs_created_total{{pipeline="{PIPELINE}"}}') == 2
     print(
-        f"\nkubelet rewrote the Secret's files {propagated['scaler']:.1f} s (scaler pod) and "
-        f"{propagated['worker']:.1f} s (worker pod) after the Secret's update; the scaler "
-        f"decided on fresh counts {recovered:.1f} s after it and the worker (refused "
+        f"\nkubelet rewrote the Secret's files {seen['scaler file']:.1f} s (scaler pod) and "
+        f"{seen['worker file']:.1f} s (worker pod) after the Secret's update; the scaler "
+        f"decided on fresh counts {seen['scaler fresh']:.1f} s after it and the worker (refused "
         f"{refused} times with the old password) reconnected {reconnected_after:.1f} s after "
         f"it; the new worker did {len(newcomer_tasks)} of {len(third)} tasks; "
         f"{time.monotonic() - began:.0f} s in all"
