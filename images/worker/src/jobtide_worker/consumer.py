@@ -65,6 +65,13 @@ CONNECTION_LOST = (
 OpenConnection = Callable[[], Any]
 
 
+# The broker refused the user name or password.
+_AUTHENTICATION_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.AuthenticationError,
+)
+
+
 class BrokerUnreachable(Exception):
     """The broker stayed away longer than the reconnect budget."""
 
@@ -88,12 +95,6 @@ _ACCESS_REFUSED = 403
 _NOT_FOUND = 404
 _PRECONDITION_FAILED = 406
 _NOT_ALLOWED = 530
-
-
-_AUTHENTICATION_ERRORS = (
-    pika.exceptions.ProbableAuthenticationError,
-    pika.exceptions.AuthenticationError,
-)
 
 
 def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
