@@ -86,7 +86,7 @@ def test_worker_pod_drains_a_queue_through_a_service_name(
     kube_node: Node, node_images: dict[str, str], node_namespace: str, rabbitmq: RabbitMQ
 ) -> None:
     cluster = kube_node.cluster
-    relay = kube_node.expose_host_port(node_namespace, "rabbitmq", rabbitmq.amqp_port)
+    (relay,) = kube_node.expose_host_port(node_namespace, "rabbitmq", rabbitmq.amqp_port)
     try:
         cluster.kubectl(
             "create",

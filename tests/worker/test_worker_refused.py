@@ -4,7 +4,13 @@ away until JOBTIDE_RECONNECT_SECONDS ran out."""
 
 from __future__ import annotations
 
+import secrets
+import signal
+import uuid
+from pathlib import Path
+
 import pytest
+from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import wait_counts
 from workerbed import WorkerBed
 
@@ -52,3 +58,50 @@ def test_a_queue_declared_elsewhere_with_other_arguments_exits_2_naming_the_queu
 def test_a_missing_queue_without_declaring_exits_2_naming_the_queue(bed: WorkerBed) -> None:
     log = _refused(bed, "JOBTIDE_QUEUE", JOBTIDE_DECLARE_TOPOLOGY="false")
     assert "does not exist" in log
+
+
+def test_a_password_changed_on_the_broker_is_retried_until_its_file_changes(
+    bed: WorkerBed, tmp_path: Path
+) -> None:
+    """A rotation (charts/jobtide README, "Rotating the broker's credentials"): the broker
+    refuses the old password before kubelet rewrites the mounted file. A worker that had
+    connected, and whose connection the broker then closes, tries again with the files as
+    they are at each attempt instead of exiting 2, and goes on once the file holds the new
+    password."""
+    user, name = f"rotation-{uuid.uuid4().hex[:8]}", f"rotation-{uuid.uuid4().hex[:8]}"
+    old, new = secrets.token_urlsafe(18), secrets.token_urlsafe(18)
+    username, password = tmp_path / "username", tmp_path / "password"
+    username.write_text(user)
+    password.write_text(old)
+    bed.broker.set_user(user, old)
+    try:
+        worker = bed.start_worker(
+            **BUDGET,
+            JOBTIDE_BROKER_USERNAME_FILE=str(username),
+            JOBTIDE_BROKER_PASSWORD_FILE=str(password),
+            JOBTIDE_WORKER_NAME=name,
+            JOBTIDE_IDLE_TIMEOUT_SECONDS="120",
+        )
+
+        def connection() -> str | None:
+            return next((str(c["name"]) for c in bed.broker.connections()
+                         if c.get("client_properties", {}).get("connection_name")
+                         == f"jobtide-worker {name}"), None)  # fmt: skip
+
+        wait_for(lambda: connection() is not None, timeout=30, what="the worker's connection")
+        bed.broker.set_user(user, new)
+        bed.broker.close_connection(str(connection()))
+        wait_for(lambda: worker.log().count("the broker refused the password, retrying") >= 2,
+                 timeout=30, what="the worker retrying with the old password")  # fmt: skip
+        assert worker.popen.poll() is None, worker.log()
+
+        password.write_text(new)  # kubelet's rewrite of the Secret's file
+        bed.publish({"id": 1})
+        bed.wait_record("done")
+        assert worker.log().count(" consuming ") == 2, worker.log()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.log()
+        for secret in (old, new):
+            assert secret not in worker.log()
+    finally:
+        bed.broker.delete_user(user)

@@ -278,28 +278,37 @@ class Node:
 
     # -- host services for pods ---------------------------------------------------------
     def expose_host_port(
-        self, namespace: str, name: str, port: int, target_host: str = "127.0.0.1"
-    ) -> Process:
-        """Make a loopback-only host service (e.g. the test bed's RabbitMQ) reachable from
-        pods as Service `name`: a relay on the node address and a selector-less Service with
-        its EndpointSlice. The caller stops the returned relay."""
-        relay_port = free_port()
-        relay = Process(
-            f"relay-{namespace}-{name}",
-            [
-                "socat",
-                f"TCP-LISTEN:{relay_port},bind={NODE_IP},fork,reuseaddr",
-                f"TCP:{target_host}:{port}",
-            ],
-            self.logs,
-        ).start()
+        self, namespace: str, name: str, *ports: int, target_host: str = "127.0.0.1"
+    ) -> list[Process]:
+        """Make loopback-only host `ports` (e.g. the test bed's RabbitMQ's AMQP and management
+        ports) reachable from pods as Service `name`, each on its own number: a relay per port
+        on the node address and a selector-less Service with its EndpointSlice. The caller
+        stops the returned relays."""
+        relays = {port: free_port() for port in ports}
+        started = [
+            Process(
+                f"relay-{namespace}-{name}-{port}",
+                [
+                    "socat",
+                    f"TCP-LISTEN:{relay_port},bind={NODE_IP},fork,reuseaddr",
+                    f"TCP:{target_host}:{port}",
+                ],
+                self.logs,
+            ).start()
+            for port, relay_port in relays.items()
+        ]
         self.cluster.apply(
             [
                 {
                     "apiVersion": "v1",
                     "kind": "Service",
                     "metadata": {"name": name, "namespace": namespace},
-                    "spec": {"ports": [{"name": "tcp", "port": port, "targetPort": relay_port}]},
+                    "spec": {
+                        "ports": [
+                            {"name": f"tcp-{port}", "port": port, "targetPort": relay_port}
+                            for port, relay_port in relays.items()
+                        ]
+                    },
                 },
                 {
                     "apiVersion": "discovery.k8s.io/v1",
@@ -310,12 +319,15 @@ class Node:
                         "labels": {"kubernetes.io/service-name": name},
                     },
                     "addressType": "IPv4",
-                    "ports": [{"name": "tcp", "port": relay_port, "protocol": "TCP"}],
+                    "ports": [
+                        {"name": f"tcp-{port}", "port": relay_port, "protocol": "TCP"}
+                        for port, relay_port in relays.items()
+                    ],
                     "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
                 },
             ]
         )
-        return relay
+        return started
 
     # -- internals ----------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -427,6 +439,12 @@ class Node:
                     },
                     "serializeImagePulls": False,
                     "nodeStatusReportFrequency": "10s",
+                    # How often kubelet syncs each pod, which is when it rewrites a mounted
+                    # Secret's files after a change (its Secret cache follows a watch, so the
+                    # sync is the whole delay): 1 min by default, 10 s here so the credential
+                    # rotation test (tests/e2e/test_rotation.py) waits seconds, not minutes.
+                    # A few more status checks per pod; no other behaviour depends on it.
+                    "syncFrequency": "10s",
                 }
             )
         )

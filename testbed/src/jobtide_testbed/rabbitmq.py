@@ -269,6 +269,26 @@ class RabbitMQ:
         found: list[dict[str, Any]] = response.json()
         return found
 
+    def set_user(self, name: str, password: str) -> None:
+        """Create user `name` with every right on the node's vhost and the `management` tag
+        (jobtide reads queue counters from the management API), or change its password: the
+        old one is refused from then on (connections already open stay)."""
+        user = urllib.parse.quote(name, safe="")
+        self.api("PUT", f"users/{user}", json={"password": password, "tags": "management"})\
+            .raise_for_status()  # fmt: skip
+        vhost = urllib.parse.quote(self.vhost, safe="")
+        rights = {"configure": ".*", "write": ".*", "read": ".*"}
+        self.api("PUT", f"permissions/{vhost}/{user}", json=rights).raise_for_status()
+
+    def delete_user(self, name: str) -> None:
+        self.api("DELETE", f"users/{urllib.parse.quote(name, safe='')}")
+
+    def close_connection(self, name: str) -> None:
+        """Close client connection `name` (as `connections()` names it) from the broker's side."""
+        response = self.api("DELETE", f"connections/{urllib.parse.quote(name, safe='')}")
+        if response.status_code != 204:
+            raise RuntimeError(f"closing connection {name!r}: HTTP {response.status_code}")
+
     def queue_counts(self, queue: str) -> QueueCounts:
         vhost = urllib.parse.quote(self.vhost, safe="")
         r = self.api("GET", f"queues/{vhost}/{urllib.parse.quote(queue, safe='')}")

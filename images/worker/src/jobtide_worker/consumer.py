@@ -17,7 +17,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
@@ -65,6 +65,13 @@ CONNECTION_LOST = (
 OpenConnection = Callable[[], Any]
 
 
+# The broker refused the user name or password.
+_AUTHENTICATION_ERRORS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.AuthenticationError,
+)
+
+
 class BrokerUnreachable(Exception):
     """The broker stayed away longer than the reconnect budget."""
 
@@ -92,9 +99,7 @@ _NOT_ALLOWED = 530
 
 def refusal(error: BaseException, *, queue: str) -> BrokerRefused | None:
     """The setting `error` says is wrong, or None when the broker may just be away."""
-    if isinstance(
-        error, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError
-    ):
+    if isinstance(error, _AUTHENTICATION_ERRORS):
         return BrokerRefused(
             Variable.BROKER_USERNAME,
             f"the broker refused the user name or password ({describe(error)})",
@@ -169,6 +174,7 @@ class Consumer:
         self._channel: Any = None
         self._dead_letter_channel: Any = None
         self._consumer_tag: str | None = None
+        self._connected_once = False
         self._tick_scheduled = False  # a wake-up timer is pending on the connection
         self._ack_upto = 0  # acks are batched: all tags up to this one succeeded
         self._ack_batch_limit = max(1, config.prefetch // 2)
@@ -202,14 +208,9 @@ class Consumer:
                 self._connect()
             except (*CONNECTION_LOST, pika.exceptions.ChannelClosedByBroker) as e:
                 refused = refusal(e, queue=self.config.queue)
-                if refused is not None:
-                    self.log.event(
-                        ERROR,
-                        "the broker refused the configuration",
-                        variable=refused.variable,
-                        error=refused.problem,
-                    )
-                    raise refused from e
+                rotating = refused is not None and self._password_may_be_rotating(e)
+                if refused is not None and not rotating:
+                    self._refused(refused, e)
                 if not isinstance(e, CONNECTION_LOST):
                     raise
                 now = time.monotonic()
@@ -219,6 +220,8 @@ class Consumer:
                 if stopping is not None:
                     return stopping
                 if remaining <= 0:
+                    if refused is not None:
+                        self._refused(refused, e)
                     self.log.event(
                         ERROR,
                         "broker unreachable, giving up",
@@ -228,7 +231,9 @@ class Consumer:
                     raise BrokerUnreachable from e
                 self.log.event(
                     WARNING,
-                    "broker unreachable, retrying",
+                    "the broker refused the password, retrying with the credentials' files"
+                    if rotating
+                    else "broker unreachable, retrying",
                     retry_in=round(min(backoff, remaining), 1),
                     error=describe(e),
                 )
@@ -251,6 +256,28 @@ class Consumer:
             if self._watch is not None:
                 self._watch.close()
             return reason
+
+    def _refused(self, refused: BrokerRefused, error: BaseException) -> NoReturn:
+        self.log.event(
+            ERROR,
+            "the broker refused the configuration",
+            variable=refused.variable,
+            error=refused.problem,
+        )
+        raise refused from error
+
+    def _password_may_be_rotating(self, error: BaseException) -> bool:
+        """Whether a refused user name or password may be a rotation under way: credentials
+        that worked before, read from files that kubelet rewrites once the Secret changes
+        (the broker may have the new password first). Then the worker tries again, up to
+        JOBTIDE_RECONNECT_SECONDS, reading the files at each attempt; a refusal at start
+        stays a configuration error."""
+        broker = self.config.broker
+        return (
+            self._connected_once
+            and (broker.username_file or broker.password_file) is not None
+            and isinstance(error, _AUTHENTICATION_ERRORS)
+        )
 
     def keep_alive(self) -> None:
         """Called by the main thread, holding the lock, while a handler runs: heartbeats and
@@ -283,6 +310,7 @@ class Consumer:
             self._generation += 1
             self._count_header = count_header_of(_server_version(connection))
             self._connection = connection
+            self._connected_once = True
             self._channel = channel
             self._dead_letter_channel = dead_letter_channel
             self.handover.take_connection_error()  # about the connection just replaced
