@@ -56,9 +56,14 @@ class _BrokerAuth(requests.auth.AuthBase):
 
 
 def management_session(broker: BrokerConfig) -> requests.Session:
-    """A session for `broker.management_url`, with the broker's credentials and TLS."""
+    """A session for `broker.management_url`, with the broker's credentials and TLS; each
+    request on a new connection."""
     session = requests.Session()
     session.auth = _BrokerAuth(broker)
+    # The management API closes a keep-alive connection after 5 s without a request (its HTTP
+    # server's request timeout), which is both the scaler's and an idle worker's period: a
+    # reused connection was sometimes cut just as it was used (about one read in ten).
+    session.headers["Connection"] = "close"
     if broker.tls:
         session.mount("https://", _BrokerTlsAdapter(broker))
     return session

@@ -92,13 +92,9 @@ class QueueWatch:
         (an HTTP error status included)."""
         if self._session is None:
             self._session = management_session(self._broker)
-        # A new connection for each read: the management API closes a keep-alive connection
-        # after 5 s without a request (its HTTP server's request timeout), the reads' own
-        # period, so a reused one was sometimes cut just as it was used (about one read in ten).
         response = self._session.get(
             self.url,
             params={"columns": COLUMNS},
-            headers={"Connection": "close"},
             timeout=READ_TIMEOUT,
         )
         response.raise_for_status()
