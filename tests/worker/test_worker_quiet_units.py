@@ -34,6 +34,11 @@ pytestmark = pytest.mark.unit
         # The counter went back (the broker restarted, the queue was declared again): not
         # "unchanged", so no decision on it.
         (QueueCounters(published=7, ready=0), QueueCounters(published=0, ready=0), False),
+        # The statistics were refreshed between the two reads (the queue's reductions grew).
+        (QueueCounters(7, 0, reductions=100), QueueCounters(7, 0, reductions=130), True),
+        # They were not (the same reductions): the same publish counter says nothing yet.
+        (QueueCounters(7, 0, reductions=100), QueueCounters(7, 0, reductions=100), False),
+        (QueueCounters(7, 0, reductions=100), QueueCounters(8, 0, reductions=100), False),
     ],
 )
 def test_the_queue_is_silent_when_nothing_was_published_and_nothing_is_ready(
@@ -45,6 +50,10 @@ def test_the_queue_is_silent_when_nothing_was_published_and_nothing_is_ready(
 def test_the_management_apis_answer_read_into_counters() -> None:
     answer = {"message_stats": {"publish": 12}, "messages_ready": 3}
     assert counters_from_answer(answer) == QueueCounters(published=12, ready=3)
+    answer["reductions"] = 18364
+    assert counters_from_answer(answer) == QueueCounters(12, 3, reductions=18364)
+    with pytest.raises(OddAnswer, match="reductions"):
+        counters_from_answer({**answer, "reductions": "many"})
 
 
 def test_a_restarted_broker_with_nothing_published_since_has_a_silent_queue() -> None:
