@@ -253,12 +253,15 @@ def main(argv: Sequence[str]) -> int:
         settings = Settings()
         pool = _pool(args)
         levers = JOBTIDE_LEVERS
+        # Where the pipeline's keys go in the values (`--tune` prints its answer there).
+        values_path = f"pipelines.{args.pipeline}" if args.pipeline else "pipelineDefaults"
         if args.values is not None:
             values = yaml.safe_load(args.values.read_text()) or {}
             if not isinstance(values, Mapping):
                 raise ValueError(f"{args.values}: expected a mapping at the top")
             settings = settings_from_values(values, args.pipeline, settings)
             levers = levers_from_values(values, args.pipeline)
+            values_path = _pipeline(values, args.pipeline)[1].rstrip(".")
             if pool is not None:
                 pool = pool_from_values(values, args.pipeline, pool)
         if pool is not None:
@@ -277,7 +280,7 @@ def main(argv: Sequence[str]) -> int:
             if len(workloads) != 1 or args.policy or args.plot is not None:
                 parser.error("--tune takes one --workload or --trace, without --policy or --plot")
             tuning = tune(workloads[0], settings, pool, levers, args.seed, args.max_wait_p95)
-            _print_tuning(workloads[0], tuning, pool, _values_path(args), args.format)
+            _print_tuning(workloads[0], tuning, pool, values_path, args.format)
             return 0
         if args.max_wait_p95 is not None:
             parser.error("--max-wait-p95 applies to --tune only")
@@ -315,18 +318,6 @@ def _print(comparisons: list[Comparison], output_format: str) -> None:
         print(json.dumps(documents[0] if len(documents) == 1 else documents, indent=2))
         return
     print("\n\n".join(format_table(comparison) for comparison in comparisons))
-
-
-def _values_path(args: argparse.Namespace) -> str:
-    """Where the tuned keys go in the values: the pipeline's own keys, or the defaults."""
-    if args.pipeline is not None:
-        return f"pipelines.{args.pipeline}"
-    if args.values is not None:
-        values = yaml.safe_load(args.values.read_text()) or {}
-        pipelines = values.get("pipelines") or {}
-        if len(pipelines) == 1:
-            return f"pipelines.{next(iter(pipelines))}"
-    return "pipelineDefaults"
 
 
 def _print_tuning(
