@@ -8,6 +8,7 @@ the empty nodes back to zero, no worker was disrupted while it held a message, a
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from jobtide_testbed.karpenter import (
 )
 from jobtide_testbed.node import Node
 from jobtide_testbed.process import wait_for
+from jobtide_worker.priority import consumer_priority
 from jobtide_worker.publisher import publish
 from test_chart_e2e import IDLE_EXITS
 
@@ -141,6 +143,17 @@ def test_pool_scales_from_zero_to_the_backlog_and_back_to_zero(
     assert {p.exit_code for p in host_pods} == {0}
     assert {w.exit_code for w in watcher.workers.values()} == {0}
     assert {w.exit_reason() for w in watcher.workers.values()} <= IDLE_EXITS
+    # Each worker consumed with its node's priority (the default), from the node's boot time,
+    # which each kwok node's processes read from the kernel as on a real node: one priority
+    # per node, a higher one for an older node.
+    by_node: dict[str, set[int]] = {}
+    for host_pod in host_pods:
+        assert host_pod.node_booted is not None
+        found = re.search(r" consuming .*priority=(\d+)", host_pod.log_path.read_text())
+        assert found, host_pod.key
+        assert int(found.group(1)) == consumer_priority("node", 0, host_pod.node_booted)
+        by_node.setdefault(host_pod.node, set()).add(int(found.group(1)))
+    assert all(len(priorities) == 1 for priorities in by_node.values()), by_node
     # Karpenter launched nodes for the backlog and removed every one of them; it evicted no
     # pod of the release.
     assert nodes.records

@@ -405,7 +405,7 @@ def publish_one_at_a_time(bed: WorkerBed, count: int) -> list[int]:
 
 
 def test_the_older_worker_gets_every_task_while_it_has_a_free_slot(bed: WorkerBed) -> None:
-    older, younger = start_two_workers_a_second_apart(bed)
+    older, younger = start_two_workers_a_second_apart(bed, JOBTIDE_CONSUMER_PRIORITY="age")
     assert consumer_priority_of(older) > consumer_priority_of(younger)
 
     assert publish_one_at_a_time(bed, 6) == [older.popen.pid] * 6
@@ -415,6 +415,32 @@ def test_the_older_worker_gets_every_task_while_it_has_a_free_slot(bed: WorkerBe
     [overflow] = [r for r in bed.wait_record("done", count=8) if r["id"] == "overflow"]
     assert overflow["pid"] == younger.popen.pid
     for worker in (older, younger):
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def test_the_older_nodes_workers_share_every_task_while_they_have_a_free_slot(
+    bed: WorkerBed,
+) -> None:
+    """The default, node priority: two workers on a node booted 100 s ago, one on a node
+    booted 50 s ago (each in a time namespace that reads as its node's boot). The younger
+    node's worker starts first, so its worker is the oldest: the node decides, not the age."""
+    now = time.time()
+    settings = {"JOBTIDE_IDLE_TIMEOUT_SECONDS": "60"}
+    young_node = bed.start_worker(node_booted_at=now - 50, **settings)
+    old_node = [bed.start_worker(node_booted_at=now - 100, **settings) for _ in range(2)]
+    wait_counts(bed.broker, bed.queue, ready=0, unacked=0, consumers=3)
+    first, second = (consumer_priority_of(worker) for worker in old_node)
+    assert first == second > consumer_priority_of(young_node)
+
+    pids = publish_one_at_a_time(bed, 6)
+    assert set(pids) == {worker.popen.pid for worker in old_node}, pids
+
+    # With both of the older node's workers busy, the younger node's takes the next task.
+    bed.publish({"id": "busy-1", "seconds": 2}, {"id": "busy-2", "seconds": 2}, {"id": "overflow"})
+    [overflow] = [r for r in bed.wait_record("done", count=9) if r["id"] == "overflow"]
+    assert overflow["pid"] == young_node.popen.pid
+    for worker in (young_node, *old_node):
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0
 

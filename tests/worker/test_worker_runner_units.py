@@ -302,7 +302,7 @@ def test_an_error_in_the_main_loop_stops_the_consumer_thread_too(broker: FakeBro
         runner.run()
 
 
-@pytest.mark.parametrize(("mode", "sent"), [("age", True), ("none", False)])
+@pytest.mark.parametrize(("mode", "sent"), [("node", True), ("age", True), ("none", False)])
 def test_the_consumer_priority_is_sent_only_when_asked_for(
     broker: FakeBroker, mode: str, sent: bool
 ) -> None:

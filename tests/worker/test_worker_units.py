@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import pika
@@ -12,7 +13,12 @@ import pytest
 from jobtide_worker import ConfigError, Task, WorkerConfig, topology
 from jobtide_worker.config import BrokerConfig
 from jobtide_worker.logs import INFO, WARNING, EventLog
-from jobtide_worker.priority import EPOCH_UNIX_SECONDS, MAX_PRIORITY, consumer_priority
+from jobtide_worker.priority import (
+    EPOCH_UNIX_SECONDS,
+    MAX_PRIORITY,
+    consumer_priority,
+    node_booted_unix_seconds,
+)
 from jobtide_worker.task import (
     ACQUIRED_COUNT_HEADER,
     DELIVERY_COUNT_HEADER,
@@ -39,7 +45,7 @@ def test_defaults() -> None:
     assert config.broker.port == 5672
     assert config.broker.vhost == "/"
     assert config.log_format == "text"
-    assert config.consumer_priority == "age"
+    assert config.consumer_priority == "node"
 
 
 def test_every_variable_is_read() -> None:
@@ -343,6 +349,43 @@ def test_an_older_worker_has_a_higher_consumer_priority() -> None:
     assert consumer_priority("age", now + 0.1) == consumer_priority("age", now + 0.9)
     assert consumer_priority("age", now + 1) == consumer_priority("age", now) - 1  # type: ignore[operator]
     assert consumer_priority("none", now) is None
+
+
+def test_the_workers_of_an_older_node_have_a_higher_consumer_priority() -> None:
+    booted = 1_796_000_000.0
+    # The node decides, whatever the workers' own ages; one node's workers share a priority.
+    assert consumer_priority("node", booted + 500, booted) == consumer_priority(
+        "node", booted + 9, booted + 0.5
+    )
+    assert consumer_priority("node", booted + 9, booted) > consumer_priority(  # type: ignore[operator]
+        "node", booted + 8, booted + 1
+    )
+    assert consumer_priority("node", booted, booted) == consumer_priority("age", booted)
+    # The node's boot time unknown: the worker's own start decides, as with `age`.
+    assert consumer_priority("node", booted + 9, None) == consumer_priority("age", booted + 9)
+
+
+@pytest.mark.parametrize(
+    ("text", "booted"),
+    [
+        ("cpu  1 2 3\nctxt 99\nbtime 1796206964\nprocesses 7\n", 1_796_206_964.0),
+        ("cpu  1 2 3\nprocesses 7\n", None),
+        ("btime soon\n", None),
+    ],
+)
+def test_the_nodes_boot_time_comes_from_the_kernels_statistics(
+    tmp_path: Path, text: str, booted: float | None
+) -> None:
+    statistics = tmp_path / "stat"
+    statistics.write_text(text)
+    assert node_booted_unix_seconds(statistics) == booted
+    assert node_booted_unix_seconds(tmp_path / "missing") is None
+
+
+def test_this_kernel_has_a_boot_time_before_now() -> None:
+    booted = node_booted_unix_seconds()
+    assert booted is not None
+    assert EPOCH_UNIX_SECONDS < booted <= time.time()
 
 
 @pytest.mark.parametrize(

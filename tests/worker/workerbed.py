@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pika
+from jobtide_testbed.nodeboot import booted_at
 from jobtide_testbed.process import wait_for
 from jobtide_testbed.rabbitmq import RabbitMQ
 from jobtide_worker import topology
@@ -33,11 +34,11 @@ def broker_env(broker: RabbitMQ) -> dict[str, str]:
 class Worker:
     """`python -m jobtide_worker` as a real process, output in a log file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, prefix: Sequence[str] = ()) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "jobtide_worker"],
+            [*prefix, sys.executable, "-m", "jobtide_worker"],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -102,8 +103,12 @@ class WorkerBed:
         env.update(overrides)
         return env
 
-    def start_worker(self, **overrides: str) -> Worker:
-        worker = Worker(self.env(**overrides), self.tmp_path / f"worker-{len(self.workers)}.log")
+    def start_worker(self, node_booted_at: float | None = None, **overrides: str) -> Worker:
+        """A worker with the bed's settings and `overrides`; with `node_booted_at`, on a node
+        booted then (its own time namespace: jobtide_testbed.nodeboot)."""
+        prefix = booted_at(node_booted_at) if node_booted_at is not None else []
+        log_path = self.tmp_path / f"worker-{len(self.workers)}.log"
+        worker = Worker(self.env(**overrides), log_path, prefix)
         self.workers.append(worker)
         return worker
 

@@ -10,8 +10,11 @@ pod ends; a value naming a path under such a mount names the file there) and a h
 the pod's image stands for (the hello example sleeps each task's `seconds`). When the process
 exits, the pod's status says so (Succeeded for exit code 0, else Failed, with the exit code),
 so the Job controller, the TTL controller, the scaler's Job cache and Karpenter all see a
-real lifecycle. A pod being deleted (eviction, a drain, the Job's TTL) has its process sent
-SIGTERM, and SIGKILL once its grace period is over, as a kubelet would.
+real lifecycle. Each process reads its node's creation as the kernel's boot time (its own
+time namespace, `jobtide_testbed.nodeboot`), as a container on that node reads the node's
+boot: the worker's node priority sees one node per kwok node. A pod being deleted (eviction,
+a drain, the Job's TTL) has its process sent SIGTERM, and SIGKILL once its grace period is
+over, as a kubelet would.
 
 Bounded: at most `MAX_PROCESSES` processes at once, talking only to the test bed's own
 addresses. They run as the test bed's own user, not the pod's `runAsUser`: the interpreter of
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from jobtide_testbed.images import HELLO_IMAGE
+from jobtide_testbed.nodeboot import booted_at
 from jobtide_testbed.tools import REPO, api_client
 
 # The label (and annotation) Karpenter's kwok provider puts on every node it launches.
@@ -66,6 +70,8 @@ class HostPod:
     image: str
     log_path: Path
     started_at: str
+    # The node's creation (Unix seconds), which the process reads as its kernel's boot time.
+    node_booted: float | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     term_sent: bool = False
     kill_after: float | None = None  # monotonic time at which a signalled process is killed
@@ -135,7 +141,10 @@ class HostPods:
 
     def _sync(self) -> None:
         selector = f"{KWOK_NODE_LABEL[0]}={KWOK_NODE_LABEL[1]}"
-        nodes = {n["metadata"]["name"] for n in self._items(self.core.list_node, selector)}
+        nodes = {
+            n["metadata"]["name"]: _unix_seconds(n["metadata"]["creationTimestamp"])
+            for n in self._items(self.core.list_node, selector)
+        }
         pods = {
             p["metadata"]["uid"]: p
             for p in self._items(self.core.list_pod_for_all_namespaces, None)
@@ -148,7 +157,7 @@ class HostPods:
                 if deleting:
                     self._terminate(self.running[uid], pod)
             elif uid not in self.finished and phase == "Running":
-                self._start(pod, deleting)
+                self._start(pod, deleting, nodes[pod["spec"]["nodeName"]])
         for uid, host_pod in list(self.running.items()):
             self._reap(host_pod, pods.get(uid))
 
@@ -158,7 +167,7 @@ class HostPods:
         items: list[dict[str, Any]] = json.loads(response.data)["items"]
         return items
 
-    def _start(self, pod: dict[str, Any], deleting: bool) -> None:
+    def _start(self, pod: dict[str, Any], deleting: bool, node_booted: float) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         container = spec["containers"][0]
         host_pod = HostPod(
@@ -170,6 +179,7 @@ class HostPods:
             image=container["image"],
             log_path=log_path(self.root, meta["namespace"], meta["name"]),
             started_at=_now(),
+            node_booted=node_booted,
         )
         self.running[host_pod.uid] = host_pod
         if deleting:  # deleted before it ran: it never will (a container killed at once)
@@ -180,6 +190,7 @@ class HostPods:
             if len(self.running) > MAX_PROCESSES:
                 raise PodSpecError(f"more than {MAX_PROCESSES} host processes")
             argv, env, cwd = self._command(pod, host_pod)
+            argv = [*booted_at(node_booted), *argv]  # the node's boot, as on the node
             with host_pod.log_path.open("wb") as log:
                 host_pod.process = subprocess.Popen(
                     argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
@@ -443,6 +454,11 @@ def _field(pod: Mapping[str, Any], path: str, where: str) -> str:
     if match:
         return str(meta.get(match.group(1), {}).get(match.group(2), ""))
     raise PodSpecError(f"{where}: fieldRef {path!r} is not supported here")
+
+
+def _unix_seconds(timestamp: str) -> float:
+    """An API object's RFC 3339 timestamp (`creationTimestamp`), in Unix seconds."""
+    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:

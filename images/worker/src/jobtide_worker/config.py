@@ -268,7 +268,7 @@ class WorkerConfig:
     log_format: str = "text"
     declare_topology: bool = True
     worker_name: str = field(default_factory=socket.gethostname)
-    consumer_priority: str = priority.AGE  # jobtide_worker.priority: age or none
+    consumer_priority: str = priority.DEFAULT  # jobtide_worker.priority.MODES
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -296,7 +296,9 @@ class WorkerConfig:
             worker_name=e.text("JOBTIDE_WORKER_NAME", "")
             or source.get("HOSTNAME", "")
             or socket.gethostname(),
-            consumer_priority=e.choice("JOBTIDE_CONSUMER_PRIORITY", priority.AGE, priority.MODES),
+            consumer_priority=e.choice(
+                "JOBTIDE_CONSUMER_PRIORITY", priority.DEFAULT, priority.MODES
+            ),
         )
         e.raise_problems()
         return config

@@ -20,12 +20,12 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+from jobtide_worker import priority
 from jobtide_worker.config import BrokerTlsError, WorkerConfig
 from jobtide_worker.consumer import BrokerRefused, BrokerUnreachable, Consumer, OpenConnection
 from jobtide_worker.handover import Handover, State
 from jobtide_worker.logs import ERROR, INFO, WARNING, EventLog
 from jobtide_worker.outcome import Handler
-from jobtide_worker.priority import consumer_priority
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -59,6 +59,12 @@ def load_handler(spec: str, path: str = HANDLER_PATH) -> Handler:
     return handler
 
 
+def _consumer_priority(mode: str) -> int | None:
+    """The worker's `x-priority`, from its start and, in `node` mode, its node's boot."""
+    booted = priority.node_booted_unix_seconds() if mode == priority.NODE else None
+    return priority.consumer_priority(mode, time.time(), booted)
+
+
 class Runner:
     def __init__(
         self,
@@ -83,7 +89,7 @@ class Runner:
             self.handover,
             open_connection,
             started=self._started,
-            priority=consumer_priority(config.consumer_priority, time.time()),
+            priority=_consumer_priority(config.consumer_priority),
         )
 
     def run(self) -> int:
