@@ -1,6 +1,6 @@
 """The node pool on cases small enough to work out by hand: one node, two nodes filling,
 consolidation timing, do-not-disrupt, the cluster autoscaler's 10 minutes, dispatch with and
-without consumer priorities, the HPA billed back to its minimum."""
+with each consumer priority, the HPA billed back to its minimum."""
 
 from __future__ import annotations
 
@@ -320,17 +320,43 @@ def test_cluster_autoscaler_respects_safe_to_evict_false() -> None:
         assert metrics.metrics.tasks_unfinished == 0
 
 
-@pytest.mark.parametrize(("priorities", "pod_seconds"), [(False, 265), (True, 246)])
-def test_dispatch_round_robin_or_oldest_worker_first(priorities: bool, pod_seconds: float) -> None:
+@pytest.mark.parametrize(("mode", "pod_seconds"), [("none", 265), ("age", 246), ("node", 265)])
+def test_dispatch_round_robin_or_oldest_worker_first(mode: str, pod_seconds: float) -> None:
     # Two workers up at 5: worker 0 works 5..25, worker 1 5..6. A task arrives at 30 with
     # both idle. Round robin gives it to the idle-longest (worker 1: exits at 140, worker 0
-    # at 125); with consumer priorities the oldest takes it (worker 0 exits at 140, worker 1
-    # at 106, 100 s after its last task).
+    # at 125); with the age priority the oldest takes it (worker 0 exits at 140, worker 1
+    # at 106, 100 s after its last task). Without a node pool both share one node: the node
+    # priority is round robin.
     settings = replace(FIXED, idle_timeout_seconds=100)
     workload = Workload("hand", (Task(0, 20), Task(0, 1), Task(30, 10)), 0.0)
-    scaler = JobtideScaler(settings, levers=Levers(consumer_priorities=priorities))
+    scaler = JobtideScaler(settings, levers=Levers(consumer_priority=mode))
     metrics = simulate(workload, settings, scaler).metrics
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
+
+
+@pytest.mark.parametrize(
+    ("mode", "exits", "node_seconds"),
+    [("none", (167, 163, 165), 398), ("age", (167, 156, 156), 388), ("node", (165, 167, 156), 388)],
+)
+def test_dispatch_by_node_round_robin_among_a_nodes_workers(
+    mode: str, exits: tuple[float, float, float], node_seconds: float
+) -> None:
+    # Nodes of two workers. Three tasks at 0: two nodes launched at 1, ready at 31; workers 0
+    # and 1 on the first, worker 2 on the second, all up at 36 and busy until 56. Then a
+    # task of 1 s at 60, 62, 64 and 66, each on an idle pool. Round robin: workers 0, 1, 2, 0
+    # (last tasks end at 67, 63, 65). Age: worker 0 takes all four. Node: the first node's
+    # workers take turns (0, 1, 0, 1: 65, 67) and worker 2 gets nothing: it leaves at 156,
+    # its node 34 s later (consolidateAfter 30 s and the 10 s loop), as with age. Idle
+    # timeout 100 s.
+    pool = replace(POOL, node_cpu=2)
+    settings = replace(FIXED, idle_timeout_seconds=100)
+    trickle = tuple(Task(60 + 2 * index, 1) for index in range(4))
+    workload = Workload("hand", (Task(0, 20), Task(0, 20), Task(0, 20), *trickle), 0.0)
+    levers = Levers(consumer_priority=mode, karpenter_do_not_disrupt=True)
+    metrics = simulate(workload, settings, JobtideScaler(settings, levers=levers), pool=pool)
+    # Each worker is billed from its binding at 31 to its exit.
+    assert metrics.metrics.pod_seconds == pytest.approx(sum(exits) - 3 * 31)
+    assert metrics.metrics.node_seconds == pytest.approx(node_seconds)
 
 
 @pytest.mark.parametrize(("quiet_check", "pod_seconds"), [(0, 45), (5, 20.5)])
@@ -341,7 +367,7 @@ def test_an_idle_worker_leaves_once_the_queue_is_silent(
     # exits at 45. Reading the queue 0.5 s into its idle spell and every 5 s after, it finds at
     # 20.5 nothing published since its read at 15.5 and nothing ready: it exits at 20.5.
     settings = replace(FIXED, idle_timeout_seconds=30, quiet_check_seconds=quiet_check)
-    levers = Levers(consumer_priorities=True)
+    levers = Levers(consumer_priority="age")
     metrics = simulate(tasks(10), settings, JobtideScaler(settings, levers=levers)).metrics
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
 
@@ -359,7 +385,7 @@ def test_an_idle_worker_stays_while_the_queue_is_fed(
     settings = replace(FIXED, idle_timeout_seconds=30, quiet_check_seconds=quiet_check)
     stream = tuple(Task(17.0 + 4 * index, 1) for index in range(12))
     workload = Workload("hand", (Task(0, 10), Task(0, 10), *stream), 0.0)
-    levers = Levers(consumer_priorities=True)
+    levers = Levers(consumer_priority="age")
     metrics = simulate(workload, settings, JobtideScaler(settings, levers=levers)).metrics
     assert metrics.jobs_created == 2
     assert metrics.pod_seconds == pytest.approx(pod_seconds)
@@ -468,7 +494,7 @@ def test_levers_and_requests_from_values() -> None:
         "pipelineDefaults": {"resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}},
         "pipelines": {"resize": {"queue": "resize"}},
     }
-    # The chart's defaults: packing, both annotations, the worker's age priority.
+    # The chart's defaults: packing, both annotations, the worker's node priority.
     assert levers_from_values(values, None) == JOBTIDE_LEVERS
     pool = pool_from_values(values, None, NodePool())
     assert (pool.pod_cpu, pool.pod_memory_gib, pool.pods_per_node) == (0.5, 0.25, 8)
@@ -480,6 +506,11 @@ def test_levers_and_requests_from_values() -> None:
     assert levers_from_values(values, None) == Levers(
         ca_safe_to_evict=False, evicted_pod_retried=False, finished_pods_deleted=True
     )
+    values["pipelines"]["resize"]["env"] = [{"name": "JOBTIDE_CONSUMER_PRIORITY", "value": "Age"}]
+    assert levers_from_values(values, None).consumer_priority == "age"
+    values["pipelines"]["resize"]["env"][0]["value"] = "oldest"
+    with pytest.raises(ValueError, match=r"pipelines\.resize\.env: JOBTIDE_CONSUMER_PRIORITY"):
+        levers_from_values(values, None)
     values["pipelines"]["resize"]["resources"] = {"requests": {"memory": "a lot"}}
     with pytest.raises(ValueError, match=r"pipelines\.resize\.resources\.requests\.memory"):
         pool_from_values(values, None, NodePool())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jobtide_worker import priority
 from jobtide_worker.pipeline_settings import (
     PipelineSettings,
     SettingsError,
@@ -109,7 +110,7 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
     replaced by any affinity of `nodePool` or the pipeline's `podTemplate.spec`, which packs
     only if it has a `podAffinity`), the pods' annotations (`nodePool.podAnnotations` under
     the pipeline's `podTemplate.metadata.annotations`), the worker's consumer priority
-    (`JOBTIDE_CONSUMER_PRIORITY` in the pipeline's `env`, `age` unless `none`) and whether a
+    (`JOBTIDE_CONSUMER_PRIORITY` in the pipeline's `env`, `node` by default) and whether a
     Job retries an evicted pod (`backoffLimit` above 0; the chart's default is 0)."""
     merged, where = _pipeline(values, pipeline)
     node_pool = _section(values, "nodePool", "")
@@ -128,12 +129,17 @@ def levers_from_values(values: Mapping[str, Any], pipeline: str | None) -> Lever
     backoff_limit = merged.get("backoffLimit", 0)
     if isinstance(backoff_limit, bool) or not isinstance(backoff_limit, int) or backoff_limit < 0:
         raise ValueError(f"{where}backoffLimit: expected a count, got {backoff_limit!r}")
-    priorities = JOBTIDE_LEVERS.consumer_priorities
+    consumer_priority = JOBTIDE_LEVERS.consumer_priority
     for variable in merged.get("env") or []:
         if isinstance(variable, Mapping) and variable.get("name") == "JOBTIDE_CONSUMER_PRIORITY":
-            priorities = str(variable.get("value", "")).strip().lower() != "none"
+            consumer_priority = str(variable.get("value", "")).strip().lower()
+            if consumer_priority not in priority.MODES:
+                raise ValueError(
+                    f"{where}env: JOBTIDE_CONSUMER_PRIORITY: expected one of "
+                    f"{', '.join(priority.MODES)}, got {variable.get('value')!r}"
+                )
     return Levers(
-        consumer_priorities=priorities,
+        consumer_priority=consumer_priority,
         pack=pack,
         karpenter_do_not_disrupt=str(annotations.get("karpenter.sh/do-not-disrupt")).lower()
         == "true",

@@ -5,8 +5,9 @@ milliseconds. The model, stated once (docs/simulator.md has the long form):
 
 - Tasks arrive on one FIFO queue. A worker takes one message at a time (prefetch 1), so
   `unacked` is the number of busy workers. An idle worker takes a message the moment it is
-  there: the idle-longest first, as RabbitMQ's round robin does, or, when the workers consume
-  with consumer priorities (older workers higher), the oldest idle worker.
+  there: the highest consumer priority first (`Levers.consumer_priority`: a worker of the
+  oldest node, or the oldest worker), among equals the idle-longest, as RabbitMQ's round
+  robin does.
 - Without a node pool (`pool=None`) a pod created by the scaler is bound at once when the pool
   is warm. When it is cold (no node), the first pod starts node provisioning and every pod
   created until the node is ready waits for it; after `pool_cooldown` seconds without any pod
@@ -49,6 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from jobtide_worker import priority
 from jobtide_worker.pipeline_settings import STATISTICS_INTERVAL_SECONDS, PipelineSettings
 from jobtide_worker.quiet import FIRST_READ_SECONDS, QueueCounters, queue_silent
 
@@ -274,6 +276,12 @@ class _Pod:
         self.annotation_wanted = False
 
 
+def _boot_order(pod: _Pod) -> int:
+    """A pod's node in boot order (nodes boot in their launch order); without a node pool
+    every pod shares one node."""
+    return pod.node.number if pod.node is not None else 0
+
+
 class _Run:
     def __init__(
         self,
@@ -463,13 +471,21 @@ class _Run:
         )
 
     def dispatch(self) -> None:
-        """The broker delivers waiting messages to idle consumers: with consumer priorities
-        the oldest worker (the highest `x-priority`) first, else the idle-longest."""
+        """The broker delivers waiting messages to idle consumers, the highest `x-priority`
+        first, the idle-longest among equals (round robin)."""
         while self.queue and self.idle:
-            oldest_first = self.levers.consumer_priorities
-            number = min(self.idle) if oldest_first else next(iter(self.idle))
-            pod = self.idle.pop(number)
+            pod = self.idle.pop(self.next_consumer())
             self.start_task(pod, self.queue.popleft())
+
+    def next_consumer(self) -> int:
+        """The idle worker the broker gives the next message (`Levers.consumer_priority`)."""
+        mode = self.levers.consumer_priority
+        if mode == priority.AGE:
+            return min(self.idle)  # pods are numbered as they are created
+        if mode == priority.NODE:
+            # min() keeps the first of equals: the idle-longest of the oldest node's workers.
+            return min(self.idle, key=lambda number: _boot_order(self.idle[number]))
+        return next(iter(self.idle))
 
     # -- the node pool ----------------------------------------------------------------------
     def place(self, pod: _Pod) -> None:

@@ -51,6 +51,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from jobtide_worker import priority
+
 __all__ = [
     "AUTOSCALER_CHECK_SECONDS",
     "POD_EVENT_DEDUPE_SECONDS",
@@ -185,10 +187,12 @@ class NodePool:
 class Levers:
     """How a policy's worker pods behave on the pool.
 
-    consumer_priorities: workers consume with `x-priority`, older workers higher, so the broker
-    gives a message to the oldest worker with a free slot (else the idle-longest, round
-    robin). pack: a preferred pod affinity to the other workers. karpenter_do_not_disrupt:
-    the pods carry `karpenter.sh/do-not-disrupt: "true"`; ca_safe_to_evict False: they carry
+    consumer_priority: the workers' `x-priority` (`jobtide_worker.priority`): `node`, the
+    workers of the oldest node first (nodes boot in their launch order), round robin among a
+    node's workers; `age`, the oldest worker first; `none`, round robin (the broker gives a
+    message to the idle-longest worker). pack: a preferred pod affinity to the other
+    workers. karpenter_do_not_disrupt: the pods carry `karpenter.sh/do-not-disrupt: "true"`;
+    ca_safe_to_evict False: they carry
     `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`. Either keeps that autoscaler
     from evicting them. evicted_pod_retried: the Job's `backoffLimit` is above 0 (Kubernetes'
     default is 6, as in KEDA's ScaledJob examples), so the Job controller replaces an evicted
@@ -210,7 +214,7 @@ class Levers:
     (Leaving when the queue is silent is a pipeline setting, `quiet_check_seconds`, that
     jobtide's workers follow: `Scaler.quiet_check_seconds`.)"""
 
-    consumer_priorities: bool = False
+    consumer_priority: str = priority.NONE
     pack: bool = False
     karpenter_do_not_disrupt: bool = False
     ca_safe_to_evict: bool = True
@@ -222,6 +226,7 @@ class Levers:
 
     def __post_init__(self) -> None:
         checks = {
+            "consumer_priority": self.consumer_priority in priority.MODES,
             "eviction_grace_seconds": self.eviction_grace_seconds >= 0,
             "protection_delay_seconds": self.protection_delay_seconds >= 0,
         }

@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from jobtide_worker import priority
+
 from jobtide_scaler.policy import Observation, jobs_to_create
 from jobtide_scaler.simulate.engine import ClusterView, Scaler, Settings, WorkerModel
 from jobtide_scaler.simulate.nodes import Levers
@@ -40,12 +42,13 @@ __all__ = [
 
 _PIPELINE = "simulated"
 
-# What the product ships: the worker consumes with a consumer priority, older workers first;
+# What the product ships: the worker consumes with a consumer priority, the workers of older
+# nodes first;
 # the chart gives the worker pods a preferred pod affinity to the release's other workers and
 # both node autoscalers' do-not-evict annotations; its Jobs are deleted
 # `ttlSecondsAfterFinished` after they finish.
 JOBTIDE_LEVERS = Levers(
-    consumer_priorities=True,
+    consumer_priority=priority.DEFAULT,
     pack=True,
     karpenter_do_not_disrupt=True,
     ca_safe_to_evict=False,
