@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from jobtide_testbed.images import HELLO_IMAGE
-from jobtide_testbed.nodeboot import booted_at
+from jobtide_testbed.nodeboot import booted_at, earliest_start
 from jobtide_testbed.tools import REPO, api_client
 
 # The label (and annotation) Karpenter's kwok provider puts on every node it launches.
@@ -157,7 +157,10 @@ class HostPods:
                 if deleting:
                     self._terminate(self.running[uid], pod)
             elif uid not in self.finished and phase == "Running":
-                self._start(pod, deleting, nodes[pod["spec"]["nodeName"]])
+                node_booted = nodes[pod["spec"]["nodeName"]]
+                # kwok runs a pod as soon as its node exists: its boot comes first.
+                if time.time() >= earliest_start(node_booted):
+                    self._start(pod, deleting, node_booted)
         for uid, host_pod in list(self.running.items()):
             self._reap(host_pod, pods.get(uid))
 

@@ -11,14 +11,25 @@ code path, another node.
 from __future__ import annotations
 
 import math
+import time
 
 from jobtide_worker.priority import node_booted_unix_seconds
 
 
+def earliest_start(unix_seconds: float) -> float:
+    """When a process can first be given `unix_seconds` as its boot time: the namespace's
+    boot clock may not be negative, and its boot instant carries the host's fraction of a
+    second, so up to a second after the boot time's whole second (a node's pods start
+    later anyway: it boots first)."""
+    return math.floor(unix_seconds) + 1.0
+
+
 def booted_at(unix_seconds: float) -> list[str]:
     """The argv prefix under which a command reads `unix_seconds` (whole seconds) as the
-    kernel's boot time: util-linux `unshare`, as root. A namespace's boot clock may not go
-    below zero, so the time lies between the host's boot and now."""
+    kernel's boot time: util-linux `unshare`, as root. The time lies after the host's boot,
+    and now is `earliest_start(unix_seconds)` or later."""
+    if time.time() < earliest_start(unix_seconds):
+        raise ValueError(f"boot time {unix_seconds:.0f}: less than a second ago or later")
     host = node_booted_unix_seconds()
     if host is None:
         raise RuntimeError("/proc/stat has no btime: no boot time to shift")
