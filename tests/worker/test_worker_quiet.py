@@ -126,15 +126,16 @@ def feeder(bed: WorkerBed) -> Iterator[Feeder]:
 
 
 def test_an_idle_worker_stays_while_the_queue_is_fed(bed: WorkerBed, feeder: Feeder) -> None:
-    # Consumer priorities give every task to the older worker, so the younger one is idle the
-    # whole time, as the surplus worker of a falling load; the queue is fed all along.
+    # The node priority (the default) gives every task to the worker of the older node, so
+    # the younger node's worker is idle the whole time, as the surplus worker of a falling
+    # load; the queue is fed all along. (Each worker reads its node's boot time.)
     published_before_the_workers(bed, 1)
     settings = {"JOBTIDE_IDLE_TIMEOUT_SECONDS": LONG_IDLE, "JOBTIDE_LOG_FORMAT": "json", **QUIET}
-    older = bed.start_worker(**settings)
+    now = time.time()
+    older = bed.start_worker(node_booted_at=now - 100, **settings)
     wait_for(lambda: '"consuming"' in older.log(), timeout=30, what="older worker consuming")
     feeder.start()
-    time.sleep(1.05 - time.time() % 1)  # priorities count whole seconds of start time
-    younger = bed.start_worker(**settings)
+    younger = bed.start_worker(node_booted_at=now - 50, **settings)
     wait_for(lambda: '"consuming"' in younger.log(), timeout=30, what="younger worker consuming")
     # Three reads of the younger worker's counters (every 5 s), each finding new publishes.
     time.sleep(16.0)
