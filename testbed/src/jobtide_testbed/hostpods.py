@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobtide_testbed.chartnode import kube_time
 from jobtide_testbed.images import HELLO_IMAGE
 from jobtide_testbed.nodeboot import booted_at, earliest_start
 from jobtide_testbed.tools import REPO, api_client
@@ -142,7 +143,7 @@ class HostPods:
     def _sync(self) -> None:
         selector = f"{KWOK_NODE_LABEL[0]}={KWOK_NODE_LABEL[1]}"
         nodes = {
-            n["metadata"]["name"]: _unix_seconds(n["metadata"]["creationTimestamp"])
+            n["metadata"]["name"]: kube_time(n["metadata"]["creationTimestamp"])
             for n in self._items(self.core.list_node, selector)
         }
         pods = {
@@ -457,11 +458,6 @@ def _field(pod: Mapping[str, Any], path: str, where: str) -> str:
     if match:
         return str(meta.get(match.group(1), {}).get(match.group(2), ""))
     raise PodSpecError(f"{where}: fieldRef {path!r} is not supported here")
-
-
-def _unix_seconds(timestamp: str) -> float:
-    """An API object's RFC 3339 timestamp (`creationTimestamp`), in Unix seconds."""
-    return datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
